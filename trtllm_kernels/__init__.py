@@ -1,0 +1,27 @@
+"""trtllm_kernels: fused kernels for serving LLMs on NVIDIA Hopper, as PyTorch ops.
+
+Each op family is one module with a public function, a plain-PyTorch reference and a
+`torch.ops.trtllm_kernels.<name>` registration (see `_library`). CUDA kernels, where they
+exist, are registered behind the same ops when `trtllm_kernels.kernels` is imported, which
+happens here whenever CUDA is available.
+"""
+from .activation import silu_and_mul
+from .attention import paged_attention_decode, paged_attention_prefill
+from .kv_cache import write_kv_cache
+from .linear import linear
+from .norm import fused_add_rms_norm, rms_norm
+from .rotary import rope_cos_sin_cache, rotary_embedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_add_rms_norm",
+    "linear",
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "rms_norm",
+    "rope_cos_sin_cache",
+    "rotary_embedding",
+    "silu_and_mul",
+    "write_kv_cache",
+]
