@@ -1,0 +1,54 @@
+"""The step loop: schedule, run the model, sample, retire finished requests."""
+from __future__ import annotations
+
+from trtllm_kernels.engine.model import LlamaModel
+
+from .kv_cache_manager import KVCacheManager
+from .model_runner import ModelRunner
+from .request import Request
+from .sampler import sample
+from .scheduler import Scheduler
+
+
+class Executor:
+    def __init__(self, model: LlamaModel, kv: KVCacheManager, *, max_batch_size: int,
+                 max_num_tokens: int, max_seq_len: int, eos_token_ids: set[int]):
+        self.kv = kv
+        self.scheduler = Scheduler(kv, max_batch_size, max_num_tokens)
+        self.runner = ModelRunner(model, kv)
+        self.max_seq_len = max_seq_len
+        self.eos_token_ids = eos_token_ids
+
+    def add(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not len(batch):
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")  # a bug if seen
+            return []
+        logits, samplers = self.runner.run(batch)
+        for req, n in zip(batch.requests, batch.num_tokens):
+            req.num_computed += n
+        sampling = [batch.requests[i] for i in samplers]
+        finished = []
+        for req, token in zip(sampling, sample(logits, sampling) if sampling else []):
+            req.tokens.append(token)
+            reason = self._stop_reason(req, token)
+            if reason:
+                self.scheduler.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        p = req.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if len(req.output_token_ids) >= p.max_tokens or len(req.tokens) >= self.max_seq_len:
+            return "length"
+        return None

@@ -1,0 +1,94 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Every step has a token budget (max_num_tokens) and a sequence budget (max_batch_size).
+Running requests go first, oldest first: a decoding one takes 1 token, one still in prefill
+takes the next chunk of its prompt. Waiting requests then join, oldest first, while budget and
+free KV blocks last. When a running request cannot get the block it needs, the newest running
+request is preempted: its blocks are freed and it goes back to the head of the queue, to be
+recomputed from its tokens later (its output so far is kept, so its result does not change).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """Requests of one step with the number of new tokens each, decodes (1 token) first."""
+
+    requests: list[Request]
+    num_tokens: list[int]
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.num_tokens if n == 1)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_batch_size: int, max_num_tokens: int):
+        self.kv = kv
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_tokens
+        chosen: list[tuple[Request, int]] = []
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_pending, budget)
+            if n == 0:
+                continue
+            while not self.kv.can_grow(req.request_id, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                self.kv.grow(req.request_id, req.num_computed + n)
+                chosen.append((req, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            n = min(req.num_pending, budget)
+            if not self.kv.can_grow(req.request_id, req.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.kv.grow(req.request_id, req.num_computed + n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chosen.append((req, n))
+            budget -= n
+        chosen.sort(key=lambda rn: rn[1] != 1)  # stable: decodes first, order otherwise kept
+        return ScheduledBatch([r for r, _ in chosen], [n for _, n in chosen])
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.running.remove(req)
+        self.kv.free(req.request_id)

@@ -1,0 +1,147 @@
+"""The runtime on a tiny random Llama: KV blocks, continuous batching, chunked prefill,
+preemption and the sampler. Fast; the real model is exercised in test_llm.py."""
+import pytest
+import torch
+
+from trtllm_kernels.engine.config import ModelConfig
+from trtllm_kernels.engine.model import LlamaModel, weight_names
+from trtllm_kernels.runtime.executor import Executor
+from trtllm_kernels.runtime.kv_cache_manager import KVCacheManager
+from trtllm_kernels.runtime.request import Request
+from trtllm_kernels.runtime.sampler import sample
+from trtllm_kernels.runtime.sampling_params import SamplingParams
+
+TINY = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=256,
+                   tie_word_embeddings=True)
+
+
+def tiny_model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = TINY
+    shapes = {"embed": (c.vocab_size, c.hidden_size), "norm": (c.hidden_size,),
+              "attn_norm": (c.hidden_size,), "mlp_norm": (c.hidden_size,),
+              "qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, c.hidden_size),
+              "o": (c.hidden_size, c.num_attention_heads * c.head_dim),
+              "gate_up": (2 * c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
+    weights = {n: torch.randn(shapes[n.split(".")[-1]], generator=g) * 0.3 for n in weight_names(c)}
+    return LlamaModel(c, weights)
+
+
+def run(prompts, *, num_blocks=128, page=4, max_num_tokens=512, max_batch=64, max_tokens=10, model=None):
+    model = model or tiny_model()
+    kv = KVCacheManager(TINY, num_blocks, page, torch.float32, torch.device("cpu"))
+    ex = Executor(model, kv, max_batch_size=max_batch, max_num_tokens=max_num_tokens,
+                  max_seq_len=256, eos_token_ids=set())
+    reqs = [Request(str(i), None, p, SamplingParams(max_tokens=max_tokens, temperature=0), i)
+            for i, p in enumerate(prompts)]
+    for r in reqs:
+        ex.add(r)
+    steps = 0
+    while ex.has_unfinished():
+        ex.step()
+        steps += 1
+    assert kv.num_free_blocks == num_blocks  # every block came back
+    return [r.output_token_ids for r in reqs], ex.scheduler, steps
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = [1, 5, 17, 33, 2, 40, 9, 64]
+
+
+def test_kv_cache_manager_hands_out_and_takes_back_blocks():
+    kv = KVCacheManager(TINY, 8, 4, torch.float32, torch.device("cpu"))
+    assert kv.layer_caches[0][0].shape == (8, 2, 4, 16)
+    kv.grow("a", 9)  # 3 blocks
+    assert len(kv.block_table("a")) == 3 and kv.num_free_blocks == 5
+    kv.grow("a", 12)  # still 3
+    assert len(kv.block_table("a")) == 3
+    assert kv.can_grow("b", 20) and not kv.can_grow("b", 21)
+    kv.grow("b", 20)
+    assert set(kv.block_table("a")).isdisjoint(kv.block_table("b"))
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        kv.grow("a", 13)
+    kv.free("a")
+    kv.free("b")
+    assert kv.num_free_blocks == 8
+
+
+def test_batched_equals_one_at_a_time():
+    prompts = prompts_of(LENGTHS)
+    alone = [run([p])[0][0] for p in prompts]
+    together, sched, steps = run(prompts)
+    assert together == alone
+    assert steps == 10  # one prefill step and 9 decode steps for the whole batch: they ran together
+
+
+def test_chunked_prefill_and_preemption_keep_outputs():
+    prompts = prompts_of(LENGTHS)
+    expect, _, _ = run(prompts)
+    chunked, _, steps = run(prompts, max_num_tokens=16)
+    assert chunked == expect and steps > 12
+    # 20 blocks of 4 tokens cannot hold all eight sequences at once: requests wait and get preempted.
+    tight, sched, _ = run(prompts, num_blocks=20, max_num_tokens=16)
+    assert sched.num_preemptions > 0
+    assert tight == expect
+
+
+def test_mixed_step_runs_decodes_and_prefills_together():
+    prompts = prompts_of([3, 30])
+    kv = KVCacheManager(TINY, 32, 4, torch.float32, torch.device("cpu"))
+    ex = Executor(tiny_model(), kv, max_batch_size=8, max_num_tokens=8, max_seq_len=256, eos_token_ids=set())
+    for i, p in enumerate(prompts):
+        ex.add(Request(str(i), None, p, SamplingParams(max_tokens=5, temperature=0), i))
+    ex.step()  # 3 tokens of prompt 0 + 5 of prompt 1
+    batch = ex.scheduler.schedule()
+    assert batch.num_tokens == [1, 7] and batch.num_decodes == 1
+
+
+def _req(params, i=0):
+    return Request(str(i), None, [1], params, i, generator=torch.Generator().manual_seed(params.seed or 0))
+
+
+def test_sampler_greedy_topk_topp():
+    logits = torch.randn(4, 50)
+    reqs = [_req(SamplingParams(temperature=0)), _req(SamplingParams(temperature=1.0, top_k=1)),
+            _req(SamplingParams(temperature=2.0, top_p=1e-6)), _req(SamplingParams(temperature=0.5, top_k=-1, top_p=0.01))]
+    assert sample(logits, reqs) == logits.argmax(-1).tolist()
+
+
+def test_sampler_seed_is_reproducible_and_independent_of_batch():
+    logits = torch.randn(3, 1000)
+    p = SamplingParams(temperature=1.0, seed=1234)
+    alone = [sample(logits[1:2], [_req(p)])[0] for _ in range(3)]
+    r = _req(p)
+    batched = [sample(logits, [_req(SamplingParams(temperature=1.0, seed=i)), r, _req(SamplingParams(temperature=0))])[1]
+               for i in range(3)]
+    first = _req(p)
+    assert batched == [sample(logits[1:2], [first])[0] for _ in range(3)]
+    assert len(set(alone)) == 1  # a fresh generator with the same seed draws the same token
+
+
+def test_sampler_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -10.0]])
+    probs = logits.softmax(-1)[0]
+    r = _req(SamplingParams(temperature=1.0, seed=7))
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[sample(logits, [r])[0]] += 1
+    torch.testing.assert_close(counts / 4000, probs, atol=0.03, rtol=0)
+    # top_k=2 keeps the two most likely tokens, renormalised.
+    r = _req(SamplingParams(temperature=1.0, top_k=2, seed=3))
+    picks = [sample(logits, [r])[0] for _ in range(500)]
+    assert set(picks) == {1, 2}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(max_tokens=2.5), "max_tokens"),
+])
+def test_sampling_params_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -1,0 +1,102 @@
+"""`trtllm-kernels`: generate text, build engines, benchmark kernels.
+
+Sub-commands import what they need lazily, so `trtllm-kernels --help` is instant and the ops
+library keeps no import-time dependency on the engine or the runtime.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="engine dir, HF checkpoint dir or GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per step (prefill chunk)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--build-dtype", dest="build_dtype", default="auto",
+                   choices=["auto", "float32", "float16", "bfloat16"], help="weight dtype stored in the engine")
+
+
+def _build_config(args):
+    from trtllm_kernels.engine import BuildConfig
+
+    return BuildConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                       max_num_tokens=args.max_num_tokens, page_size=args.page_size,
+                       kv_cache_dtype=args.kv_cache_dtype, dtype=args.build_dtype)
+
+
+def cmd_generate(args) -> int:
+    from trtllm_kernels.runtime import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, build_config=_build_config(args),
+              progress=not args.quiet)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None) is not None
+    prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) if use_chat else p
+               for p in args.prompts]
+    outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
+    for prompt, out in zip(args.prompts, outputs):
+        if len(args.prompts) > 1:
+            print(f"### {prompt}")
+        print(out.text)
+    return 0
+
+
+def cmd_build(args) -> int:
+    from trtllm_kernels.engine import build_engine
+
+    path = build_engine(args.checkpoint, args.output, _build_config(args), progress=not args.quiet)
+    print(f"engine written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trtllm-kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for prompts")
+    gen.add_argument("prompts", nargs="+", help="prompt text(s); each becomes a user chat turn unless --raw")
+    _add_model_args(gen)
+    _add_build_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    gen.set_defaults(func=cmd_generate)
+
+    build = sub.add_parser("build", help="build an engine directory from a checkpoint")
+    build.add_argument("checkpoint", help="HF checkpoint directory or GGUF file")
+    build.add_argument("output", help="engine directory to write")
+    _add_build_args(build)
+    build.add_argument("-q", "--quiet", action="store_true")
+    build.set_defaults(func=cmd_build)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from trtllm_kernels.bench.cli import add_bench_parsers
+
+    add_bench_parsers(bench_sub)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
