@@ -19,11 +19,14 @@ setup(
         "trtllm_kernels.bench",
         "trtllm_kernels.engine",
         "trtllm_kernels.runtime",
+        "trtllm_kernels.csrc",
     ],
     package_dir={
         "trtllm_kernels.engine": "engine",
         "trtllm_kernels.runtime": "runtime",
+        "trtllm_kernels.csrc": "csrc",
     },
+    package_data={"trtllm_kernels.csrc": ["*.cu", "*.cuh"]},
     install_requires=[
         "numpy",
         "safetensors",

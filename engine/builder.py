@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from trtllm_kernels._paths import cache_root
+
 from .checkpoint import CheckpointError, read_checkpoint, save_tokenizer
 from .config import DTYPES, BuildConfig, ModelConfig
 from .model import LlamaModel, weight_names
@@ -158,10 +160,6 @@ def resolve_dtype(dtype: str, device: torch.device, built: str = "auto") -> torc
     if device.type == "cpu":
         return torch.float32
     return torch.float16 if built == "float16" else torch.bfloat16
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TRTLLM_KERNELS_CACHE", Path.home() / ".cache" / "trtllm-kernels"))
 
 
 def cached_engine(checkpoint: str | os.PathLike, build_config: BuildConfig | None = None, progress: bool = True) -> Path:

@@ -16,8 +16,8 @@ pytestmark = [
 
 CHAT = [
     "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "hi",
+    "Write a short haiku about the winter sea and the moon over it.",
+    "Hi!",
     "List three prime numbers and explain why each of them is prime, in one short sentence each.",
 ]
 RAW = [
@@ -25,7 +25,8 @@ RAW = [
     "1, 2, 3, 4,",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "Once upon a time, in a kingdom far away, there lived a princess who loved to read books about "
-    "the stars, the planets and the long voyages of ancient sailors. One evening she",
+    "the stars, the planets and the long voyages of ancient sailors. One cold evening in the "
+    "middle of winter, she",
 ]
 MAX_TOKENS = 24
 
@@ -99,7 +100,7 @@ def test_seeded_sampling_is_reproducible(llm):
 
 @pytest.mark.parametrize("prompt, params, message", [
     ("", GREEDY, "empty"),
-    ([], GREEDY, "empty"),
+    ([[]], GREEDY, "empty"),
     ([1, 2, 10**9], GREEDY, "token ids"),
     ("hello " * 9000, GREEDY, "max_seq_len"),
 ])

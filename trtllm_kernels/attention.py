@@ -54,12 +54,24 @@ def _prefill_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
 
 
 def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale):
-    out = torch.empty_like(q)
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        out[i] = _attend_one(
-            q[i : i + 1], k_cache, v_cache, block_tables[i], seq_len, scale, k_scale, v_scale
-        )[0].to(q.dtype)
-    return out
+    # All sequences at once: gather every block-table row (padding rows included) and mask
+    # positions at or past each sequence's length.
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    width = block_tables.shape[1] * block_size
+
+    def gather(cache, scale_):
+        pages = cache[block_tables.long()]  # [B, n, Hkv, bs, D]
+        kv = pages.permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, width, head_dim)
+        return dequantize_from_cache(kv, scale_).repeat_interleave(num_heads // num_kv_heads, dim=1)
+
+    k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)  # [B, Hq, width, D]
+    scores = torch.einsum("bhd,bhkd->bhk", q.float(), k) * scale
+    past_end = torch.arange(width, device=q.device)[None, :] >= seq_lens[:, None]
+    scores = scores.masked_fill(past_end[:, None, :], float("-inf"))
+    # Padding blocks may hold anything (NaN too): zero their values so 0 * NaN cannot leak.
+    v = v.masked_fill(past_end[:, None, :, None], 0.0)
+    return torch.einsum("bhk,bhkd->bhd", scores.softmax(dim=-1), v).to(q.dtype)
 
 
 _paged_attention_decode = define_op(

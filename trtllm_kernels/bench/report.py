@@ -38,6 +38,7 @@ class Case:
     ours_GBps: float | None = None
     ours_TFLOPs: float | None = None
     baseline_fraction_of_roofline: float | None = None
+    max_abs_err_vs_baseline: float | None = None
     bytes: int | None = None
     flops: int | None = None
     shape: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -81,7 +82,7 @@ def markdown_table(cases: Sequence[Case | dict], meta: dict | None = None) -> st
         bw, peak = meta.get("copy_bandwidth_GBps"), meta.get("matmul_peak_TFLOPs")
         lines.append(
             f"Device: {meta.get('device', '?')}, {meta.get('date', '')}; measured copy bandwidth "
-            f"{_fmt(bw, '.0f')} GB/s, matmul peak {_fmt(peak, '.0f')} TFLOP/s "
+            f"{_fmt(bw, '.4g')} GB/s, matmul peak {_fmt(peak, '.4g')} TFLOP/s "
             f"({meta.get('matmul_peak_dtype', 'bf16')}); torch {meta.get('torch', '?')}, "
             f"timing {meta.get('timing_mode', '?')}."
         )
@@ -94,8 +95,8 @@ def markdown_table(cases: Sequence[Case | dict], meta: dict | None = None) -> st
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['ours_us']:.2f} | {r['baseline']} | {r['baseline_us']:.2f} | "
-            f"{r['ratio_vs_baseline']:.2f}x | {_fmt(r.get('fraction_of_roofline'), '.2f')} | "
-            f"{_fmt(r.get('ours_GBps'), '.0f')} | {_fmt(r.get('ours_TFLOPs'), '.1f')} | "
+            f"{r['ratio_vs_baseline']:.2f}x | {_fmt(r.get('fraction_of_roofline'), '.3g')} | "
+            f"{_fmt(r.get('ours_GBps'), '.4g')} | {_fmt(r.get('ours_TFLOPs'), '.3g')} | "
             f"{(r.get('notes') or '').replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
@@ -180,17 +181,22 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
     ys = range(len(cases))
     ax1.barh(ys, ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
     ax1.axvline(1.0, color="k", lw=0.8)
-    ax1.set_xlabel("speed-up vs baseline (baseline time / ours)")
+    ax1.set_xscale("log")  # 0.1x and 10x are equally far from parity
+    ax1.set_xlabel("speed-up vs baseline (baseline time / ours, log scale)")
+    for y, r in zip(ys, ratios):
+        ax1.annotate(f"{r:.2f}x", (r, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6)
     ax1.set_yticks(list(ys), names, fontsize=7)
     ax1.invert_yaxis()
     ax2.barh(ys, fracs, color="tab:blue")
     ax2.axvline(1.0, color="k", lw=0.8)
     ax2.set_xlim(0, max(1.05, max(fracs, default=0) * 1.05))
+    for y, f in zip(ys, fracs):
+        ax2.annotate(f"{f:.2f}", (f, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6)
     ax2.set_xlabel("fraction of roofline (measured copy BW / matmul peak)")
     fig.suptitle(
         f"{data.get('device', '?')}  {data.get('date', '')}  "
-        f"(copy {_fmt(data.get('copy_bandwidth_GBps'), '.0f')} GB/s, "
-        f"matmul {_fmt(data.get('matmul_peak_TFLOPs'), '.0f')} TFLOP/s)", fontsize=9,
+        f"(copy {_fmt(data.get('copy_bandwidth_GBps'), '.4g')} GB/s, "
+        f"matmul {_fmt(data.get('matmul_peak_TFLOPs'), '.4g')} TFLOP/s)", fontsize=9,
     )
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

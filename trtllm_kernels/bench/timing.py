@@ -68,12 +68,16 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def _device_of(input_sets: Sequence[tuple]) -> torch.device:
-    for s in input_sets:
-        for x in s:
-            if isinstance(x, torch.Tensor):
-                return x.device
-    return torch.device("cpu")
+def _device_of(obj) -> torch.device | None:
+    """The device of the first tensor found in a (nested) tuple / list / dict, else None."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in values:
+        d = _device_of(v)
+        if d is not None:
+            return d
+    return None
 
 
 def _summary(times_us: list[float], mode: str, n_sets: int) -> dict:
@@ -108,7 +112,9 @@ def time_fn(
     """
     if not input_sets:
         raise ValueError("time_fn needs at least one input set")
-    device = torch.device(device) if device is not None else _device_of(input_sets)
+    # Where the inputs live decides the clock: timing CUDA work with perf_counter would
+    # measure only the asynchronous launches.
+    device = torch.device(device) if device is not None else (_device_of(input_sets) or torch.device("cpu"))
     n_sets = len(input_sets)
     if device.type != "cuda":
         return _time_cpu(fn, input_sets, warmup, iters, budget_s, min_iters)
