@@ -253,3 +253,16 @@ def test_kernel_benchmarks_time_cuda_work_with_events(tmp_path):
         assert "MISMATCH" not in c.notes and "ROOFLINE" not in c.notes
     graphed = run_kernel_benchmarks("linear", "cuda", None, quick=True, sizes="tiny", graph=True, verbose=False)
     assert graphed[0].timing["ours"]["mode"] in ("cuda-graph", "cuda-events")
+
+
+@pytest.mark.gpu
+def test_graph_mode_refuses_uncapturable_calls_and_recovers():
+    from trtllm_kernels.bench.timing import GraphCaptureError
+
+    x = [(torch.randn(1024, device="cuda"),)]
+    with pytest.raises(GraphCaptureError, match="synchronizes"):
+        time_fn(lambda t: t.sum().item(), x, iters=5, graph=True)  # caught before capture
+    with pytest.raises(GraphCaptureError):  # passes the check, fails in capture
+        time_fn(lambda t: (torch.cuda.synchronize(), t * 2), x, iters=5, graph=True)
+    assert torch.randn(4, device="cuda").isfinite().all()  # the CUDA RNG still works
+    assert time_fn(lambda t: t * 2, x, iters=5, graph=True)["mode"] == "cuda-graph"

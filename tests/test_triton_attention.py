@@ -41,31 +41,33 @@ def cdiv(a, b):
 
 
 def make_cache(seq_lens, num_kv_heads, head_dim, page, cache_dtype, device=DEV,
-               k_scale=1.0, v_scale=1.0, extra_cols=1):
+               k_scale=1.0, v_scale=1.0, extra_cols=1, spare_blocks=0):
     """A paged cache holding random K/V for each sequence, NaN everywhere else.
 
     Blocks are handed out in random order; block-table entries past a sequence's last block
-    point at an all-NaN block.
+    (and `extra_cols` more columns) point at an all-NaN block.
     """
-    need = [cdiv(n, page) for n in seq_lens]
-    num_blocks = sum(need) + 2
-    max_blocks = max(max(need), 1) + extra_cols
+    need = torch.tensor([cdiv(n, page) for n in seq_lens], device=device)
+    lens = torch.tensor(seq_lens, device=device)
+    used = int(need.sum())
+    num_blocks = used + 2 + spare_blocks
+    max_blocks = max(int(need.max()), 1) + extra_cols
     shape = (num_blocks, num_kv_heads, page, head_dim)
-    k_cache = torch.full(shape, float("nan"), device=device).to(cache_dtype)
-    v_cache = torch.full(shape, float("nan"), device=device).to(cache_dtype)
+    k_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device=device)
+    v_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device=device)
     perm = torch.randperm(num_blocks, device=device)
-    nan_block = int(perm[-1])
-    block_tables = torch.full((len(seq_lens), max_blocks), nan_block, dtype=torch.int32, device=device)
-    nxt = 0
-    for i, n in enumerate(seq_lens):
-        blocks = perm[nxt : nxt + need[i]]
-        nxt += need[i]
-        block_tables[i, : need[i]] = blocks.to(torch.int32)
-        for j, blk in enumerate(blocks.tolist()):
-            cnt = min(page, n - j * page)
-            kv = torch.randn(2, num_kv_heads, cnt, head_dim, device=device)
-            k_cache[blk, :, :cnt] = quantize_to_cache(kv[0], cache_dtype, k_scale)
-            v_cache[blk, :, :cnt] = quantize_to_cache(kv[1], cache_dtype, v_scale)
+    seqs = torch.arange(len(seq_lens), device=device)
+    block_tables = torch.full((len(seq_lens), max_blocks), int(perm[-1]), dtype=torch.int32, device=device)
+    rows = seqs.repeat_interleave(need)
+    cols = torch.arange(used, device=device) - (need.cumsum(0) - need).repeat_interleave(need)
+    block_tables[rows, cols] = perm[:used].to(torch.int32)
+    tok_seq = seqs.repeat_interleave(lens)
+    tok_pos = torch.arange(int(lens.sum()), device=device) - (lens.cumsum(0) - lens).repeat_interleave(lens)
+    blk = block_tables[tok_seq, tok_pos // page].long()
+    off = tok_pos % page
+    kv = torch.randn(2, len(tok_pos), num_kv_heads, head_dim, device=device)
+    k_cache[blk, :, off] = quantize_to_cache(kv[0], cache_dtype, k_scale)
+    v_cache[blk, :, off] = quantize_to_cache(kv[1], cache_dtype, v_scale)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     return k_cache, v_cache, block_tables, seq_lens_t
 
@@ -196,19 +198,19 @@ COMPILE_SCRIPT = textwrap.dedent(
               Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
               qk_scale="fp32", v_scale="fp32"),
          dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=D, PAGE=PAGE,
-              BLOCK_N=dec["BLOCK_N"], NUM_SPLITS=4, DOT_PREC="tf32"),
+              BLOCK_N=dec["BLOCK_N"], SPLIT=True, DOT_PREC="tf32"),
          dec["num_warps"], dec["num_stages"]),
         (ta._paged_decode_kernel,
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
               Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
               qk_scale="fp32", v_scale="fp32"),
          dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=D, PAGE=128,
-              BLOCK_N=dec["BLOCK_N"], NUM_SPLITS=1, DOT_PREC="tf32"),
+              BLOCK_N=dec["BLOCK_N"], SPLIT=False, DOT_PREC="tf32"),
          dec["num_warps"], dec["num_stages"]),
         (ta._decode_reduce_kernel,
          dict(PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"), SL=ptr("i32"),
               Out=ptr("bf16")),
-         dict(NUM_HEADS=32, NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=D), 4, 1),
+         dict(NUM_HEADS=32, SPLITS_PAD=4, HEAD_DIM=D), 4, 1),
         (ta._paged_prefill_kernel,
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
               QSL=ptr("i32"), Out=ptr("bf16"), qk_scale="fp32", v_scale="fp32"),
@@ -223,7 +225,8 @@ COMPILE_SCRIPT = textwrap.dedent(
         # what the JIT specializes at a real launch: 16-byte aligned pointers, strides that
         # are multiples of 16 (everything but the block-table stride and num_seqs here)
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if name not in constexprs and name not in ("stride_bt", "num_seqs", "qk_scale", "v_scale")}
+                 if name not in constexprs
+                 and name not in ("stride_bt", "num_seqs", "num_splits", "qk_scale", "v_scale")}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
         assert k.asm.get("cubin"), fn.__name__
@@ -240,3 +243,173 @@ def test_kernels_compile_for_sm90(kv):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.count(" ok ") == 4, res.stdout
+
+
+def test_registered_as_cuda_kernels():
+    import trtllm_kernels.kernels  # noqa: F401  (registers the kernels)
+    from trtllm_kernels._library import cuda_kernel
+
+    assert cuda_kernel("paged_attention_decode") is ta.paged_attention_decode_cuda
+    assert cuda_kernel("paged_attention_prefill") is ta.paged_attention_prefill_cuda
+
+
+# ------------------------------------------------------------------------------------------
+# GPU tests (pytest -m gpu on the GPU machine)
+# ------------------------------------------------------------------------------------------
+
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
+def lens_upto(batch, ctx, gen):
+    """`batch` lengths in [1, ctx], the longest exactly ctx and (batch > 2) one of length 1."""
+    if batch == 1:
+        return [ctx]
+    lens = torch.randint(1, ctx + 1, (batch,), generator=gen).tolist()
+    lens[0] = ctx
+    if batch > 2:
+        lens[1] = 1
+    return lens
+
+
+# batch, ctx, hkv, group, head_dim, page, dtype, cache dtype (None = q's)
+GPU_DECODE = [
+    (1, 1, 2, 1, 128, 16, BF16, None),
+    (1, 17, 2, 3, 64, 32, FP16, None),
+    (7, 97, 2, 4, 128, 64, BF16, None),
+    (3, 4095, 2, 1, 64, 64, FP16, None),
+    (64, 4095, 8, 4, 128, 16, BF16, None),     # the main decode shape (32 / 8 heads)
+    (256, 512, 8, 4, 128, 16, BF16, None),     # many short sequences: no split
+    (256, 97, 2, 8, 128, 32, FP16, None),
+    (4, 32768, 8, 4, 128, 16, BF16, None),     # few long sequences: split-KV
+    (1, 32768, 1, 8, 64, 64, FP16, None),
+    (2, 4095, 4, 3, 128, 32, torch.float32, None),
+    (16, 4095, 8, 4, 128, 16, BF16, FP8),
+    (2, 32768, 4, 8, 128, 64, BF16, FP8),
+    (33, 97, 3, 3, 64, 16, FP16, FP8),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,ctx,hkv,group,head_dim,page,dtype,cache_dtype", GPU_DECODE)
+def test_gpu_decode(batch, ctx, hkv, group, head_dim, page, dtype, cache_dtype):
+    gen = torch.Generator().manual_seed(batch * 7919 + ctx)
+    scales = (0.04, 0.03) if cache_dtype == FP8 else (1.0, 1.0)
+    run_decode(lens_upto(batch, ctx, gen), hkv, group, head_dim, page, dtype, cache_dtype, *scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3, 16, 64])
+def test_gpu_decode_forced_splits(num_splits):
+    run_decode([1, 17, 97, 4095, 2048], 2, 4, 128, 16, BF16, num_splits=num_splits)
+
+
+# q_lens, seq_lens, hkv, group, head_dim, page, dtype, cache dtype
+GPU_PREFILL = [
+    ([4096] * 4, [4096] * 4, 2, 4, 128, 16, BF16, None),            # the main prefill shape
+    ([1000, 1, 517, 0, 64], [3000, 300, 517, 7, 64], 2, 3, 128, 32, FP16, None),  # chunked / prefix
+    ([129, 129] + [1] * 30, [2000, 129] + list(range(1, 31)), 8, 1, 64, 64, BF16, None),
+    ([1024], [32768], 1, 8, 128, 64, BF16, None),                     # long cached prefix
+    ([777, 1, 33], [5000, 4095, 97], 1, 8, 128, 16, BF16, FP8),
+    ([300, 17], [300, 400], 2, 4, 64, 32, FP16, FP8),
+    ([200, 3], [250, 3], 2, 2, 128, 16, torch.float32, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_lens,seq_lens,hkv,group,head_dim,page,dtype,cache_dtype", GPU_PREFILL)
+def test_gpu_prefill(q_lens, seq_lens, hkv, group, head_dim, page, dtype, cache_dtype):
+    scales = (0.04, 0.03) if cache_dtype == FP8 else (1.0, 1.0)
+    run_prefill(q_lens, seq_lens, hkv, group, head_dim, page, dtype, cache_dtype, *scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages", [(64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 2)])
+def test_gpu_prefill_other_tiles(block_m, block_n, num_warps, num_stages):
+    run_prefill([333, 1, 64], [1000, 70, 64], 2, 4, 128, 32, BF16, block_m=block_m,
+                block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _graph_inputs(seq_lens, q_lens, hkv=2, group=4, d=128, page=16, dtype=BF16):
+    kc, vc, bt, sl = make_cache(seq_lens, hkv, d, page, dtype, extra_cols=3, spare_blocks=8)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32, device=DEV)
+    qsl[1:] = torch.tensor(q_lens, device=DEV).cumsum(0)
+    qd = torch.randn(len(seq_lens), hkv * group, d, device=DEV, dtype=dtype)
+    qp = torch.randn(sum(q_lens), hkv * group, d, device=DEV, dtype=dtype)
+    return qd, qp, kc, vc, bt, sl, qsl
+
+
+@pytest.mark.gpu
+def test_gpu_ops_dispatch_to_triton():
+    import trtllm_kernels
+    import trtllm_kernels.kernels  # noqa: F401
+
+    qd, qp, kc, vc, bt, sl, qsl = _graph_inputs([1, 97, 4095], [1, 50, 300])
+    out = torch.ops.trtllm_kernels.paged_attention_decode(qd, kc, vc, bt, sl, 128 ** -0.5, 1.0, 1.0)
+    assert torch.equal(out, ta.triton_paged_decode(qd, kc, vc, bt, sl))
+    assert_close(out, _decode_ref(qd.float(), kc.float(), vc.float(), bt, sl, 128 ** -0.5, 1.0, 1.0), BF16)
+    out = trtllm_kernels.paged_attention_prefill(qp, kc, vc, bt, sl, qsl)
+    assert torch.equal(out, ta.triton_paged_prefill(qp, kc, vc, bt, sl, qsl))
+    assert_close(out, _prefill_ref(qp.float(), kc.float(), vc.float(), bt, sl, qsl, 128 ** -0.5, 1.0, 1.0), BF16)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    import trtllm_kernels
+    import trtllm_kernels.kernels  # noqa: F401
+
+    qd, qp, kc, vc, bt, sl, qsl = _graph_inputs([5, 97, 2000], [5, 20, 1])
+
+    @torch.compile(fullgraph=True)
+    def step(qd, qp, kc, vc, bt, sl, qsl):
+        d = trtllm_kernels.paged_attention_decode(qd, kc, vc, bt, sl)
+        p = trtllm_kernels.paged_attention_prefill(qp, kc, vc, bt, sl, qsl)
+        return d * 2, p * 4  # exact in any dtype
+
+    d, p = step(qd, qp, kc, vc, bt, sl, qsl)
+    assert torch.equal(d, ta.triton_paged_decode(qd, kc, vc, bt, sl) * 2)
+    assert torch.equal(p, ta.triton_paged_prefill(qp, kc, vc, bt, sl, qsl) * 4)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    """Capture decode + prefill once, then replay with new queries and longer sequences."""
+    import trtllm_kernels
+    import trtllm_kernels.kernels  # noqa: F401
+
+    page = 16
+    qd, qp, kc, vc, bt, sl, qsl = _graph_inputs([17, 97, 300], [1, 30, 300], page=page)
+    scale = 128 ** -0.5
+
+    def step():
+        return (trtllm_kernels.paged_attention_decode(qd, kc, vc, bt, sl),
+                trtllm_kernels.paged_attention_prefill(qp, kc, vc, bt, sl, qsl))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_d, out_p = step()
+
+    # new inputs in the same buffers: new queries, longer sequences (within the block
+    # table's spare columns), a different split of the prefill tokens
+    qd.copy_(torch.randn_like(qd))
+    qp.copy_(torch.randn_like(qp))
+    max_len = bt.shape[1] * page
+    new_lens = [min(17 + 40, max_len), min(97 + 40, max_len), 300]
+    kc2, vc2, bt2, sl2 = make_cache(new_lens, kc.shape[1], 128, page, kc.dtype)
+    assert bt2.shape[1] <= bt.shape[1] and kc2.shape[0] <= kc.shape[0]
+    kc.fill_(float("nan"))
+    vc.fill_(float("nan"))
+    kc[: kc2.shape[0]] = kc2
+    vc[: vc2.shape[0]] = vc2
+    bt.fill_(kc2.shape[0])  # an all-NaN block past the new ones
+    bt[:, : bt2.shape[1]] = bt2
+    sl.copy_(sl2)
+    qsl.copy_(torch.tensor([0, 10, 31, 331], dtype=torch.int32, device=DEV))  # q_lens 10, 21, 300
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out_d, _decode_ref(qd.float(), kc.float(), vc.float(), bt, sl, scale, 1.0, 1.0), BF16)
+    assert_close(out_p, _prefill_ref(qp.float(), kc.float(), vc.float(), bt, sl, qsl, scale, 1.0, 1.0), BF16)

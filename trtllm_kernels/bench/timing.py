@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -179,6 +180,37 @@ def _time_cuda_events(fn, input_sets, warmup, iters, budget_s, min_iters, device
     return _summary(times, "cuda-events", n_sets)
 
 
+def _check_no_host_sync(fn, args) -> None:
+    """Raise GraphCaptureError if one eager call synchronizes with the host (.item(),
+    .tolist(), boolean-mask indexing...): such a call cannot be captured, and finding out by a
+    failed capture is costly (see `_recover_from_failed_capture`)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():  # "a prototype feature": we know, and recover below if so
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(*args)
+    except RuntimeError as e:
+        raise GraphCaptureError(f"synchronizes with the host: {str(e).splitlines()[0]}") from e
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _recover_from_failed_capture(device) -> None:
+    """A capture that fails ends before torch's CUDA RNG leaves its capture state, and every
+    later random op then fails ("Offset increment outside graph capture"); one capture that
+    succeeds puts it right."""
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        pass
+    x = torch.zeros(1, device=device)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        x.add_(1)
+    torch.cuda.synchronize(device)
+
+
 def _time_cuda_graph(fn, input_sets, warmup, iters, budget_s, device) -> dict:
     n = len(input_sets)
     # One graph holds one call per set (at least 10 calls, so a replay is long enough to time
@@ -193,6 +225,7 @@ def _time_cuda_graph(fn, input_sets, warmup, iters, budget_s, device) -> dict:
             _warm(fn, input_sets, min(warmup, 3), budget_s, lambda: None)
         torch.cuda.current_stream().wait_stream(side)
         sync()
+        _check_no_host_sync(fn, input_sets[0])
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(g):
@@ -200,7 +233,7 @@ def _time_cuda_graph(fn, input_sets, warmup, iters, budget_s, device) -> dict:
                     fn(*input_sets[i % n])
         except Exception as e:  # capture-time failures come in many types
             del g
-            sync()
+            _recover_from_failed_capture(device)
             raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
         t0 = time.perf_counter()
         g.replay()

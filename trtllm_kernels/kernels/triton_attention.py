@@ -103,10 +103,10 @@ def _paged_decode_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_bt, stride_ob, stride_oh,
-    split_tokens,
+    split_tokens, num_splits,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -115,7 +115,7 @@ def _paged_decode_kernel(
     seq_len = tl.load(SL + b)
     lo = split * split_tokens
     hi = tl.minimum(seq_len, lo + split_tokens)
-    if NUM_SPLITS > 1:
+    if SPLIT:
         if lo >= seq_len:  # this split holds no tokens; the reduce never reads it
             return
 
@@ -159,14 +159,14 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc * (v_scale / l_safe)[:, None]
         o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_g[:, None])
     else:
-        # scratch is [B, Hq, NUM_SPLITS] (+ [D]) contiguous; acc keeps v_scale, not 1 / l
-        row = (b * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * NUM_SPLITS + split
+        # scratch is [B, Hq, num_splits] (+ [D]) contiguous; acc keeps v_scale, not 1 / l
+        row = (b * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_splits + split
         tl.store(PartAcc + row[:, None] * HEAD_DIM + offs_d[None, :], acc * v_scale,
                  mask=mask_g[:, None])
         tl.store(PartM + row, m_i, mask=mask_g)
@@ -176,8 +176,8 @@ def _paged_decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     PartAcc, PartM, PartL, SL, Out,
-    stride_ob, stride_oh, split_tokens,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    stride_ob, stride_oh, split_tokens, num_splits,
+    NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -187,8 +187,8 @@ def _decode_reduce_kernel(
     n_active = tl.cdiv(seq_len, split_tokens)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = (offs_s < n_active) & (offs_s < NUM_SPLITS)
-    row = pid.to(tl.int64) * NUM_SPLITS + offs_s
+    mask_s = (offs_s < n_active) & (offs_s < num_splits)
+    row = pid.to(tl.int64) * num_splits + offs_s
     m = tl.load(PartM + row, mask=mask_s, other=float("-inf"))
     l = tl.load(PartL + row, mask=mask_s, other=0.0)
     acc = tl.load(PartAcc + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None],
@@ -359,9 +359,11 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
                       sms: int = DEFAULT_NUM_SMS, min_split_tokens: int = 512) -> int:
     """How many KV splits for decode, from static sizes only (CUDA-graph safe).
 
-    Aim for ~8 programs per SM (decode programs are small: 2-3 fit an SM at once and being
-    memory bound they share its bandwidth, so several waves balance well), never cut a split
-    below `min_split_tokens` of the largest possible context, and cap at MAX_SPLITS.
+    Aim for ~8 programs per SM (decode programs are small: several fit an SM at once and,
+    being memory bound, share its bandwidth, so a few waves balance well), never cut a split
+    below `min_split_tokens` of the largest possible context, and cap at MAX_SPLITS. With
+    block_n=64 on 132 SMs: B64 x 4096 (8 kv heads) -> 3, B256 x 512 -> 1, B4 x 32768 -> 32.
+    Splits past a sequence's actual end cost one early-exiting program each.
     """
     programs = batch * num_kv_heads
     target = 8 * sms
@@ -416,6 +418,7 @@ def triton_paged_decode(
     group = num_heads // num_kv_heads
     if q.stride(-1) != 1:
         q = q.contiguous()
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()  # no-ops as a rule
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
@@ -450,17 +453,17 @@ def triton_paged_decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        split_tokens,
+        split_tokens, num_splits,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLIT=num_splits > 1,
         DOT_PREC=_dot_prec(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * num_heads,)](
             part_acc, part_m, part_l, seq_lens, out,
-            out.stride(0), out.stride(1), split_tokens,
-            NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+            out.stride(0), out.stride(1), split_tokens, num_splits,
+            NUM_HEADS=num_heads, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=head_dim,
             num_warps=4 if head_dim * num_splits <= 8192 else 8, num_stages=1,
         )
     return out
@@ -483,6 +486,8 @@ def triton_paged_prefill(
     num_seqs = block_tables.shape[0]
     if q.stride(-1) != 1:
         q = q.contiguous()
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()  # no-ops as a rule
+    query_start_loc = query_start_loc.contiguous()
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if total == 0 or num_seqs == 0:
@@ -537,3 +542,151 @@ def register() -> None:
 
     register_cuda_kernel("paged_attention_decode", paged_attention_decode_cuda)
     register_cuda_kernel("paged_attention_prefill", paged_attention_prefill_cuda)
+
+
+# --------------------------------------------------------------------------------------------
+# tuning sweep on the GPU: python -m trtllm_kernels.kernels.triton_attention [--sweep] [--out F]
+# --------------------------------------------------------------------------------------------
+
+
+def _paged_copy(k: torch.Tensor, v: torch.Tensor, page: int, cache_dtype: torch.dtype, scale: float = 1.0):
+    """Contiguous k, v [B, Hkv, S, D] -> shuffled paged caches, block table, seq_lens."""
+    b, hkv, s, d = k.shape
+    n = triton.cdiv(s, page)
+    pad = n * page - s
+
+    def pages(x):
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, hkv, n, page, d).permute(0, 2, 1, 3, 4)
+        x = (x.float() / scale).to(cache_dtype) if cache_dtype == torch.float8_e4m3fn else x.to(cache_dtype)
+        return x.reshape(b * n, hkv, page, d)
+
+    perm = torch.randperm(b * n, device=k.device)
+    kc = torch.empty((b * n, hkv, page, d), dtype=cache_dtype, device=k.device)
+    vc = torch.empty_like(kc)
+    kc[perm] = pages(k)
+    vc[perm] = pages(v)
+    bt = perm.view(b, n).to(torch.int32)
+    sl = torch.full((b,), s, dtype=torch.int32, device=k.device)
+    return kc, vc, bt, sl
+
+
+# (batch, context, page) for decode at 32 / 8 heads, D 128; (batch, seq, Hq, Hkv, D) for prefill
+BENCH_DECODE = [(64, 4096, 16), (256, 512, 16), (4, 32768, 16), (64, 4096, 64)]
+BENCH_PREFILL = (4, 4096, 32, 8, 128)
+
+
+def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU only
+    import argparse
+    import itertools
+    import json
+
+    from triton.testing import do_bench_cudagraph
+
+    ap = argparse.ArgumentParser(description="time / tune the Triton paged attention kernels")
+    ap.add_argument("--sweep", action="store_true", help="sweep tile configs and num_splits")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--only", choices=("decode", "prefill"), help="time one kernel only")
+    args = ap.parse_args(argv)
+    dev, bf16 = device, torch.bfloat16
+    rows = []
+
+    def timed(fn):
+        try:
+            return do_bench_cudagraph(fn, rep=100) * 1e-3  # seconds
+        except Exception as e:  # out of resources, ...
+            return repr(e)[:120]
+
+    def record(**r):
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        save()  # partial results survive a timeout
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    def copy_bandwidth():  # bytes read + written per second, 1 GiB copied
+        x = torch.empty(2 ** 29 if dev == "cuda" else 2 ** 20, dtype=torch.int16, device=dev)
+        y = torch.empty_like(x)
+        return 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))
+
+    copy_bw = copy_bandwidth()
+    record(what="copy", GBps=copy_bw / 1e9)
+
+    # ---- decode ----
+    for batch, ctx, page in [] if args.only == "prefill" else BENCH_DECODE:
+        hq, hkv, d = 32, 8, 128
+        q = torch.randn(batch, hq, d, device=dev, dtype=bf16)
+        k = torch.randn(batch, hkv, ctx, d, device=dev, dtype=bf16)
+        v = torch.randn_like(k)
+        base = None
+        if page == 16:
+            qs = q.view(batch, hq, 1, d)
+            base = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
+        for cache_dtype in (bf16, torch.float8_e4m3fn):
+            kc, vc, bt, sl = _paged_copy(k, v, page, cache_dtype)
+            nbytes = 2 * kc.numel() * kc.element_size() + 2 * q.numel() * q.element_size()
+            cfg = decode_config(d, cache_dtype, bf16)
+            auto = decode_num_splits(batch, hkv, ctx, cfg["BLOCK_N"], num_sms(q.device))
+            cands = [dict()]
+            if args.sweep and page == 16:
+                grid = ((32, 64, 128), (4, 8), (2, 3, 5)) if cache_dtype == bf16 else ((64, 128), (4, 8), (3, 5))
+                cands += [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in itertools.product(*grid)]
+                cands += [dict(num_splits=sp) for sp in (1, 2, 3, 4, 8, 16, 32, 64) if sp != auto]
+            for kw in cands:
+                t = timed(lambda: triton_paged_decode(q, kc, vc, bt, sl, **kw))
+                r = dict(what="decode", batch=batch, ctx=ctx, page=page, kv=str(cache_dtype), cfg=kw,
+                         auto_splits=auto, default=cfg)
+                if isinstance(t, float):
+                    r.update(us=t * 1e6, GBps=nbytes / t / 1e9, frac_copy=nbytes / t / copy_bw)
+                    if isinstance(base, float):
+                        r.update(sdpa_us=base * 1e6, sdpa_GBps=nbytes / base / 1e9 if cache_dtype == bf16 else None,
+                                 speedup_vs_sdpa=base / t)
+                else:
+                    r.update(error=t)
+                record(**r)
+        del q, k, v, kc, vc
+
+    # ---- prefill ----
+    if args.only == "decode":
+        return save()
+    b, s, hq, hkv, d = BENCH_PREFILL
+    flops = 4 * b * hq * s * s * d / 2  # causal
+    q = torch.randn(b, hq, s, d, device=dev, dtype=bf16)
+    k = torch.randn(b, hkv, s, d, device=dev, dtype=bf16)
+    v = torch.randn_like(k)
+    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        base = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True))
+    qt = q.transpose(1, 2).reshape(b * s, hq, d).contiguous()
+    qsl = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=dev)
+    for page in (16, 64):
+        for cache_dtype in (bf16, torch.float8_e4m3fn):
+            kc, vc, bt, sl = _paged_copy(k, v, page, cache_dtype)
+            cands = [dict()]
+            if args.sweep and page == 16 and cache_dtype == bf16:
+                cands += [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bm, bn, w, st in
+                          [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 8, 6), (128, 128, 8, 3),
+                           (128, 128, 8, 5), (128, 32, 8, 5), (128, 32, 4, 5), (64, 64, 4, 5), (64, 64, 4, 3),
+                           (64, 128, 4, 4), (128, 64, 4, 5)]]
+            for kw in cands:
+                t = timed(lambda: triton_paged_prefill(qt, kc, vc, bt, sl, qsl, **kw))
+                r = dict(what="prefill", batch=b, seq=s, page=page, kv=str(cache_dtype), cfg=kw,
+                         default=prefill_config(d, bf16), sdpa_flash=base)
+                if isinstance(base, float):
+                    r.update(sdpa_flash_us=base * 1e6, sdpa_TFLOPs=flops / base / 1e12)
+                if isinstance(t, float):
+                    r.update(us=t * 1e6, TFLOPs=flops / t / 1e12)
+                    if isinstance(base, float):
+                        r.update(speedup_vs_sdpa=base / t)
+                else:
+                    r.update(error=t)
+                record(**r)
+    save()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench_main()
