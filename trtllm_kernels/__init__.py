@@ -5,6 +5,8 @@ Each op family is one module with a public function, a plain-PyTorch reference a
 exist, are registered behind the same ops when `trtllm_kernels.kernels` is imported, which
 happens here whenever CUDA is available.
 """
+import torch
+
 from .activation import silu_and_mul
 from .attention import paged_attention_decode, paged_attention_prefill
 from .kv_cache import write_kv_cache
@@ -13,6 +15,9 @@ from .norm import fused_add_rms_norm, rms_norm
 from .rotary import rope_cos_sin_cache, rotary_embedding
 
 __version__ = "0.1.0"
+
+if torch.cuda.is_available():
+    from . import kernels  # noqa: F401  (registers the CUDA kernels behind the ops)
 
 __all__ = [
     "fused_add_rms_norm",

@@ -10,6 +10,7 @@ as much per call, and one registered-op boundary per fused step is all we can af
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -40,7 +41,9 @@ def register_cuda_kernel(name: str, kernel: Callable) -> None:
     """Make `kernel` the CUDA implementation of an op defined with `define_op`."""
     if name not in _defined:
         raise KeyError(f"no op {NAMESPACE}::{name} to register a CUDA kernel for")
-    _lib.impl(name, kernel, "CUDA", allow_override=True)
+    with warnings.catch_warnings():  # replacing the reference is the point: no warning
+        warnings.simplefilter("ignore", UserWarning)
+        _lib.impl(name, kernel, "CUDA", allow_override=True)
     _cuda_kernels[name] = kernel
 
 

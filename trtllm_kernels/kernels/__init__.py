@@ -1,8 +1,10 @@
 """CUDA kernels (Triton and csrc) registered behind the `trtllm_kernels::` ops.
 
 Importing this module registers every kernel whose dependencies are present; ops without a
-kernel keep running their reference implementation on CUDA tensors.
+kernel keep running their reference implementation on CUDA tensors. `trtllm_kernels` imports
+it whenever CUDA is available.
 """
+import warnings as _warnings
 
 # Triton paged attention: trtllm_kernels::paged_attention_decode / _prefill. A missing or
 # broken triton leaves those ops on their reference implementation.
@@ -11,8 +13,12 @@ try:
 except ImportError:  # no triton installed
     pass
 except Exception as _e:  # triton present but failing to initialise
-    import warnings as _warnings
-
     _warnings.warn(f"Triton paged attention unavailable, ops use the reference: {_e!r}")
 else:
     _triton_attention.register()
+
+# csrc kernels (RMSNorm): compiled by nvcc on first use, so only where nvcc is found.
+from . import csrc as _csrc  # noqa: E402
+
+if _csrc.nvcc_path() is not None:
+    _csrc.register()
