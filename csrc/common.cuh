@@ -40,14 +40,14 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Sum over the block; every thread gets the result. blockDim.x must be a multiple of 32.
 __device__ __forceinline__ float block_sum(float x) {
   __shared__ float partial[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   x = warp_sum(x);
   if (lane == 0) partial[warp] = x;
   __syncthreads();
-  x = (threadIdx.x < (blockDim.x >> 5)) ? partial[threadIdx.x] : 0.f;
-  x = warp_sum(x);
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += partial[w];  // same-address reads: a broadcast
   __syncthreads();  // partial[] may be reused by a later call
-  return x;
+  return total;
 }
 
 }  // namespace tk

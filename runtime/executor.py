@@ -25,8 +25,13 @@ class Executor:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request and free its blocks; False if it is not here."""
+        return self.scheduler.abort(request_id)
+
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that finished in it."""
+        """Run one step; returns the requests that got a new token in it (finished ones have
+        status FINISHED and a finish_reason)."""
         batch = self.scheduler.schedule()
         if not len(batch):
             if self.scheduler.has_unfinished():
@@ -36,14 +41,12 @@ class Executor:
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed += n
         sampling = [batch.requests[i] for i in samplers]
-        finished = []
         for req, token in zip(sampling, sample(logits, sampling) if sampling else []):
             req.tokens.append(token)
             reason = self._stop_reason(req, token)
             if reason:
                 self.scheduler.finish(req, reason)
-                finished.append(req)
-        return finished
+        return sampling
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params

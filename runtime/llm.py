@@ -138,8 +138,20 @@ class LLM:
         return self.executor.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of requests that finished in it."""
-        return [self._output(self._requests.pop(r.request_id)) for r in self.executor.step()]
+        """Run one scheduler step; returns an output for every request that got a new token
+        in it (`finished` tells which are done: those are forgotten after this)."""
+        outputs = []
+        for req in self.executor.step():
+            if req.status is RequestStatus.FINISHED:
+                self._requests.pop(req.request_id, None)
+            outputs.append(self._output(req))
+        return outputs
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or already done."""
+        if self._requests.pop(request_id, None) is None:
+            return False
+        return self.executor.abort(request_id)
 
     def _output(self, req: Request) -> RequestOutput:
         ids = req.output_token_ids
@@ -173,7 +185,7 @@ class LLM:
         with tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while any(r is None for r in results):
                 for out in self.step():
-                    if out.request_id in order:
+                    if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
                         bar.update(1)
         return results

@@ -54,7 +54,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (eos or a stop token), "length", or None while running
+    finish_reason: str | None  # "stop" (eos or a stop token), "length", "abort", or None while running
 
 
 @dataclass

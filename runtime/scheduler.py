@@ -87,6 +87,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def abort(self, request_id: str) -> bool:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self.kv.free(request_id)
+                    req.status = RequestStatus.FINISHED
+                    req.finish_reason = "abort"
+                    return True
+        return False
+
     def finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

@@ -145,3 +145,20 @@ def test_sampler_follows_the_distribution():
 def test_sampling_params_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_abort_frees_blocks_and_step_reports_progress():
+    kv = KVCacheManager(TINY, 32, 4, torch.float32, torch.device("cpu"))
+    ex = Executor(tiny_model(), kv, max_batch_size=8, max_num_tokens=64, max_seq_len=256, eos_token_ids=set())
+    a, b, c = (Request(str(i), None, p, SamplingParams(max_tokens=50, temperature=0), i)
+               for i, p in enumerate(prompts_of([9, 5, 7])))
+    for r in (a, b, c):
+        ex.add(r)
+    advanced = ex.step()
+    assert {r.request_id for r in advanced} == {"0", "1", "2"} and len(a.output_token_ids) == 1
+    assert ex.abort("1") and not ex.abort("1") and b.finish_reason == "abort"
+    assert ex.abort("2")
+    assert kv.num_free_blocks == 32 - len(kv.block_table("0"))
+    assert [r.request_id for r in ex.step()] == ["0"]
+    ex.abort("0")
+    assert kv.num_free_blocks == 32 and not ex.has_unfinished()
