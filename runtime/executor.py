@@ -40,6 +40,7 @@ class Executor:
         logits, samplers = self.runner.run(batch)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed += n
+            self.kv.register_computed(req.request_id, req.tokens, req.num_computed)
         sampling = [batch.requests[i] for i in samplers]
         for req, token in zip(sampling, sample(logits, sampling) if sampling else []):
             req.tokens.append(token)

@@ -42,7 +42,8 @@ class LLM:
     model: None (the embedded SmolLM2-135M-Instruct), an engine directory, a Hugging Face
     checkpoint directory or a GGUF file. kv_cache_tokens: KV-cache capacity in tokens
     (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of free memory after the
-    weights, less a reserve for activations).
+    weights, less a reserve for activations). enable_prefix_caching: reuse the KV blocks of
+    prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class LLM:
         device: str | None = None, build_config: BuildConfig | None = None,
         kv_cache_tokens: int | None = None, free_gpu_memory_fraction: float = 0.9,
         max_batch_size: int | None = None, max_num_tokens: int | None = None,
-        seed: int = 0, progress: bool = True,
+        enable_prefix_caching: bool = True, seed: int = 0, progress: bool = True,
     ):
         engine_dir = resolve_engine_dir(model, build_config, progress)
         self.engine = load_engine(engine_dir, device=device, dtype=dtype, progress=progress)
@@ -60,7 +61,8 @@ class LLM:
         model_ = self.engine.model
         cache_dtype = torch.float8_e4m3fn if build.kv_cache_dtype == "fp8" else model_.dtype
         num_blocks = self._num_blocks(kv_cache_tokens, free_gpu_memory_fraction, build.page_size, cache_dtype)
-        self.kv = KVCacheManager(config, num_blocks, build.page_size, cache_dtype, model_.device)
+        self.kv = KVCacheManager(config, num_blocks, build.page_size, cache_dtype, model_.device,
+                                 enable_prefix_caching)
         eos = set(config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

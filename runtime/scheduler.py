@@ -6,6 +6,7 @@ takes the next chunk of its prompt. Waiting requests then join, oldest first, wh
 free KV blocks last. When a running request cannot get the block it needs, the newest running
 request is preempted: its blocks are freed and it goes back to the head of the queue, to be
 recomputed from its tokens later (its output so far is kept, so its result does not change).
+A request joining the batch first takes whatever prefix of its tokens the prefix cache holds.
 """
 from __future__ import annotations
 
@@ -66,11 +67,15 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            n = min(req.num_pending, budget)
-            if not self.kv.can_grow(req.request_id, req.num_computed + n):
+            cached = self.kv.match_prefix(req.tokens)
+            computed = len(cached) * self.kv.page_size
+            n = min(len(req.tokens) - computed, budget)
+            if not self.kv.can_admit(cached, computed + n):
                 break
             self.waiting.popleft()
-            self.kv.grow(req.request_id, req.num_computed + n)
+            self.kv.acquire(req.request_id, cached, req.tokens)
+            req.num_computed = computed
+            self.kv.grow(req.request_id, computed + n)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chosen.append((req, n))

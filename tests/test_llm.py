@@ -84,6 +84,13 @@ def test_small_cache_completes_everything_unchanged(prompts, hf_greedy):
     assert [o.token_ids for o in outs] == hf_greedy
     assert small.executor.scheduler.num_preemptions > 0
     assert small.kv.num_free_blocks == small.kv.num_blocks
+    assert small.kv.prefix_hit_tokens > 0  # the chat prompts share their system prefix
+
+
+def test_prefix_caching_off_gives_the_same_tokens(prompts, hf_greedy):
+    plain = LLM(device="cpu", enable_prefix_caching=False, progress=False)
+    assert [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)] == hf_greedy
+    assert plain.kv.prefix_hit_tokens == 0
 
 
 def test_chat_answers_paris(llm):

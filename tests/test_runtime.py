@@ -28,9 +28,12 @@ def tiny_model(seed=0):
     return LlamaModel(c, weights)
 
 
-def run(prompts, *, num_blocks=128, page=4, max_num_tokens=512, max_batch=64, max_tokens=10, model=None):
+def run(prompts, *, num_blocks=128, page=4, max_num_tokens=512, max_batch=64, max_tokens=10, model=None,
+        prefix_caching=False, kv_out=None):
     model = model or tiny_model()
-    kv = KVCacheManager(TINY, num_blocks, page, torch.float32, torch.device("cpu"))
+    kv = KVCacheManager(TINY, num_blocks, page, torch.float32, torch.device("cpu"), prefix_caching)
+    if kv_out is not None:
+        kv_out.append(kv)
     ex = Executor(model, kv, max_batch_size=max_batch, max_num_tokens=max_num_tokens,
                   max_seq_len=256, eos_token_ids=set())
     reqs = [Request(str(i), None, p, SamplingParams(max_tokens=max_tokens, temperature=0), i)
@@ -162,3 +165,48 @@ def test_abort_frees_blocks_and_step_reports_progress():
     assert [r.request_id for r in ex.step()] == ["0"]
     ex.abort("0")
     assert kv.num_free_blocks == 32 and not ex.has_unfinished()
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_outputs():
+    shared = prompts_of([37], seed=5)[0]
+    tails = prompts_of([1, 6, 13, 4], seed=6)
+    prompts = [shared + t for t in tails] + [shared[:20]]
+    expect = [run([p])[0][0] for p in prompts]
+    # The first request runs alone, then the rest arrive and find its prefix cached.
+    kv = KVCacheManager(TINY, 128, 4, torch.float32, torch.device("cpu"), enable_prefix_caching=True)
+    ex = Executor(tiny_model(), kv, max_batch_size=64, max_num_tokens=512, max_seq_len=256, eos_token_ids=set())
+    reqs = [Request(str(i), None, p, SamplingParams(max_tokens=10, temperature=0), i) for i, p in enumerate(prompts)]
+    ex.add(reqs[0])
+    while ex.has_unfinished():
+        ex.step()
+    for r in reqs[1:]:
+        ex.add(r)
+    while ex.has_unfinished():
+        ex.step()
+    assert [r.output_token_ids for r in reqs] == expect
+    # 9 full blocks of the shared 37 tokens for each of the 3 longer prompts, 4 for the last.
+    assert kv.prefix_hit_tokens == (3 * 9 + 4) * 4
+    assert kv.num_free_blocks == 128
+    # A tight cache with everything at once: cached blocks are evicted and reused, and
+    # preemption recomputes; outputs are unchanged.
+    tight, sched, _ = run(prompts * 2, num_blocks=30, max_num_tokens=16, prefix_caching=True)
+    assert tight == expect * 2
+
+
+def test_prefix_cache_eviction_is_lru_and_never_touches_used_blocks():
+    kv = KVCacheManager(TINY, 4, 4, torch.float32, torch.device("cpu"))
+    a, b = list(range(9)), list(range(100, 109))
+    for rid, toks in (("a", a), ("b", b)):
+        kv.acquire(rid, kv.match_prefix(toks), toks)
+        kv.grow(rid, 8)
+        kv.register_computed(rid, toks, 8)
+    assert kv.block_table("a") == [0, 1] and kv.block_table("b") == [2, 3] and kv.num_free_blocks == 0
+    kv.free("a")
+    assert kv.num_free_blocks == 2  # a's two blocks are cached but evictable
+    hit = kv.match_prefix(a)
+    assert hit == [0, 1] and not kv.can_admit(hit, 9) and kv.can_admit(hit, 8)
+    kv.acquire("a2", hit, a)
+    assert kv.num_free_blocks == 0
+    kv.free("b")
+    kv.grow("c", 4)  # evicts b's tail block (released first, so least recent)
+    assert kv.block_table("c") == [3] and kv.match_prefix(b) == [2]
