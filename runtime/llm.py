@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from trtllm_kernels.engine import BuildConfig, cached_engine, default_checkpoint, load_engine
+from trtllm_kernels.engine import BuildConfig, Engine, cached_engine, default_checkpoint, load_engine
 from trtllm_kernels.engine.builder import ENGINE_CONFIG
 from trtllm_kernels.engine.checkpoint import CheckpointError
 
@@ -40,10 +40,11 @@ class LLM:
     """A batching LLM over an engine.
 
     model: None (the embedded SmolLM2-135M-Instruct), an engine directory, a Hugging Face
-    checkpoint directory or a GGUF file. kv_cache_tokens: KV-cache capacity in tokens
+    checkpoint directory, a GGUF file, or an `Engine` already in memory. kv_cache_tokens: KV-cache capacity in tokens
     (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of free memory after the
     weights, less a reserve for activations). enable_prefix_caching: reuse the KV blocks of
     prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
+    cuda_graphs: on CUDA, replay captured graphs for decode steps (on by default).
     """
 
     def __init__(
@@ -51,10 +52,14 @@ class LLM:
         device: str | None = None, build_config: BuildConfig | None = None,
         kv_cache_tokens: int | None = None, free_gpu_memory_fraction: float = 0.9,
         max_batch_size: int | None = None, max_num_tokens: int | None = None,
-        enable_prefix_caching: bool = True, seed: int = 0, progress: bool = True,
+        enable_prefix_caching: bool = True, cuda_graphs: bool = True, seed: int = 0,
+        progress: bool = True,
     ):
-        engine_dir = resolve_engine_dir(model, build_config, progress)
-        self.engine = load_engine(engine_dir, device=device, dtype=dtype, progress=progress)
+        if isinstance(model, Engine):
+            self.engine = model
+        else:
+            engine_dir = resolve_engine_dir(model, build_config, progress)
+            self.engine = load_engine(engine_dir, device=device, dtype=dtype, progress=progress)
         self.tokenizer = self.engine.tokenizer
         config, build = self.engine.model_config, self.engine.build_config
         self.max_seq_len = build.max_seq_len
@@ -64,13 +69,18 @@ class LLM:
         self.kv = KVCacheManager(config, num_blocks, build.page_size, cache_dtype, model_.device,
                                  enable_prefix_caching)
         eos = set(config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.executor = Executor(
             model_, self.kv, max_batch_size=max_batch_size or build.max_batch_size,
             max_num_tokens=max_num_tokens or build.max_num_tokens, max_seq_len=self.max_seq_len,
             eos_token_ids=eos,
         )
+        if cuda_graphs and model_.device.type == "cuda":
+            self.executor.runner.capture_decode_graphs(self.executor.scheduler.max_batch_size, self.max_seq_len)
+        if progress:
+            print(f"KV cache: {self.kv.capacity_tokens} tokens ({num_blocks} blocks of {build.page_size}, "
+                  f"{cache_dtype}); decode CUDA graphs: {sorted(self.executor.runner.graphs) or 'off'}")
         self._rng = random.Random(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -101,6 +111,8 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: give prompts as token ids")
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
@@ -157,7 +169,8 @@ class LLM:
 
     def _output(self, req: Request) -> RequestOutput:
         ids = req.output_token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        text = "" if self.tokenizer is None else self.tokenizer.decode(
+            ids, skip_special_tokens=req.params.skip_special_tokens)
         done = req.status is RequestStatus.FINISHED
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              [CompletionOutput(0, text, ids, req.finish_reason)], done)
@@ -206,7 +219,7 @@ class LLM:
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if not messages:
             raise ValueError("messages is empty")
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -210,3 +210,23 @@ def test_prefix_cache_eviction_is_lru_and_never_touches_used_blocks():
     kv.free("b")
     kv.grow("c", 4)  # evicts b's tail block (released first, so least recent)
     assert kv.block_table("c") == [3] and kv.match_prefix(b) == [2]
+
+
+def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
+    from trtllm_kernels.engine import BuildConfig
+    from trtllm_kernels.engine.random_weights import random_engine, weight_shapes
+    from trtllm_kernels.runtime import LLM
+    from trtllm_kernels.runtime.benchmark import latency, throughput
+
+    engine = random_engine(TINY, BuildConfig(max_seq_len=128), device="cpu", dtype=torch.float32)
+    assert {n: tuple(w.shape) for n, w in engine.model.weights.items()} == weight_shapes(TINY)
+    llm = LLM(engine, kv_cache_tokens=1024, progress=False)
+    out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert [len(o.token_ids) for o in out] == [5, 5] and out[0].text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("text", use_tqdm=False)
+    t = throughput(llm, num_requests=6, input_len=7, output_len=4)
+    assert t["output_tokens"] == 24 and t["output_tok_s"] > 0
+    lat = latency(llm, input_len=5, output_len=4, repeats=1)
+    assert lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
+    assert llm.kv.num_free_blocks == llm.kv.num_blocks

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from trtllm_kernels.bench.cli import add_bench_parsers
 
     add_bench_parsers(bench_sub)
+    from trtllm_kernels.runtime.benchmark import add_parsers as add_e2e_bench_parsers
+
+    add_e2e_bench_parsers(bench_sub)
 
     args = parser.parse_args(argv)
     try:
