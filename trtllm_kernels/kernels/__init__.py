@@ -17,6 +17,13 @@ except Exception as _e:  # triton present but failing to initialise
 else:
     _triton_attention.register()
 
+try:
+    from . import triton_activation as _triton_activation
+except ImportError:
+    pass
+else:
+    _triton_activation.register()
+
 # csrc kernels (RMSNorm): compiled by nvcc on first use, so only where nvcc is found.
 from . import csrc as _csrc  # noqa: E402
 
