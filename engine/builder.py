@@ -27,6 +27,7 @@ from trtllm_kernels._paths import cache_root
 from .checkpoint import CheckpointError, read_checkpoint, save_tokenizer
 from .config import DTYPES, BuildConfig, ModelConfig
 from .model import LlamaModel, weight_names
+from .quantize import Fp8LlamaModel, load_dtype, quantize_weights, scale_names
 
 FORMAT_VERSION = 1
 ENGINE_CONFIG = "engine_config.json"
@@ -84,6 +85,8 @@ def build_engine(
     if build_config.dtype != "auto":
         weights = {k: v.to(DTYPES[build_config.dtype]) for k, v in weights.items()}
     weights = {k: v.contiguous() for k, v in weights.items()}
+    if build_config.quantization == "fp8":  # FP8 linear weights, per-channel scales (engine/quantize.py)
+        weights = quantize_weights(model_config, weights)
 
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -139,15 +142,17 @@ def load_engine(
     try:
         with safe_open(engine_dir / WEIGHTS_FILE, framework="pt", device="cpu") as f:
             for name in tqdm(list(f.keys()), desc="Loading engine", unit="tensor", disable=not progress):
-                weights[name] = f.get_tensor(name).to(device=device, dtype=torch_dtype)
+                t = f.get_tensor(name)  # FP8 engines keep fp8 weights and fp32 scales as stored
+                weights[name] = t.to(device=device, dtype=load_dtype(name, t, torch_dtype))
     except (OSError, RuntimeError, Exception) as e:  # safetensors raises its own error types
         if isinstance(e, EngineError):
             raise
         raise EngineError(f"cannot read {engine_dir / WEIGHTS_FILE}: {e}") from e
-    unknown = set(weights) - set(weight_names(model_config))
+    fp8 = build_config.quantization == "fp8"
+    unknown = set(weights) - set(weight_names(model_config)) - set(scale_names(model_config) if fp8 else ())
     if unknown:
         raise EngineError(f"{engine_dir / WEIGHTS_FILE} has unexpected tensors {sorted(unknown)[:5]}")
-    model = LlamaModel(model_config, weights)
+    model = (Fp8LlamaModel if fp8 else LlamaModel)(model_config, weights)
     tokenizer = AutoTokenizer.from_pretrained(str(engine_dir))
     return Engine(model, model_config, build_config, tokenizer, engine_dir)
 

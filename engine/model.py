@@ -93,13 +93,19 @@ class LlamaModel:
         return normed
 
     def _attention(self, layer, x, positions, meta, k_cache, v_cache, kv_scales):
+        qkv = tk.linear(x, layer["qkv"])
+        return tk.linear(self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales), layer["o"])
+
+    def _attend(self, qkv, positions, meta, k_cache, v_cache, kv_scales):
+        """qkv: [T, q_size + 2 kv_size] projections -> attention output [T, q_size]; rotary
+        embedding and the cache write are one fused op, then decodes and prefills attend."""
         c = self.config
-        q, k, v = tk.linear(x, layer["qkv"]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, c.num_attention_heads, c.head_dim)
         k = k.view(-1, c.num_key_value_heads, c.head_dim)
-        v = v.reshape(-1, c.num_key_value_heads, c.head_dim)
-        q, k = tk.rotary_embedding(positions, q, k, self.cos_sin_cache)
-        tk.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, *kv_scales)
+        v = v.view(-1, c.num_key_value_heads, c.head_dim)
+        q = tk.rope_and_write_kv_cache(positions, q, k, v, self.cos_sin_cache, k_cache, v_cache,
+                                       meta.slot_mapping, *kv_scales)
         n = meta.num_decodes
         parts = []
         if n:
@@ -107,7 +113,7 @@ class LlamaModel:
         if q.shape[0] > n:
             parts.append(tk.paged_attention_prefill(q[n:], k_cache, v_cache, *meta.prefill_part(), self.scale, *kv_scales))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return tk.linear(out.view(-1, self.q_size), layer["o"])
+        return out.view(-1, self.q_size)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""

@@ -13,7 +13,7 @@ OPS = torch.ops.trtllm_kernels
 
 def test_every_op_has_an_opcheck_case():
     """opcheck checks the schema and the fake kernel; every defined op must be covered."""
-    assert {op.__name__ for op, _ in _opcheck_cases()} == set(_library.defined_ops())
+    assert {op.__name__ for op, *_ in _opcheck_cases()} == set(_library.defined_ops())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -155,13 +155,36 @@ def _opcheck_cases():
                                 tk.rope_cos_sin_cache(16, 8))),
         (OPS.write_kv_cache, (torch.randn(3, 2, 16), torch.randn(3, 2, 16), kc.clone(), vc.clone(),
                               torch.tensor([0, 5, 9]), 1.0, 1.0)),
+        (OPS.rope_and_write_kv_cache, (torch.tensor([0, 5, 7]), torch.randn(3, 4, 16), torch.randn(3, 2, 16),
+                                       torch.randn(3, 2, 16), tk.rope_cos_sin_cache(16, 8), kc.clone(), vc.clone(),
+                                       torch.tensor([0, 5, -1]), 1.0, 1.0)),
         (OPS.paged_attention_decode, (torch.randn(2, 4, 16), kc, vc, tables, seq_lens, 0.25, 1.0, 1.0)),
         (OPS.paged_attention_prefill, (torch.randn(5, 4, 16), kc, vc, tables, seq_lens,
                                        torch.tensor([0, 3, 5], dtype=torch.int32), 0.25, 1.0, 1.0)),
+    ] + _fp8_opcheck_cases()
+
+
+def _fp8_opcheck_cases():
+    """trtllm_kernels/fp8.py (issue 4)."""
+    def q(*shape):
+        return (torch.randn(*shape) * 10).to(torch.float8_e4m3fn)
+
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    s3, s1 = torch.rand(3, 1) + 0.1, torch.rand(1) + 0.1
+    # CPU torch has no allclose for fp8, which opcheck's schema test runs on the inputs
+    fp8_in = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    return [
+        (OPS.fp8_quantize_per_tensor, (torch.randn(3, 8), None)),
+        (OPS.fp8_quantize_per_token, (torch.randn(3, 200), 128)),
+        (OPS.fp8_quantize_block, (torch.randn(5, 8), 128)),
+        (OPS.fp8_gemm, (q(3, 8), q(5, 8), s3, torch.rand(5, 1), None, torch.bfloat16), fp8_in),
+        (OPS.fp8_gemm_silu_mul, (q(3, 8), q(4, 8), s3, s1, True, torch.float32), fp8_in),
+        (OPS.fused_mlp_fp8, (q(3, 8), s3, q(4, 8), s1, q(8, 2), torch.rand(8, 1), True, torch.float32), fp8_in),
+        (OPS.rms_norm_quant_fp8, (x, r, w, 1e-6)),
     ]
 
 
 @pytest.mark.parametrize("case", range(len(_opcheck_cases())))
 def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
-    opcheck(op, args)
+    op, args, *test_utils = _opcheck_cases()[case]  # an optional third item: opcheck's test_utils
+    opcheck(op, args, **({"test_utils": test_utils[0]} if test_utils else {}))

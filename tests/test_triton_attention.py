@@ -141,19 +141,38 @@ def test_decode_split_kv():
                block_n=32, num_splits=4)
 
 
-def test_decode_fp8_cache():
+@pytest.mark.parametrize("f16_math", [False, True])
+def test_decode_fp8_cache(f16_math):
+    # f16_math: pages converted to fp16, the softmax scale folded into q (the GPU default)
     run_decode([17, 97], hkv=1, group=3, head_dim=64, page=32, dtype=torch.float16,
-               cache_dtype=FP8, k_scale=0.05, v_scale=0.03, q_mult=2.0, block_n=32, num_splits=2)
+               cache_dtype=FP8, k_scale=0.05, v_scale=0.03, q_mult=2.0, block_n=32, num_splits=2,
+               f16_math=f16_math)
 
 
 def test_decode_num_splits_rule():
-    # large batch: no split; small batch and long context: many splits, none under 512 tokens
+    # programs that fill the GPU: no split; few programs and a long context: enough splits for
+    # one wave, none under 256 tokens; past one wave, splits that keep the last wave busy
     assert ta.decode_num_splits(256, 8, 512, 64) == 1
-    assert ta.decode_num_splits(64, 8, 4096, 64) in (2, 3, 4)
-    s = ta.decode_num_splits(4, 8, 32768, 64)
-    assert 16 <= s <= ta.MAX_SPLITS and 32768 / s >= 512
+    assert ta.decode_num_splits(64, 8, 4096, 64, 132, 4) == 1   # 512 programs, 528 slots
+    s = ta.decode_num_splits(4, 8, 32768, 64, 132, 4)
+    assert 8 <= s <= 16 and 32 * s <= 528
+    assert ta.decode_num_splits(72, 8, 4096, 64, 132, 4) > 1     # 576 programs: no near-empty wave
     assert ta.decode_num_splits(1, 1, 64, 64) == 1
     assert ta.decode_num_splits(1, 8, 100_000, 64) <= ta.MAX_SPLITS
+    assert ta.decode_num_splits(1, 8, 512, 64) <= 2
+
+
+def test_launch_configs(monkeypatch):
+    # the GPU tables (not the interpreter's): FP8 decode in fp16 math at 4 programs per SM,
+    # prefill capped at 128 registers, and the tuning override
+    monkeypatch.setattr(ta, "_interpreting", lambda: False)
+    dec = ta.decode_config(128, FP8, torch.bfloat16)
+    assert dec["F16_MATH"] and dec["maxnreg"] == 128 and dec["BLOCK_N"] == 64
+    assert not ta.decode_config(128, torch.bfloat16, torch.bfloat16)["F16_MATH"]
+    assert ta.prefill_config(128, torch.bfloat16, 16)["maxnreg"] == 128
+    monkeypatch.setenv("TRTLLM_KERNELS_PREFILL_CONFIG", '{"BLOCK_N": 128, "num_stages": 2, "bogus": 1}')
+    cfg = ta.prefill_config(128, torch.bfloat16, 16)
+    assert cfg["BLOCK_N"] == 128 and cfg["num_stages"] == 2 and "bogus" not in cfg
 
 
 PREFILL_CASES = [
@@ -169,6 +188,16 @@ def test_prefill(dtype, group, page, block_m, block_n):
     # sequence with no queries this step (0/5)
     run_prefill([17, 1, 30, 0], [17, 40, 97, 5], hkv=2, group=group, head_dim=64, page=page,
                 dtype=dtype, block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, FP8])
+def test_prefill_tma_descriptors(cache_dtype):
+    # pages of 32 = BLOCK_N: K/V tiles through 2-D tensor descriptors, the last page of each
+    # sequence partly NaN (zeroed before P @ V on the diagonal)
+    scales = (0.05, 0.03) if cache_dtype == FP8 else (1.0, 1.0)
+    run_prefill([17, 1, 30], [17, 40, 97], hkv=2, group=2, head_dim=64, page=32, dtype=torch.float16,
+                cache_dtype=cache_dtype, k_scale=scales[0], v_scale=scales[1], block_m=16, block_n=32,
+                use_tma=True)
 
 
 def test_prefill_fp8_cache():
@@ -190,33 +219,44 @@ COMPILE_SCRIPT = textwrap.dedent(
     def sig(fn, types):
         return {name: types.get(name, "i32") for name in fn.arg_names}
 
-    dec = ta.decode_config(D, torch.bfloat16, torch.bfloat16)
-    pre = ta.prefill_config(D, torch.bfloat16)
+    fp8 = sys.argv[1] == "fp8"
+    dec = ta.decode_config(D, torch.float8_e4m3fn if fp8 else torch.bfloat16, torch.bfloat16)
+    cache = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    pre = ta.prefill_config(D, torch.bfloat16, PAGE, cache)
+    pre128 = ta.prefill_config(D, torch.bfloat16, 128, cache)
     jobs = [
         (ta._paged_decode_kernel,
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
               Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
-              qk_scale="fp32", v_scale="fp32"),
+              qk_scale="fp32", v_scale="fp32", q_fold="fp32"),
          dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=D, PAGE=PAGE,
-              BLOCK_N=dec["BLOCK_N"], SPLIT=True, DOT_PREC="tf32"),
+              BLOCK_N=dec["BLOCK_N"], SPLIT=True, DOT_PREC="tf32", F16_MATH=fp8),
          dec["num_warps"], dec["num_stages"]),
         (ta._paged_decode_kernel,
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
               Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
-              qk_scale="fp32", v_scale="fp32"),
+              qk_scale="fp32", v_scale="fp32", q_fold="fp32"),
          dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=D, PAGE=128,
-              BLOCK_N=dec["BLOCK_N"], SPLIT=False, DOT_PREC="tf32"),
+              BLOCK_N=dec["BLOCK_N"], SPLIT=False, DOT_PREC="tf32", F16_MATH=fp8),
          dec["num_warps"], dec["num_stages"]),
         (ta._decode_reduce_kernel,
          dict(PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"), SL=ptr("i32"),
               Out=ptr("bf16")),
          dict(NUM_HEADS=32, SPLITS_PAD=4, HEAD_DIM=D), 4, 1),
         (ta._paged_prefill_kernel,
-         dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
-              QSL=ptr("i32"), Out=ptr("bf16"), qk_scale="fp32", v_scale="fp32"),
-         dict(GROUP=GROUP, HEAD_DIM=D, PAGE=PAGE, BLOCK_M=pre["BLOCK_M"], BLOCK_N=pre["BLOCK_N"],
-              SEARCH_ITERS=2, DOT_PREC="tf32"),
+         dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), KD=ptr(dtype), VD=ptr(dtype), BT=ptr("i32"),
+              SL=ptr("i32"), QSL=ptr("i32"), Out=ptr("bf16"), qk_scale="fp32", v_scale="fp32"),
+         dict(NUM_KV_HEADS=8, GROUP=GROUP, HEAD_DIM=D, PAGE=PAGE, BLOCK_M=pre["BLOCK_M"],
+              BLOCK_N=pre["BLOCK_N"], SEARCH_ITERS=2, DOT_PREC="tf32", USE_TMA=False),
          pre["num_warps"], pre["num_stages"]),
+        # pages of 128: K/V tiles through TMA descriptors
+        (ta._paged_prefill_kernel,
+         dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
+              QSL=ptr("i32"), Out=ptr("bf16"), qk_scale="fp32", v_scale="fp32",
+              KD=f"tensordesc<{dtype}[{pre128['BLOCK_N']},{D}]>", VD=f"tensordesc<{dtype}[{pre128['BLOCK_N']},{D}]>"),
+         dict(NUM_KV_HEADS=8, GROUP=GROUP, HEAD_DIM=D, PAGE=128, BLOCK_M=pre128["BLOCK_M"],
+              BLOCK_N=pre128["BLOCK_N"], SEARCH_ITERS=2, DOT_PREC="tf32", USE_TMA=True),
+         pre128["num_warps"], pre128["num_stages"]),
     ]
     for fn, types, constexprs, warps, stages in jobs:
         signature = sig(fn, types)
@@ -226,9 +266,12 @@ COMPILE_SCRIPT = textwrap.dedent(
         # are multiples of 16 (everything but the block-table stride and num_seqs here)
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if name not in constexprs
-                 and name not in ("stride_bt", "num_seqs", "num_splits", "qk_scale", "v_scale")}
+                 and name not in ("stride_bt", "num_seqs", "num_splits", "qk_scale", "v_scale", "q_fold",
+                                  "KD", "VD")}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+        cfg = dec if fn is ta._paged_decode_kernel else pre if constexprs.get("PAGE") == PAGE else pre128
+        opts = dict(maxnreg=cfg["maxnreg"]) if fn is not ta._decode_reduce_kernel and cfg.get("maxnreg") else {}
+        k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages, **opts))
         assert k.asm.get("cubin"), fn.__name__
         print(fn.__name__, "ok", "mma" in k.asm["ptx"], k.metadata.shared)
     """
@@ -242,7 +285,7 @@ def test_kernels_compile_for_sm90(kv):
     res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, kv], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.count(" ok ") == 4, res.stdout
+    assert res.stdout.count(" ok ") == 5, res.stdout
 
 
 def test_registered_as_cuda_kernels():
@@ -298,6 +341,14 @@ def test_gpu_decode(batch, ctx, hkv, group, head_dim, page, dtype, cache_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("f16_math,block_n,maxnreg", [(False, 128, 168), (True, 64, 128), (True, 128, None)])
+def test_gpu_decode_fp8_variants(f16_math, block_n, maxnreg):
+    # FP8 pages converted to bf16 or to fp16 (q pre-scaled), large q to stress the fp16 range
+    run_decode([1, 17, 97, 4095, 2048], 2, 4, 128, 16, BF16, FP8, 0.04, 0.03, q_mult=8.0,
+               f16_math=f16_math, block_n=block_n, maxnreg=maxnreg)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 3, 16, 64])
 def test_gpu_decode_forced_splits(num_splits):
     run_decode([1, 17, 97, 4095, 2048], 2, 4, 128, 16, BF16, num_splits=num_splits)
@@ -312,6 +363,8 @@ GPU_PREFILL = [
     ([777, 1, 33], [5000, 4095, 97], 1, 8, 128, 16, BF16, FP8),
     ([300, 17], [300, 400], 2, 4, 64, 32, FP16, FP8),
     ([200, 3], [250, 3], 2, 2, 128, 16, torch.float32, None),
+    ([4095, 1, 300], [4095, 4000, 1000], 2, 4, 128, 128, BF16, None),  # TMA, BLOCK_N <= page
+    ([513, 97], [4097, 97], 8, 4, 128, 64, BF16, FP8),                 # TMA on FP8 pages
 ]
 
 
@@ -323,10 +376,12 @@ def test_gpu_prefill(q_lens, seq_lens, hkv, group, head_dim, page, dtype, cache_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages", [(64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 2)])
-def test_gpu_prefill_other_tiles(block_m, block_n, num_warps, num_stages):
+@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages,maxnreg", [
+    (64, 64, 4, 3, None), (128, 128, 8, 3, None), (128, 32, 4, 2, None), (128, 64, 8, 3, 128),
+    (128, 128, 8, 2, None)])
+def test_gpu_prefill_other_tiles(block_m, block_n, num_warps, num_stages, maxnreg):
     run_prefill([333, 1, 64], [1000, 70, 64], 2, 4, 128, 32, BF16, block_m=block_m,
-                block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                block_n=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def _graph_inputs(seq_lens, q_lens, hkv=2, group=4, d=128, page=16, dtype=BF16):
@@ -371,12 +426,12 @@ def test_gpu_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("page", [16, 64])  # 64: the prefill's K/V tiles through TMA descriptors
+def test_gpu_cuda_graph_capture_and_replay(page):
     """Capture decode + prefill once, then replay with new queries and longer sequences."""
     import trtllm_kernels
     import trtllm_kernels.kernels  # noqa: F401
 
-    page = 16
     qd, qp, kc, vc, bt, sl, qsl = _graph_inputs([17, 97, 300], [1, 30, 300], page=page)
     scale = 128 ** -0.5
 

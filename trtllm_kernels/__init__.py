@@ -8,8 +8,20 @@ happens here whenever CUDA is available.
 import torch
 
 from .activation import silu_and_mul
+from .fp8 import (
+    dequantize_fp8,
+    fp8_gemm,
+    fp8_gemm_silu_mul,
+    fp8_linear,
+    fused_mlp_fp8,
+    quantize_fp8_block,
+    quantize_fp8_per_channel,
+    quantize_fp8_per_tensor,
+    quantize_fp8_per_token,
+    rms_norm_quant_fp8,
+)
 from .attention import paged_attention_decode, paged_attention_prefill
-from .kv_cache import write_kv_cache
+from .kv_cache import rope_and_write_kv_cache, write_kv_cache
 from .linear import linear
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import rope_cos_sin_cache, rotary_embedding
@@ -20,9 +32,20 @@ if torch.cuda.is_available():
     from . import kernels  # noqa: F401  (registers the CUDA kernels behind the ops)
 
 __all__ = [
+    "dequantize_fp8",
+    "fp8_gemm",
+    "fp8_gemm_silu_mul",
+    "fp8_linear",
+    "fused_mlp_fp8",
+    "quantize_fp8_block",
+    "quantize_fp8_per_channel",
+    "quantize_fp8_per_tensor",
+    "quantize_fp8_per_token",
+    "rms_norm_quant_fp8",
     "fused_add_rms_norm",
     "linear",
     "paged_attention_decode",
+    "rope_and_write_kv_cache",
     "paged_attention_prefill",
     "rms_norm",
     "rope_cos_sin_cache",

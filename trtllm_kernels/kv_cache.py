@@ -5,12 +5,16 @@ shape [num_blocks, num_kv_heads, block_size, head_dim] ("HND": one head's page i
 block_size x head_dim tile). A token's slot is `block * block_size + offset`; slot -1 marks a
 padding token that is not written. An FP8 cache (float8_e4m3fn) stores value / scale with one
 fp32 scale per cache (k_scale, v_scale); readers multiply it back.
+
+`rope_and_write_kv_cache` is the fused step of a layer: rotary embedding on q and k and the
+k / v scatter into the cache in one op (one kernel on CUDA), returning the rotated q.
 """
 from __future__ import annotations
 
 import torch
 
 from ._library import define_op
+from .rotary import _rotary_ref
 
 FP8_E4M3_MAX = 448.0
 
@@ -62,6 +66,55 @@ def write_kv_cache(
             f"{tuple(v.shape)}, {tuple(slot_mapping.shape)}"
         )
     _write_kv_cache(k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale))
+
+
+def _rope_and_write_kv_cache_ref(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                 k_scale, v_scale):
+    q_rot, k_rot = _rotary_ref(positions, q, k, cos_sin_cache)
+    _write_kv_cache_ref(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q_rot
+
+
+_rope_and_write_kv_cache = define_op(
+    "rope_and_write_kv_cache(Tensor positions, Tensor q, Tensor k, Tensor v, Tensor cos_sin_cache, "
+    "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float k_scale, float v_scale) -> Tensor",
+    _rope_and_write_kv_cache_ref,
+    lambda positions, q, *args: torch.empty_like(q, memory_format=torch.contiguous_format),
+)
+
+
+def rope_and_write_kv_cache(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Rotary embedding on q and k, and k, v scattered into the paged cache, in one step.
+
+    The same as `q, k = rotary_embedding(positions, q, k, cos_sin_cache)` followed by
+    `write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)`, with the rotated
+    k never written anywhere but the cache (one kernel on CUDA, one read of q, k, v).
+
+    positions: [T] int64; q: [T, Hq, D], k, v: [T, Hkv, D] (fp32/fp16/bf16; views with a
+    contiguous last dim, e.g. slices of a fused qkv projection, are read in place);
+    cos_sin_cache: [max_position, D] float32 from `rope_cos_sin_cache`; k_cache, v_cache:
+    [num_blocks, Hkv, block_size, D] in k's dtype or float8_e4m3fn (stored = saturate(x /
+    scale)), modified in place; slot_mapping: [T] int64, -1 skips a token (its q is still
+    rotated). Returns the rotated q, a new contiguous [T, Hq, D] tensor in q's dtype.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != q.shape[2]:
+        raise ValueError(f"cos_sin_cache must be [max_position, {q.shape[2]}], got {tuple(cos_sin_cache.shape)}")
+    check_kv_cache(k_cache, v_cache, k.shape[1], k.shape[2])
+    if v.shape != k.shape or slot_mapping.shape != (k.shape[0],):
+        raise ValueError(
+            f"k, v must be [T, Hkv, D] alike and slot_mapping [T]: got {tuple(k.shape)}, "
+            f"{tuple(v.shape)}, {tuple(slot_mapping.shape)}"
+        )
+    return _rope_and_write_kv_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                    float(k_scale), float(v_scale))
 
 
 def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:

@@ -51,6 +51,8 @@ class KernelCase:
     shape: dict = field(default_factory=dict)
     # (inputs) -> (ours output, baseline output) in one layout; default: call both as they are
     outputs: Callable[[dict], tuple] | None = None
+    # the matmul ceiling is the measured (bf16) peak times this: 2 for FP8 tensor-core work
+    matmul_peak_factor: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +248,67 @@ def write_kv_cache_case(tokens: int, hkv: int, dim: int, block_size: int, dtype:
     )
 
 
+def rope_and_write_kv_cache_case(tokens: int, hq: int, hkv: int, dim: int, block_size: int, max_pos: int,
+                                 dtype: torch.dtype, fp8: bool = False) -> KernelCase:
+    """The fused RoPE + KV-cache write on q, k, v sliced from one qkv projection (as the model
+    hands them over) against HF's rotary and two index_puts (FP8: quantize, then index_put)."""
+    from ..kv_cache import _rope_and_write_kv_cache_ref, rope_and_write_kv_cache
+
+    num_blocks = 2 * (-(-tokens // block_size))  # half the cache free, slots scattered over it
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    ks, vs = (0.02, 0.03) if fp8 else (1.0, 1.0)
+
+    def make(device, dt):
+        qkv = torch.randn(tokens, (hq + 2 * hkv) * dim, device=device, dtype=dt)
+        q, k, v = qkv.split([hq * dim, hkv * dim, hkv * dim], dim=-1)
+        return {"pos": torch.randint(0, max_pos, (tokens,), device=device),
+                "q": q.view(tokens, hq, dim), "k": k.view(tokens, hkv, dim), "v": v.view(tokens, hkv, dim),
+                "cs": tk.rope_cos_sin_cache(dim, max_pos, 500000.0, device=device),
+                "kc": torch.zeros(num_blocks, hkv, block_size, dim, device=device, dtype=cache_dtype),
+                "vc": torch.zeros(num_blocks, hkv, block_size, dim, device=device, dtype=cache_dtype),
+                "slots": torch.randperm(num_blocks * block_size, device="cpu")[:tokens].to(device)}
+
+    def ours(i, kc=None, vc=None):
+        return rope_and_write_kv_cache(i["pos"], i["q"], i["k"], i["v"], i["cs"], i["kc"] if kc is None else kc,
+                                       i["vc"] if vc is None else vc, i["slots"], ks, vs)
+
+    def base(i, kc=None, vc=None):
+        kc = i["kc"] if kc is None else kc
+        vc = i["vc"] if vc is None else vc
+        q, k = _hf_rotary(i["pos"], i["q"], i["k"], i["cs"])
+        v = i["v"]
+        if fp8:
+            k = (k.float() / ks).clamp(-448.0, 448.0).to(cache_dtype)
+            v = (v.float() / vs).clamp(-448.0, 448.0).to(cache_dtype)
+        blk, off = i["slots"] // block_size, i["slots"] % block_size
+        kc[blk, :, off] = k
+        vc[blk, :, off] = v
+        return q
+
+    def outputs(i):
+        ours_k, ours_v = i["kc"].clone(), i["vc"].clone()
+        q = ours(i, ours_k, ours_v)
+        ref_k, ref_v = i["kc"].clone(), i["vc"].clone()
+        if fp8:  # one fp8 rounding step apart from HF's bf16 rotary: check against our reference
+            ref_q = _rope_and_write_kv_cache_ref(i["pos"], i["q"], i["k"], i["v"], i["cs"], ref_k, ref_v,
+                                                 i["slots"], ks, vs)
+        else:
+            ref_q = base(i, ref_k, ref_v)
+        return (q, ours_k.float(), ours_v.float()), (ref_q, ref_k.float(), ref_v.float())
+
+    es = _es(dtype)
+    return KernelCase(
+        f"rope_and_write_kv_cache/T{tokens}_H{hq}-{hkv}_D{dim}_page{block_size}" + ("_fp8" if fp8 else ""),
+        "rope_and_write_kv_cache", make, ours, base,
+        "HF apply_rotary_pos_emb + index_put" + (" (quantized)" if fp8 else ""),
+        tokens * (2 * hq + 2 * hkv) * dim * es + 2 * tokens * hkv * dim * (1 if fp8 else es)
+        + tokens * (dim * 4 + 16), 0,
+        {"tokens": tokens, "q_heads": hq, "kv_heads": hkv, "head_dim": dim, "block_size": block_size,
+         "cache": "fp8" if fp8 else "same"},
+        outputs=outputs,
+    )
+
+
 def _attention_inputs(device, dt, batch, q_tokens, ctx, hq, hkv, dim, block_size) -> dict:
     k = torch.randn(batch, hkv, ctx, dim, device=device, dtype=dt)
     v = torch.randn(batch, hkv, ctx, dim, device=device, dtype=dt)
@@ -255,22 +318,37 @@ def _attention_inputs(device, dt, batch, q_tokens, ctx, hq, hkv, dim, block_size
             "sl": torch.full((batch,), ctx, dtype=torch.int32, device=device)}
 
 
-def decode_case(batch: int, ctx: int, block_size: int, hq: int, hkv: int, dim: int, dtype: torch.dtype) -> KernelCase:
+def decode_case(batch: int, ctx: int, block_size: int, hq: int, hkv: int, dim: int, dtype: torch.dtype,
+                fp8_kv: bool = False) -> KernelCase:
+    """fp8_kv: our kernel reads a float8_e4m3fn cache (scale 1) of the same K/V; the baseline is
+    still SDPA on the bf16 K/V (the ratio is then the FP8 cache's speedup over it), and outputs
+    are checked against SDPA on the dequantized K/V."""
+    def make(device, dt):
+        i = _attention_inputs(device, dt, batch, 1, ctx, hq, hkv, dim, block_size)
+        if fp8_kv:
+            i["kc"], i["vc"] = i["kc"].to(torch.float8_e4m3fn), i["vc"].to(torch.float8_e4m3fn)
+        return i
+
     def ours(i):
         return tk.paged_attention_decode(i["q"], i["kc"], i["vc"], i["bt"], i["sl"])
 
     def base(i):  # same K/V, contiguous [B, Hkv, S, D]; the [B, Hq, 1, D] output viewed back
         return sdpa_gqa(i["q"].view(batch, hq, 1, dim), i["k"], i["v"]).view(batch, hq, dim)
 
-    es = _es(dtype)
+    def outputs(i):
+        k, v = (x.to(torch.float8_e4m3fn).to(x.dtype) for x in (i["k"], i["v"]))
+        return ours(i), sdpa_gqa(i["q"].view(batch, hq, 1, dim), k, v).view(batch, hq, dim)
+
+    es, kv_es = _es(dtype), 1 if fp8_kv else _es(dtype)
     return KernelCase(
-        f"paged_attention_decode/B{batch}_ctx{ctx}_page{block_size}_H{hq}-{hkv}_D{dim}",
-        "paged_attention_decode",
-        lambda device, dt: _attention_inputs(device, dt, batch, 1, ctx, hq, hkv, dim, block_size),
-        ours, base, "torch SDPA, contiguous KV",
-        2 * batch * ctx * hkv * dim * es + 2 * batch * hq * dim * es + batch * (-(-ctx // block_size)) * 4,
+        f"paged_attention_decode/B{batch}_ctx{ctx}_page{block_size}_H{hq}-{hkv}_D{dim}" + ("_fp8kv" if fp8_kv else ""),
+        "paged_attention_decode", make, ours, base,
+        "torch SDPA, contiguous KV" + (" (bf16 KV)" if fp8_kv else ""),
+        2 * batch * ctx * hkv * dim * kv_es + 2 * batch * hq * dim * es + batch * (-(-ctx // block_size)) * 4,
         4 * batch * hq * ctx * dim,
-        {"batch": batch, "context": ctx, "block_size": block_size, "q_heads": hq, "kv_heads": hkv, "head_dim": dim},
+        {"batch": batch, "context": ctx, "block_size": block_size, "q_heads": hq, "kv_heads": hkv, "head_dim": dim,
+         "kv_dtype": "float8_e4m3fn" if fp8_kv else "same"},
+        outputs=outputs if fp8_kv else None,
     )
 
 
@@ -300,6 +378,166 @@ def prefill_case(batch: int, seq: int, block_size: int, hq: int, hkv: int, dim: 
     )
 
 
+def chunked_prefill_case(batch: int, new: int, cached: int, block_size: int, hq: int, hkv: int, dim: int,
+                         dtype: torch.dtype) -> KernelCase:
+    """Chunked prefill: `new` queries per sequence over `cached` tokens already in the cache,
+    causal. Baseline: SDPA on the same contiguous q [B, Hq, new, D] and K/V [B, Hkv, ctx, D]
+    with the bottom-right causal mask (torch's causal_lower_right, i.e. flash's own causal
+    for q_len != kv_len)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    ctx = cached + new
+
+    def make(device, dt):
+        i = _attention_inputs(device, dt, batch, new, ctx, hq, hkv, dim, block_size)
+        i["qsl"] = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * new
+        i["mask"] = causal_lower_right(new, ctx)
+        return i
+
+    def ours(i):
+        return tk.paged_attention_prefill(i["q"], i["kc"], i["vc"], i["bt"], i["sl"], i["qsl"])
+
+    def base(i):
+        q = i["q"].view(batch, new, hq, dim).transpose(1, 2)
+        try:
+            return F.scaled_dot_product_attention(q, i["k"], i["v"], attn_mask=i["mask"], enable_gqa=True)
+        except (TypeError, RuntimeError):  # no GQA with this mask here: repeat the KV heads
+            k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (i["k"], i["v"]))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=i["mask"])
+
+    def outputs(i):
+        return ours(i), base(i).transpose(1, 2).reshape(batch * new, hq, dim)
+
+    es = _es(dtype)
+    return KernelCase(
+        f"paged_attention_prefill/B{batch}_chunk{new}_over{cached}_page{block_size}_H{hq}-{hkv}_D{dim}",
+        "paged_attention_prefill", make, ours, base, "torch SDPA, causal_lower_right mask, contiguous KV",
+        2 * batch * new * hq * dim * es + 2 * batch * ctx * hkv * dim * es,
+        4 * batch * hq * dim * (new * cached + new * (new + 1) // 2),
+        {"batch": batch, "new_tokens": new, "cached_tokens": cached, "block_size": block_size,
+         "q_heads": hq, "kv_heads": hkv, "head_dim": dim},
+        outputs=outputs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 (trtllm_kernels/fp8.py, issue 4): GEMM against torch._scaled_mm (cuBLASLt) at the same
+# scales and against the bf16 torch.matmul; the fused MLP against the unfused sequence of the
+# best torch ops; RMSNorm + residual + FP8 quant against the torch composite. GPU ("full") only.
+# FP8 tensor cores peak at twice bf16's, so these cases' matmul ceiling is 2x the measured one.
+
+_F8 = torch.float8_e4m3fn
+
+
+def _fp8_weights(n, k, device, std=1.0):
+    return tk.quantize_fp8_per_channel(torch.randn(n, k, device=device) * std)
+
+
+def _fp8_acts(m, k, device, dt):
+    return tk.quantize_fp8_per_token(torch.randn(m, k, device=device, dtype=dt))
+
+
+def fp8_gemm_case(label: str, m: int, n: int, k: int, dtype: torch.dtype, baseline: str = "scaled_mm") -> KernelCase:
+    """Per-token activations x per-channel weights, bf16 out. baseline "scaled_mm" (same fp8
+    inputs and scales) or "bf16" (torch.matmul on bf16 inputs of the same shape)."""
+    def make(device, dt):
+        (a, sa), (b, sb) = _fp8_acts(m, k, device, dt), _fp8_weights(n, k, device, k ** -0.5)
+        i = {"a": a, "sa": sa, "b": b, "sb": sb}
+        if baseline == "bf16":
+            i.update(x=torch.randn(m, k, device=device, dtype=dt), w=torch.randn(n, k, device=device, dtype=dt) * k ** -0.5)
+        return i
+
+    def ours(i):
+        return tk.fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, dtype)
+
+    if baseline == "bf16":
+        base, name = (lambda i: torch.matmul(i["x"], i["w"].t())), "torch.matmul (bf16)"
+        outputs = lambda i: (ours(i), torch._scaled_mm(i["a"], i["b"].t(), scale_a=i["sa"], scale_b=i["sb"].t(),
+                                                       out_dtype=dtype))
+    else:
+        base = lambda i: torch._scaled_mm(i["a"], i["b"].t(), scale_a=i["sa"], scale_b=i["sb"].t(), out_dtype=dtype)
+        name, outputs = "torch._scaled_mm (per-token x per-channel)", None
+    return KernelCase(
+        f"fp8_gemm/{label}_M{m}_N{n}_K{k}" + ("_vs_bf16" if baseline == "bf16" else ""), "fp8_gemm", make, ours, base,
+        name, m * k + n * k + m * n * _es(dtype) + 4 * (m + n), 2 * m * n * k,
+        {"M": m, "N": n, "K": k, "scales": "token x channel"}, outputs=outputs, matmul_peak_factor=2.0,
+    )
+
+
+def fused_mlp_fp8_case(m: int, h: int, inter: int, dtype: torch.dtype) -> KernelCase:
+    def make(device, dt):
+        (x, xs), (wgu, sgu) = _fp8_acts(m, h, device, dt), _fp8_weights(2 * inter, h, device, h ** -0.5)
+        wd, sd = _fp8_weights(h, inter, device, inter ** -0.5)
+        return {"x": x, "xs": xs, "wgu": wgu, "sgu": sgu, "wd": wd, "sd": sd}
+
+    def ours(i):
+        return tk.fused_mlp_fp8(i["x"], i["xs"], i["wgu"], i["sgu"], i["wd"], i["sd"], True, dtype)
+
+    def base(i):  # _scaled_mm, silu * up, per-token quant, _scaled_mm
+        gu = torch._scaled_mm(i["x"], i["wgu"].t(), scale_a=i["xs"], scale_b=i["sgu"].t(), out_dtype=dtype)
+        hh = F.silu(gu[:, :inter]) * gu[:, inter:]
+        hs = hh.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
+        hq = (hh / hs).clamp(-448.0, 448.0).to(_F8)
+        return torch._scaled_mm(hq, i["wd"].t(), scale_a=hs, scale_b=i["sd"].t(), out_dtype=dtype)
+
+    def outputs(i):  # ours quantizes h per 1 x 128 group, the baseline per token: check ours
+        from ..fp8 import _fused_mlp_fp8_ref  # against its own math
+
+        return ours(i), _fused_mlp_fp8_ref(i["x"], i["xs"], i["wgu"], i["sgu"], i["wd"], i["sd"], True, dtype)
+
+    return KernelCase(
+        f"fused_mlp_fp8/M{m}_H{h}_I{inter}", "fused_mlp_fp8", make, ours, base,
+        "unfused: _scaled_mm, silu*mul, quant, _scaled_mm",
+        m * h + 3 * h * inter + m * h * _es(dtype), 6 * m * h * inter,
+        {"M": m, "hidden": h, "intermediate": inter}, outputs=outputs, matmul_peak_factor=2.0,
+    )
+
+
+def rms_norm_quant_fp8_case(tokens: int, hidden: int, dtype: torch.dtype) -> KernelCase:
+    def make(device, dt):
+        return {"x": torch.randn(tokens, hidden, device=device, dtype=dt),
+                "r": torch.randn(tokens, hidden, device=device, dtype=dt),
+                "w": torch.rand(hidden, device=device, dtype=dt) + 0.5}
+
+    def base(i):
+        s = i["x"] + i["r"]
+        y = _torch_rms_norm(s, i["w"], EPS)
+        scale = y.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
+        return (y / scale).clamp(-448.0, 448.0).to(_F8), scale, s
+
+    def outputs(i):  # ours keeps y in fp32, the composite rounds it to bf16 first: check ours
+        from ..fp8 import _rms_norm_quant_fp8_ref  # against its own math, dequantized
+
+        q, sc, s = tk.rms_norm_quant_fp8(i["x"], i["w"], EPS, residual=i["r"])
+        rq, rsc, rs = _rms_norm_quant_fp8_ref(i["x"], i["r"], i["w"], EPS)
+        return (q.float() * sc, s), (rq.float() * rsc, rs)
+
+    es = _es(dtype)
+    return KernelCase(
+        f"rms_norm_quant_fp8/T{tokens}_H{hidden}", "rms_norm_quant_fp8", make,
+        lambda i: tk.rms_norm_quant_fp8(i["x"], i["w"], EPS, residual=i["r"]), base,
+        "add + F.rms_norm + amax + quant", tokens * hidden * (3 * es + 1) + tokens * 4 + hidden * es, 0,
+        {"tokens": tokens, "hidden": hidden}, outputs=outputs,
+    )
+
+
+def fp8_cases(dtype: torch.dtype) -> list[KernelCase]:
+    h, inter = HIDDEN, INTERMEDIATE
+    shapes = [("qkv", (N_HEADS + 2 * N_KV_HEADS) * HEAD_DIM, h), ("o", h, N_HEADS * HEAD_DIM),
+              ("gate_up", 2 * inter, h), ("down", h, inter)]
+    cases = []
+    for label, n, k in shapes:
+        ms = (1, 16, 64, 128, 4096) if label in ("gate_up", "down") else (1, 16, 128, 4096)
+        cases += [fp8_gemm_case(label, m, n, k, dtype) for m in ms]
+    cases.append(fp8_gemm_case("square", 8192, 8192, 8192, dtype))
+    for label, n, k in shapes:
+        cases += [fp8_gemm_case(label, m, n, k, dtype, "bf16") for m in ((1, 4096) if label in ("gate_up", "down") else (4096,))]
+    cases.append(fp8_gemm_case("square", 8192, 8192, 8192, dtype, "bf16"))
+    cases += [fused_mlp_fp8_case(m, h, inter, dtype) for m in (1, 16, 256, 4096)]
+    cases += [rms_norm_quant_fp8_case(t, h, dtype) for t in (64, 16384)]
+    return cases
+
+
 def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
     """Every case at "full" (GPU, Llama-3.1-8B) or "tiny" (CPU) sizes."""
     if sizes == "full":
@@ -309,6 +547,7 @@ def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
         gemm_ms = (1, 64, 4096)
         decode = [(64, 4096, 16), (64, 4096, 64), (256, 512, 16), (4, 32768, 16)]
         prefill = [(4, 4096, 16)]
+        chunked = [(4, 512, 3584, 16)]
         kv_tokens, max_pos = (64, 16384), 32768
     elif sizes == "tiny":
         h, hq, hkv, d, inter = 64, 4, 2, 32, 96
@@ -317,6 +556,7 @@ def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
         gemm_ms = (4,)
         decode = [(2, 40, 16), (3, 17, 8)]  # odd lengths: the last page is partly NaN padding
         prefill = [(2, 24, 16)]
+        chunked = [(2, 5, 19, 8)]  # 5 new tokens over 19 cached
         kv_tokens, max_pos = (8,), 64
     else:
         raise ValueError(f"sizes must be 'full' or 'tiny', got {sizes!r}")
@@ -327,8 +567,16 @@ def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
     cases += [linear_case(label, m, n, k, dtype) for label, n, k in gemms for m in gemm_ms]
     cases += [rotary_case(t, hq, hkv, d, max_pos, dtype) for t in kv_tokens]
     cases += [write_kv_cache_case(t, hkv, d, 16, dtype) for t in kv_tokens]
+    if sizes == "full":  # GPU only (the fused op's reference composes the two above)
+        cases += [rope_and_write_kv_cache_case(t, hq, hkv, d, 16, max_pos, dtype) for t in kv_tokens]
+        cases.append(rope_and_write_kv_cache_case(kv_tokens[0], hq, hkv, d, 16, max_pos, dtype, fp8=True))
     cases += [decode_case(b, s, bs, hq, hkv, d, dtype) for b, s, bs in decode]
+    if sizes == "full":  # FP8 KV cache at the main decode shape (target: <= 0.6x the bf16 time)
+        cases += [decode_case(64, 4096, bs, hq, hkv, d, dtype, fp8_kv=True) for bs in (16, 64)]
     cases += [prefill_case(b, s, bs, hq, hkv, d, dtype) for b, s, bs in prefill]
+    cases += [chunked_prefill_case(b, n, c, bs, hq, hkv, d, dtype) for b, n, c, bs in chunked]
+    if sizes == "full":
+        cases += fp8_cases(dtype)
     return cases
 
 
@@ -477,7 +725,7 @@ def run_kernel_benchmarks(
                 notes.append("ours runs the PyTorch reference (no CUDA kernel registered)")
         c = Case.from_times(
             case.name, t_ours["median_us"], case.baseline_name, t_base["median_us"], dev_name,
-            nbytes=case.nbytes, flops=case.flops, bandwidth=bandwidth, peak=peak,
+            nbytes=case.nbytes, flops=case.flops, bandwidth=bandwidth, peak=peak * case.matmul_peak_factor,
             shape=dict(case.shape, dtype=str(dtype).replace("torch.", "")),
             timing={"ours": t_ours, "baseline": t_base},
             max_abs_err_vs_baseline=err if math.isfinite(err) else None,

@@ -17,12 +17,32 @@ except Exception as _e:  # triton present but failing to initialise
 else:
     _triton_attention.register()
 
+# Triton KV-cache write, rotary embedding and the fused RoPE + cache write.
+try:
+    from . import triton_kv_cache as _triton_kv_cache
+except ImportError:
+    pass
+except Exception as _e:
+    _warnings.warn(f"Triton KV-cache kernels unavailable, ops use the reference: {_e!r}")
+else:
+    _triton_kv_cache.register()
+
 try:
     from . import triton_activation as _triton_activation
 except ImportError:
     pass
 else:
     _triton_activation.register()
+
+# Triton FP8 quantization, GEMM, fused MLP and RMSNorm + quant (trtllm_kernels/fp8.py ops).
+try:
+    from . import triton_fp8 as _triton_fp8
+except ImportError:
+    pass
+except Exception as _e:
+    _warnings.warn(f"Triton FP8 kernels unavailable, ops use the reference: {_e!r}")
+else:
+    _triton_fp8.register()
 
 # csrc kernels (RMSNorm): compiled by nvcc on first use, so only where nvcc is found.
 from . import csrc as _csrc  # noqa: E402

@@ -1,0 +1,405 @@
+"""Triton FP8 kernels: row quantization, RMSNorm (+ residual) + quantization, and the FP8 GEMM
+with its SiLU-and-mul (+ FP8 requantization) epilogue. Formats: `trtllm_kernels.fp8`.
+
+GEMM. One kernel, `_fp8_gemm_kernel`, C[M, N] = sum_k A[m, k] B[n, k] * scales, both operands
+K-contiguous (the layout Hopper's FP8 wgmma takes; Triton lowers the tl.dot to wgmma on
+sm_90). Each operand's scale has a mode (constexpr), the same set for both sides:
+  1 tensor ([1]), 2 row ([rows, 1]), 3 row-group ([rows, cdiv(K, 128)]), 4 block
+  ([cdiv(rows, 128), cdiv(K, 128)]).
+Modes 1-2 are applied once in the epilogue (`acc = dot(a, b, acc)` runs the K loop on the
+tensor cores undisturbed); modes 3-4 change along K, so each K step's partial product is
+scaled before it is added (BLOCK_K divides 128).
+With GLU the B operand is a fused [gate; up] weight [2I, K]: each program keeps two
+accumulators (gate rows n and up rows I + n) and writes silu(gate) * up, optionally quantized
+to fp8 with one scale per 1 x 128 group (BLOCK_N = 128: a group is one tile's row).
+
+Kernel choice (`gemm_config`), the documented rule (tuned on H100 with a sweep of launch
+configurations against torch._scaled_mm):
+- M <= 128 and N < 16384 (decode/small batches on qkv, o, down): memory-bound on the weights
+  with too few weight tiles to fill 132 SMs. Swap A and B (C^T = B A^T): weight rows fill the
+  64-row wgmma tile, the tokens its narrow side (16 / 32 / 64), deep pipelines (6-8 stages).
+- M <= 16 otherwise (gate_up): 16 x 128 tiles, one program per 128 weight rows.
+- M <= 256: 64 x 128 tiles. Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch
+  order for L2 reuse (128 x 128 when scales are applied inside the K loop).
+GLU GEMMs are never swapped (their epilogue pairs gate and up columns of one token).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fp8 import AMAX_MIN as _AMAX_MIN
+from ..fp8 import FP8
+from ..fp8 import FP8_MAX as _FP8_MAX
+from ..fp8 import SCALE_BLOCK
+
+FP8_MAX = tl.constexpr(_FP8_MAX)
+AMAX_MIN = tl.constexpr(_AMAX_MIN)
+MODE_TENSOR, MODE_ROW, MODE_ROW_GROUP, MODE_BLOCK = 1, 2, 3, 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Row quantization
+
+
+@triton.jit
+def _round_fp8(x, INTERP: tl.constexpr):
+    """x (fp32, already within +-448) ready for `.to(fp8)`. (Quantizing divisions use div_rn:
+    Triton's `/` is an approximate division on the GPU, one fp8 step off now and then.) On the GPU the conversion rounds to
+    nearest even itself; the Triton interpreter's conversion drops the carry into the exponent
+    (124.3 becomes 64, not 128), so there x is first rounded onto the e4m3 grid here."""
+    if INTERP:
+        e = tl.floor(tl.log2(tl.maximum(tl.abs(x), 0.015625)))
+        ulp = tl.exp2(e - 3.0)
+        y = x / ulp + 12582912.0
+        x = (y - 12582912.0) * ulp
+    return x
+
+
+
+@triton.jit
+def _quant_rows_kernel(X, Q, S, SCALE, K, stride_x, stride_q, stride_s,
+                       STATIC: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                       INTERP: tl.constexpr):
+    """Program (row, j) quantizes columns [j * GROUP, (j + 1) * GROUP) of one row.
+    STATIC: with the one scale at SCALE; else dynamically, writing its scale to S[row, j]."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    cols = j * GROUP + tl.arange(0, BLOCK)
+    mask = (cols < K) & (tl.arange(0, BLOCK) < GROUP)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if STATIC:
+        scale = tl.load(SCALE)
+    else:
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_MIN) / FP8_MAX
+        tl.store(S + row * stride_s + j, scale)
+    q = _round_fp8(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX), INTERP)
+    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
+
+
+def _rows(x):
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def quantize_per_token_cuda(x: torch.Tensor, group_size: int):
+    k = x.shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    group = k if group_size <= 0 or group_size >= k else group_size
+    ngroups = triton.cdiv(k, group) if k else 1
+    q = torch.empty(rows, k, dtype=FP8, device=x.device)
+    s = torch.empty(rows, ngroups, dtype=torch.float32, device=x.device)
+    if rows and k:
+        block = triton.next_power_of_2(group)
+        _quant_rows_kernel[(rows, ngroups)](x2, q, s, s, k, x2.stride(0), k, s.stride(0),
+                                            STATIC=False, GROUP=group, BLOCK=block,
+                                            num_warps=_row_warps(block), INTERP=_interpreting())
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], ngroups)
+
+
+def quantize_per_tensor_cuda(x: torch.Tensor, scale: torch.Tensor | None):
+    if scale is None:
+        amax = x.abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+        scale = amax.clamp_min(_AMAX_MIN) / _FP8_MAX
+    scale = scale.float().reshape(1).clone()
+    k = x.shape[-1] if x.dim() else 1
+    x2 = _rows(x.reshape(-1, k) if x.dim() else x.reshape(1, 1))
+    q = torch.empty(x2.shape, dtype=FP8, device=x.device)
+    if x2.numel():
+        block = min(4096, triton.next_power_of_2(k))
+        _quant_rows_kernel[(x2.shape[0], triton.cdiv(k, block))](
+            x2, q, scale, scale, k, x2.stride(0), k, 0, STATIC=True, GROUP=block, BLOCK=block,
+            num_warps=_row_warps(block), INTERP=_interpreting())
+    return q.reshape(x.shape), scale
+
+
+def _row_warps(block: int) -> int:
+    return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm (+ residual) + per-token FP8 quantization
+
+
+@triton.jit
+def _rms_norm_quant_kernel(X, R, W, Q, S, RO, H, eps, stride_x, stride_r, stride_ro, stride_q,
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # rounded, as stored
+        tl.store(RO + row * stride_ro + cols, s, mask=mask)
+        sf = s.to(tl.float32)
+    else:
+        sf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / H + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = sf * inv * w
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0), AMAX_MIN) / FP8_MAX
+    tl.store(S + row, scale)
+    q = _round_fp8(tl.clamp(tl.math.div_rn(y, scale), -FP8_MAX, FP8_MAX), INTERP)
+    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
+
+
+def rms_norm_quant_fp8_cuda(x, residual, weight, eps):
+    h = x.shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    q = torch.empty(rows, h, dtype=FP8, device=x.device)
+    s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        ro = torch.empty(rows, h, dtype=x.dtype, device=x.device)
+    else:
+        r2, ro = x2, x.new_empty(0)
+    if rows and h:
+        block = triton.next_power_of_2(h)
+        _rms_norm_quant_kernel[(rows,)](
+            x2, r2, weight.contiguous(), q, s, ro if residual is not None else x2, h, float(eps),
+            x2.stride(0), r2.stride(0), h, h, HAS_RES=residual is not None, BLOCK=block,
+            num_warps=_row_warps(block), INTERP=_interpreting())
+    out_res = ro.reshape(x.shape) if residual is not None else ro
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1), out_res
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM
+
+
+@triton.jit
+def _side_scale(S, rows, stride_s, kcol, MODE: tl.constexpr):
+    """The scale factors of one operand's tile rows at K-scale column kcol (modes 2-4)."""
+    if MODE == 2:
+        return tl.load(S + rows * stride_s)
+    elif MODE == 3:
+        return tl.load(S + rows * stride_s + kcol)
+    else:
+        return tl.load(S + (rows // 128) * stride_s + kcol)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    A, B, C, SA, SB, Bias, CS,
+    M, N, K, GLU_OFF,
+    stride_am, stride_bn, stride_cm, stride_cn, stride_sa, stride_sb, stride_cs,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
+    GLU: tl.constexpr, QUANT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows past M / N read a valid row again (no masks in the K loop); never stored
+    rm = offs_m % M
+    rn = offs_n % N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_ptrs = B + rn.to(tl.int64)[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    SCALE_IN_LOOP: tl.constexpr = A_MODE >= 3 or B_MODE >= 3
+    up_off = GLU_OFF * stride_bn
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if GLU:
+            if EVEN_K:
+                b2 = tl.load(b_ptrs + up_off)
+            else:
+                b2 = tl.load(b_ptrs + up_off, mask=rk[:, None] < k_left, other=0.0)
+        if SCALE_IN_LOOP:
+            kcol = (kk * BLOCK_K) // 128
+            f = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+            if A_MODE >= 3:
+                f = f * _side_scale(SA, rm, stride_sa, kcol, A_MODE)[:, None]
+            f2 = f
+            if B_MODE >= 3:
+                f = f * _side_scale(SB, rn, stride_sb, kcol, B_MODE)[None, :]
+                if GLU:
+                    f2 = f2 * _side_scale(SB, rn + GLU_OFF, stride_sb, kcol, B_MODE)[None, :]
+            acc += tl.dot(a, b) * f
+            if GLU:
+                acc2 += tl.dot(a, b2) * f2
+        else:
+            acc = tl.dot(a, b, acc)
+            if GLU:
+                acc2 = tl.dot(a, b2, acc2)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    # epilogue: per-tensor / per-row scales, bias, SiLU-and-mul, (fp8 requantization), store
+    if A_MODE == 1:
+        sa = tl.load(SA)
+        acc = acc * sa
+        acc2 = acc2 * sa
+    elif A_MODE == 2:
+        sa = tl.load(SA + rm * stride_sa)[:, None]
+        acc = acc * sa
+        acc2 = acc2 * sa
+    if B_MODE == 1:
+        sb = tl.load(SB)
+        acc = acc * sb
+        acc2 = acc2 * sb
+    elif B_MODE == 2:
+        acc = acc * tl.load(SB + rn * stride_sb)[None, :]
+        if GLU:
+            acc2 = acc2 * tl.load(SB + (rn + GLU_OFF) * stride_sb)[None, :]
+    if HAS_BIAS:
+        if BIAS_ON_M:
+            acc += tl.load(Bias + rm)[:, None].to(tl.float32)
+        else:
+            acc += tl.load(Bias + rn)[None, :].to(tl.float32)
+    if GLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    if QUANT_OUT:
+        amax = tl.max(tl.where(mask, tl.abs(acc), 0.0), axis=1)
+        scale = tl.maximum(amax, AMAX_MIN) / FP8_MAX
+        tl.store(CS + offs_m * stride_cs + pid_n, scale, mask=offs_m < M)
+        q = _round_fp8(tl.clamp(tl.math.div_rn(acc, scale[:, None]), -FP8_MAX, FP8_MAX), INTERP)
+        tl.store(c_ptrs, q.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+def scale_mode(scale: torch.Tensor, rows: int, block_rows: bool) -> int:
+    """The mode of an operand's scale (see the module docstring) from its shape."""
+    if scale.numel() == 1:
+        return MODE_TENSOR
+    if tuple(scale.shape) == (rows, 1):
+        return MODE_ROW
+    return MODE_BLOCK if block_rows else MODE_ROW_GROUP
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); overridable for sweeps
+CONFIG_OVERRIDE: dict | None = None
+
+
+def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
+    """The kernel-selection rule (see the module docstring). Returns launch parameters and
+    whether to swap the operands."""
+    if CONFIG_OVERRIDE is not None:
+        return dict(CONFIG_OVERRIDE)
+    if _interpreting():
+        bk = 64 if k >= 64 else 32
+        return dict(swap=False, BLOCK_M=16 if m <= 16 else 32, BLOCK_N=128 if glu else 32, BLOCK_K=bk,
+                    GROUP_M=4, num_warps=4, num_stages=1)
+    if m <= 128 and not glu and n < 16384:
+        # few weight tiles (o, qkv, down): swap, so 64 weight rows per program and many programs
+        if m <= 16:
+            return dict(swap=True, BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=2, num_stages=8)
+        return dict(swap=True, BLOCK_M=64, BLOCK_N=32 if m <= 32 else 64, BLOCK_K=128, GROUP_M=1,
+                    num_warps=4, num_stages=6)
+    if m <= 16:  # many weight tiles (gate_up): 16-token tiles, one program per 128 weight rows
+        return dict(swap=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if glu:
+        return dict(swap=False, BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
+                    num_warps=4 if m <= 128 else 8, num_stages=4 if m <= 128 else 3)
+    if m <= 256:
+        return dict(swap=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if in_loop_scale:  # a second fp32 tile for each K step's partial product: 128 x 128
+        return dict(swap=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(swap=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
+    m, k = a.shape
+    n = b.shape[0] // 2 if glu else b.shape[0]
+    a_mode = scale_mode(a_scale, m, block_rows=False)
+    b_mode = scale_mode(b_scale, b.shape[0], block_rows=True)
+    cfg = gemm_config(m, n, k, glu, a_mode >= 3 or b_mode >= 3)
+    swap = cfg.pop("swap") and not glu and out_scale is None
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b if b.stride(1) == 1 else b.contiguous()
+    a_scale = a_scale.reshape(1) if a_mode == MODE_TENSOR else a_scale
+    b_scale = b_scale.reshape(1) if b_mode == MODE_TENSOR else b_scale
+    sa_stride = a_scale.stride(0) if a_mode != MODE_TENSOR else 0
+    sb_stride = b_scale.stride(0) if b_mode != MODE_TENSOR else 0
+    if m == 0 or n == 0:
+        return
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if a_mode >= 3 or b_mode >= 3:
+        bk = min(bk, SCALE_BLOCK)
+    common = dict(HAS_BIAS=bias is not None, GLU=glu, QUANT_OUT=out_scale is not None,
+                  EVEN_K=k % bk == 0, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], INTERP=_interpreting())
+    bias_arg = bias if bias is not None else out
+    cs = out_scale if out_scale is not None else out
+    cs_stride = out_scale.stride(0) if out_scale is not None else 0
+    if swap:
+        grid = (triton.cdiv(n, bm) * triton.cdiv(m, bn),)
+        _fp8_gemm_kernel[grid](
+            b, a, out, b_scale, a_scale, bias_arg, cs, n, m, k, 0,
+            b.stride(0), a.stride(0), out.stride(1), out.stride(0), sb_stride, sa_stride, cs_stride,
+            A_MODE=b_mode, B_MODE=a_mode,
+            BIAS_ON_M=True, BLOCK_M=bm, BLOCK_N=bn, **common)
+    else:
+        if out_scale is not None:
+            assert bn == SCALE_BLOCK, "fp8 output quantization needs BLOCK_N = 128"
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _fp8_gemm_kernel[grid](
+            a, b, out, a_scale, b_scale, bias_arg, cs, m, n, k, n if glu else 0,
+            a.stride(0), b.stride(0), out.stride(0), out.stride(1), sa_stride, sb_stride, cs_stride,
+            A_MODE=a_mode, B_MODE=b_mode, BIAS_ON_M=False, BLOCK_M=bm, BLOCK_N=bn, **common)
+
+
+def fp8_gemm_cuda(a, b, a_scale, b_scale, bias, out_dtype):
+    out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    _launch_gemm(a, b, a_scale, b_scale, bias, out, None, glu=False)
+    return out
+
+
+def fp8_gemm_silu_mul_cuda(a, b, a_scale, b_scale, quant_out, out_dtype):
+    m, inter = a.shape[0], b.shape[0] // 2
+    if quant_out:
+        out = torch.empty(m, inter, dtype=FP8, device=a.device)
+        scale = torch.empty(m, triton.cdiv(inter, SCALE_BLOCK), dtype=torch.float32, device=a.device)
+    else:
+        out = torch.empty(m, inter, dtype=out_dtype, device=a.device)
+        scale = None
+    _launch_gemm(a, b, a_scale, b_scale, None, out, scale, glu=True)
+    return out, (scale if scale is not None else torch.empty(0, dtype=torch.float32, device=a.device))
+
+
+def fused_mlp_fp8_cuda(x, x_scale, w_gate_up, gate_up_scale, w_down, down_scale, quant_intermediate, out_dtype):
+    h, h_scale = fp8_gemm_silu_mul_cuda(x, w_gate_up, x_scale, gate_up_scale, quant_intermediate, out_dtype)
+    if not quant_intermediate:
+        h, h_scale = quantize_per_token_cuda(h, SCALE_BLOCK)
+    return fp8_gemm_cuda(h, w_down, h_scale, down_scale, None, out_dtype)
+
+
+def register() -> None:
+    from .._library import register_cuda_kernel
+
+    register_cuda_kernel("fp8_quantize_per_tensor", quantize_per_tensor_cuda)
+    register_cuda_kernel("fp8_quantize_per_token", quantize_per_token_cuda)
+    register_cuda_kernel("fp8_gemm", fp8_gemm_cuda)
+    register_cuda_kernel("fp8_gemm_silu_mul", fp8_gemm_silu_mul_cuda)
+    register_cuda_kernel("fused_mlp_fp8", fused_mlp_fp8_cuda)
+    register_cuda_kernel("rms_norm_quant_fp8", rms_norm_quant_fp8_cuda)
