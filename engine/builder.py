@@ -27,7 +27,8 @@ from trtllm_kernels._paths import cache_root
 from .checkpoint import CheckpointError, read_checkpoint, save_tokenizer
 from .config import DTYPES, BuildConfig, ModelConfig
 from .model import LlamaModel, weight_names
-from .quantize import Fp8LlamaModel, load_dtype, quantize_weights, scale_names
+from .quantize import (FP4_FORMATS, Fp4LlamaModel, Fp8LlamaModel, extra_names, load_dtype_any,
+                       quantize_weights, quantize_weights_fp4)
 
 FORMAT_VERSION = 1
 ENGINE_CONFIG = "engine_config.json"
@@ -68,6 +69,24 @@ def fuse_weights(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def quantize(model_config: ModelConfig, build_config: BuildConfig,
+             weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fused weights in the build dtype -> the weights an engine of build_config.quantization
+    stores (the same dict when there is none; engine/quantize.py has the formats)."""
+    if build_config.quantization == "fp8":  # FP8 linear weights, per-channel scales
+        return quantize_weights(model_config, weights)
+    if build_config.quantization in FP4_FORMATS:  # packed e2m1 linear weights and their scales
+        return quantize_weights_fp4(model_config, weights, build_config.quantization)
+    return weights
+
+
+def make_model(model_config: ModelConfig, build_config: BuildConfig, weights: dict[str, torch.Tensor]) -> LlamaModel:
+    """The model class that runs weights made by `quantize` for this build config."""
+    model_class = Fp8LlamaModel if build_config.quantization == "fp8" else \
+        Fp4LlamaModel if build_config.quantization in FP4_FORMATS else LlamaModel
+    return model_class(model_config, weights)
+
+
 def build_engine(
     checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     build_config: BuildConfig | None = None, progress: bool = True,
@@ -85,8 +104,7 @@ def build_engine(
     if build_config.dtype != "auto":
         weights = {k: v.to(DTYPES[build_config.dtype]) for k, v in weights.items()}
     weights = {k: v.contiguous() for k, v in weights.items()}
-    if build_config.quantization == "fp8":  # FP8 linear weights, per-channel scales (engine/quantize.py)
-        weights = quantize_weights(model_config, weights)
+    weights = quantize(model_config, build_config, weights)
 
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -143,16 +161,15 @@ def load_engine(
         with safe_open(engine_dir / WEIGHTS_FILE, framework="pt", device="cpu") as f:
             for name in tqdm(list(f.keys()), desc="Loading engine", unit="tensor", disable=not progress):
                 t = f.get_tensor(name)  # FP8 engines keep fp8 weights and fp32 scales as stored
-                weights[name] = t.to(device=device, dtype=load_dtype(name, t, torch_dtype))
+                weights[name] = t.to(device=device, dtype=load_dtype_any(name, t, torch_dtype))
     except (OSError, RuntimeError, Exception) as e:  # safetensors raises its own error types
         if isinstance(e, EngineError):
             raise
         raise EngineError(f"cannot read {engine_dir / WEIGHTS_FILE}: {e}") from e
-    fp8 = build_config.quantization == "fp8"
-    unknown = set(weights) - set(weight_names(model_config)) - set(scale_names(model_config) if fp8 else ())
+    unknown = set(weights) - set(weight_names(model_config)) - set(extra_names(model_config, build_config.quantization))
     if unknown:
         raise EngineError(f"{engine_dir / WEIGHTS_FILE} has unexpected tensors {sorted(unknown)[:5]}")
-    model = (Fp8LlamaModel if fp8 else LlamaModel)(model_config, weights)
+    model = make_model(model_config, build_config, weights)
     tokenizer = AutoTokenizer.from_pretrained(str(engine_dir))
     return Engine(model, model_config, build_config, tokenizer, engine_dir)
 

@@ -9,7 +9,7 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_CACHE_DTYPES = ("auto", "fp8")
 QUANTIZATIONS = (None, "fp8", "nvfp4", "mxfp4")
-IMPLEMENTED_QUANTIZATIONS = (None, "fp8")
+IMPLEMENTED_QUANTIZATIONS = (None, "fp8", "nvfp4", "mxfp4")
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns the final normed hidden states [T, hidden]."""
         eps = self.config.rms_norm_eps
-        hidden = F.embedding(input_ids, self.weights["embed"])
+        hidden = self.embed(input_ids)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             if residual is None:
@@ -88,13 +88,24 @@ class LlamaModel:
                 normed, residual = tk.fused_add_rms_norm(hidden, residual, layer["attn_norm"], eps)
             hidden = self._attention(layer, normed, positions, meta, k_cache, v_cache, kv_scales)
             normed, residual = tk.fused_add_rms_norm(hidden, residual, layer["mlp_norm"], eps)
-            hidden = tk.linear(tk.silu_and_mul(tk.linear(normed, layer["gate_up"])), layer["down"])
+            hidden = self.reduce(self._mlp(layer, normed))
         normed, _ = tk.fused_add_rms_norm(hidden, residual, self.weights["norm"], eps)
         return normed
 
+    def _mlp(self, layer, x):
+        return tk.fused_mlp(x, layer["gate_up"], layer["down"])  # gate_up, SiLU(gate) * up, down
+
+    # Tensor parallelism (engine/parallel.py) overrides these two: a vocab-parallel embedding
+    # and the all-reduce of a row-parallel layer's partial outputs. On one rank they are plain.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weights["embed"])
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def _attention(self, layer, x, positions, meta, k_cache, v_cache, kv_scales):
         qkv = tk.linear(x, layer["qkv"])
-        return tk.linear(self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales), layer["o"])
+        return self.reduce(tk.linear(self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales), layer["o"]))
 
     def _attend(self, qkv, positions, meta, k_cache, v_cache, kv_scales):
         """qkv: [T, q_size + 2 kv_size] projections -> attention output [T, q_size]; rotary

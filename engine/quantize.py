@@ -1,4 +1,7 @@
-"""FP8 engines: `BuildConfig(quantization="fp8")`.
+"""Quantized engines: FP8 (`BuildConfig(quantization="fp8")`) and, at the end of this file,
+FP4 weight-only (`quantization="nvfp4"` / `"mxfp4"`).
+
+FP8 engines.
 
 At build time every linear weight of the decoder layers (qkv, o, gate_up, down) is quantized
 to float8_e4m3fn with one fp32 scale per output channel (`<name>_scale`, [N, 1]); embeddings,
@@ -83,3 +86,81 @@ class Fp8LlamaModel(LlamaModel):
         qkv = tk.fp8_gemm(xq, layer["qkv"], xs, layer["qkv_scale"], None, self.dtype)
         out = self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales)
         return tk.fp8_linear(out, layer["o"], layer["o_scale"])
+
+
+# ---------------------------------------------------------------------------------------------
+# FP4 engines: `BuildConfig(quantization="nvfp4" | "mxfp4")`.
+#
+# Every linear weight of the decoder layers (qkv, o, gate_up, down) is stored packed, two e2m1
+# codes a byte (uint8 [N, K/2], the layout of trtllm_kernels/fp4.py), with `<name>_scale`
+# (NVFP4: float8_e4m3fn [N, K/16]; MXFP4: uint8 e8m0 [N, K/32]) and, for NVFP4,
+# `<name>_global_scale` (fp32 [1]). Embeddings, norms and the LM head stay in the build dtype.
+# Weight-only: activations stay in the activation dtype and every projection is one
+# `fp4_linear` (W4A16, dequantized in registers); the MLP is gate_up GEMM, SiLU-and-mul, down GEMM.
+
+FP4_FORMATS = ("nvfp4", "mxfp4")
+GLOBAL_SUFFIX = "_global_scale"
+
+
+def fp4_scale_names(config: ModelConfig, fmt: str) -> list[str]:
+    """The extra tensors of an FP4 engine: scales (and NVFP4 global scales) per linear weight."""
+    suffixes = (SCALE_SUFFIX, GLOBAL_SUFFIX) if fmt == "nvfp4" else (SCALE_SUFFIX,)
+    return [f"layers.{i}.{w}{s}" for i in range(config.num_hidden_layers) for w in LINEAR_WEIGHTS for s in suffixes]
+
+
+def extra_names(config: ModelConfig, quantization: str | None) -> list[str]:
+    """Every tensor an engine of this quantization stores beyond `weight_names`."""
+    if quantization == "fp8":
+        return scale_names(config)
+    if quantization in FP4_FORMATS:
+        return fp4_scale_names(config, quantization)
+    return []
+
+
+def quantize_weights_fp4(config: ModelConfig, weights: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Our fused weights -> the same with packed FP4 linear weights and their scales."""
+    if fmt not in FP4_FORMATS:
+        raise ValueError(f"FP4 format must be one of {FP4_FORMATS}, got {fmt!r}")
+    out = dict(weights)
+    for i in range(config.num_hidden_layers):
+        for w in LINEAR_WEIGHTS:
+            name = f"layers.{i}.{w}"
+            packed, scale, global_scale = tk.quantize_fp4(weights[name], fmt)
+            out[name], out[name + SCALE_SUFFIX] = packed.contiguous(), scale.contiguous()
+            if global_scale is not None:
+                out[name + GLOBAL_SUFFIX] = global_scale.contiguous()
+    return out
+
+
+def load_dtype_any(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """`load_dtype` for every engine kind: quantized weights (fp8, packed uint8) and all scales
+    as stored, everything else in the activation dtype."""
+    if tensor.dtype in (FP8, torch.uint8) or name.endswith(SCALE_SUFFIX):
+        return tensor.dtype
+    return dtype
+
+
+class Fp4LlamaModel(LlamaModel):
+    """LlamaModel with FP4 weight-only linear layers (NVFP4 or MXFP4, from the stored scales'
+    dtype); same forward contract."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
+        super().__init__(config, weights)
+        for i, layer in enumerate(self.layers):
+            for w in LINEAR_WEIGHTS:
+                name = f"layers.{i}.{w}"
+                if weights[name].dtype != torch.uint8 or name + SCALE_SUFFIX not in weights:
+                    raise ValueError(f"FP4 engine: {name} is {weights[name].dtype} or has no scale")
+                layer[w + SCALE_SUFFIX] = weights[name + SCALE_SUFFIX]
+                layer[w + GLOBAL_SUFFIX] = weights.get(name + GLOBAL_SUFFIX)
+
+    def _linear(self, layer, w, x):
+        return tk.fp4_linear(x, layer[w], layer[w + SCALE_SUFFIX], layer[w + GLOBAL_SUFFIX])
+
+    def _mlp(self, layer, x):
+        return self._linear(layer, "down", tk.silu_and_mul(self._linear(layer, "gate_up", x)))
+
+    def _attention(self, layer, x, positions, meta, k_cache, v_cache, kv_scales):
+        qkv = self._linear(layer, "qkv", x)
+        out = self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales)
+        return self.reduce(self._linear(layer, "o", out))

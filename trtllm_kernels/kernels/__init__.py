@@ -44,6 +44,26 @@ except Exception as _e:
 else:
     _triton_fp8.register()
 
+# Triton bf16 fused MLP (trtllm_kernels/mlp.py ops): gate_up GEMM + SiLU-and-mul, down GEMM.
+try:
+    from . import triton_mlp as _triton_mlp
+except ImportError:
+    pass
+except Exception as _e:
+    _warnings.warn(f"Triton MLP kernels unavailable, ops use the reference: {_e!r}")
+else:
+    _triton_mlp.register()
+
+# Triton FP4 weight-only GEMM and dequantization (trtllm_kernels/fp4.py ops).
+try:
+    from . import triton_fp4 as _triton_fp4
+except ImportError:
+    pass
+except Exception as _e:
+    _warnings.warn(f"Triton FP4 kernels unavailable, ops use the reference: {_e!r}")
+else:
+    _triton_fp4.register()
+
 # csrc kernels (RMSNorm): compiled by nvcc on first use, so only where nvcc is found.
 from . import csrc as _csrc  # noqa: E402
 

@@ -91,6 +91,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.tk_rms_norm.argtypes = [p, p, p, p, p, i64, i64, i32, f32, p]
     lib.tk_rms_norm.restype = i32
+    lib.tk_paged_decode.argtypes = [p, p, p, p, p, p, p, p, p] + [i32] * 11 + [f32, f32, p]
+    lib.tk_paged_decode.restype = i32
+    lib.tk_paged_decode_step_tokens.argtypes = [i32, i32, i32]
+    lib.tk_paged_decode_step_tokens.restype = i32
+    lib.tk_paged_decode_occupancy.argtypes = [i32, i32, i32, i32, i32]
+    lib.tk_paged_decode_occupancy.restype = i32
 
 
 def _ptr(t: torch.Tensor | None):
@@ -127,6 +133,144 @@ def rms_norm_cuda(x, weight, eps):
 
 def fused_add_rms_norm_cuda(x, residual, weight, eps):
     return _rms_norm_launch(x, residual, weight, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# paged decode attention (csrc/paged_decode.cu)
+# --------------------------------------------------------------------------------------------
+
+DECODE_GROUPS = (1, 2, 4, 8)  # padded query heads per kv head the kernel is built for
+_FP8 = torch.float8_e4m3fn
+
+
+def decode_group_pad(group: int) -> int:
+    return next(g for g in DECODE_GROUPS if g >= group)
+
+
+def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor) -> bool:
+    """Whether csrc/paged_decode.cu takes these inputs: fp16/bf16 q, a cache in q's dtype or
+    float8_e4m3fn, head dim 64 or 128, at most 8 query heads per kv head, pages a multiple of
+    4 tokens, last dims contiguous and 16-byte aligned rows (8-byte for fp8)."""
+    if not (q.is_cuda and q.dim() == 3 and k_cache.dim() == 4):
+        return False
+    d, hq, hkv = q.shape[-1], q.shape[1], k_cache.shape[1]
+    if (q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype not in (q.dtype, _FP8)
+            or v_cache.dtype != k_cache.dtype or d not in (64, 128) or hq % hkv or hq // hkv > 8
+            or k_cache.shape[2] % 4 or v_cache.shape != k_cache.shape):
+        return False
+    # rows of 8 elements move as one 16-byte (8-byte for fp8) load
+    aligned = lambda t: t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+    return aligned(q) and aligned(k_cache) and aligned(v_cache) and block_tables.stride(-1) == 1
+
+
+@lru_cache(maxsize=None)
+def decode_step_tokens(head_dim: int, group_pad: int, variant: int) -> int:
+    return library().tk_paged_decode_step_tokens(head_dim, group_pad, variant)
+
+
+@lru_cache(maxsize=None)
+def decode_occupancy(q_dtype: torch.dtype, fp8: bool, head_dim: int, group_pad: int, variant: int,
+                     device_index: int) -> int:
+    """CTAs of the decode kernel one SM runs at once (from the CUDA occupancy calculator)."""
+    with torch.cuda.device(device_index):
+        n = library().tk_paged_decode_occupancy(DTYPE_CODES[q_dtype], int(fp8), head_dim, group_pad, variant)
+    if n <= 0:
+        _check(-n or 1, "tk_paged_decode_occupancy")
+    return n
+
+
+def decode_variant(head_dim: int, group: int, page: int) -> int:
+    """Kernel of csrc/paged_decode.cu: 2 = tensor cores (mma.sync; pages a multiple of 16),
+    0 = CUDA cores (any page a multiple of 4). TRTLLM_KERNELS_CSRC_DECODE_VARIANT overrides."""
+    env = os.environ.get("TRTLLM_KERNELS_CSRC_DECODE_VARIANT")
+    if env is not None:
+        return int(env)
+    return 2 if page % 16 == 0 else 0
+
+
+_workspaces: dict = {}
+
+
+def decode_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A float32 scratch of at least `numel` elements, kept per device and grown by doubling.
+
+    Buffers are never freed (a CUDA graph may have captured an older one), so the hot path
+    allocates nothing once the largest shape has been seen; during graph capture a missing size
+    is allocated in the graph's pool instead and not kept. One stream at a time per device.
+    """
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    bufs = _workspaces.setdefault(key, [])
+    if bufs and bufs[-1].numel() >= numel:
+        return bufs[-1]
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    size = max(numel, 2 * bufs[-1].numel() if bufs else 1 << 16)
+    bufs.append(torch.empty(size, dtype=torch.float32, device=device))
+    return bufs[-1]
+
+
+def paged_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale=None, k_scale=1.0, v_scale=1.0, *,
+                      out=None, num_splits=None, variant=None, workspace=None, poison_scratch=False):
+    """Paged decode attention through csrc/paged_decode.cu (contract of
+    `trtllm_kernels.attention.paged_attention_decode`; check `paged_decode_supported` first).
+
+    num_splits: KV splits (default: from static shapes, one full wave of CTAs, as
+    `triton_attention.decode_num_splits`); workspace: float32 of at least
+    B * Hq * num_splits * (D + 2) elements (default: a per-device cache); poison_scratch fills
+    it with NaN first (tests: the combine must read only the splits it wrote).
+    """
+    from . import triton_attention as ta
+
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()  # no-ops as a rule
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    gp = decode_group_pad(group)
+    variant = decode_variant(head_dim, group, page) if variant is None else variant
+    if variant not in (0, 2) or (variant == 2 and page % 16):
+        raise ValueError(f"csrc decode variant {variant} does not take pages of {page} tokens")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    scale = head_dim ** -0.5 if scale is None else scale
+    step = decode_step_tokens(head_dim, gp, variant)
+    max_context = block_tables.shape[1] * page
+    steps = max(1, -(-max_context // step))
+    if num_splits is None:
+        dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        per_sm = decode_occupancy(q.dtype, k_cache.dtype == _FP8, head_dim, gp, variant, dev)
+        num_splits = ta.decode_num_splits(batch, num_kv_heads, max_context, step, ta.num_sms(q.device), per_sm)
+    num_splits = max(1, min(num_splits, steps))
+    split_tokens = -(-steps // num_splits) * step
+    num_splits = -(-max_context // split_tokens)
+    if num_splits > 1:
+        need = batch * num_heads * num_splits * (head_dim + 2)
+        if workspace is None:
+            workspace = decode_workspace(q.device, need)
+        elif workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+            raise ValueError(f"workspace must be contiguous float32 of >= {need} elements")
+        if poison_scratch:
+            workspace.fill_(float("nan"))
+        part_acc = workspace
+        part_ml = workspace[batch * num_heads * num_splits * head_dim:]
+    else:
+        part_acc = part_ml = None
+    strides = (ctypes.c_int64 * 11)(
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1))
+    code = library().tk_paged_decode(
+        _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables), _ptr(seq_lens), _ptr(out),
+        _ptr(part_acc), _ptr(part_ml), strides, DTYPE_CODES[q.dtype], int(k_cache.dtype == _FP8),
+        head_dim, gp, variant, batch, num_kv_heads, group, page, split_tokens, num_splits,
+        float(scale) * LOG2E * float(k_scale), float(v_scale), _stream(q.device))
+    _check(code, "tk_paged_decode")
+    return out
+
+
+LOG2E = 1.4426950408889634
 
 
 def register() -> None:

@@ -48,6 +48,17 @@ the page size and the caches are contiguous, K/V tiles are loaded through 2-D TM
 over the caches viewed as [num_blocks * Hkv * page, D] rows (USE_TMA; on the diagonal the V
 rows past the sequence's end are zeroed, as they may hold anything).
 
+GQA packing (`pack`, PACK): the PACK query heads of one kv head can share a prefill program,
+row r of the tile being position r // PACK of head h0 + r % PACK, so each K/V tile is loaded
+once for them and a tile covers BLOCK_M // PACK positions. Measured on H100 (4 x 4096, 32/8
+heads, .device/F-1): page 16 1280 us -> 1253 (PACK 2) / 1259 (PACK 4); pages of 64 with TMA
+1168 -> 1157; chunked prefill 303 -> 310. Within noise, so the default stays PACK 1.
+
+Decode dispatch: trtllm_kernels::paged_attention_decode runs this Triton kernel or the CUDA C++
+one of csrc/paged_decode.cu (`decode_backend`, rule in `cuda_decode_preferred`, override with
+TRTLLM_KERNELS_DECODE_BACKEND=triton|cuda|auto): CUDA only for FP8 pages with few long
+sequences, where it measured 126 us against 144 (B4 x 32768); Triton everywhere else.
+
 Tuning: `python -m trtllm_kernels.kernels.triton_attention [--sweep] [--warm N] [--out F]
 [--best-out F]` times decode / prefill / chunked prefill beside SDPA at the issue's shapes
 (--sweep: the SWEEP_* grids, each prefill config checked against SDPA's output).
@@ -275,40 +286,46 @@ def _paged_prefill_kernel(
     num_seqs,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_ITERS: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
-    h = tl.program_id(0)
+    # PACK query heads of one kv head share the program (GQA packing): row r of the tile is
+    # position r // PACK of head h0 + r % PACK, so a tile covers BLOCK_Q = BLOCK_M // PACK
+    # positions and each K/V tile is loaded once for the PACK heads. PACK = 1: one head.
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK
+    h0 = tl.program_id(0) * PACK
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
 
-    # Sequence i owns tiles [QSL[i] // BLOCK_M + i, QSL[i+1] // BLOCK_M + i + 1): find the
+    # Sequence i owns tiles [QSL[i] // BLOCK_Q + i, QSL[i+1] // BLOCK_Q + i + 1): find the
     # largest i whose first tile is <= tile (fixed-length binary search, no host sync).
     lo = tl.program_id(1) * 0  # an int32 tensor even when SEARCH_ITERS == 0
     hi = num_seqs
     for _ in tl.static_range(SEARCH_ITERS):
         mid = (lo + hi) // 2
-        first = tl.load(QSL + mid) // BLOCK_M + mid
+        first = tl.load(QSL + mid) // BLOCK_Q + mid
         right = first <= tile
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     seq = lo
     q_start = tl.load(QSL + seq)
     q_len = tl.load(QSL + seq + 1) - q_start
-    local = tile - (q_start // BLOCK_M + seq)
-    if local * BLOCK_M >= q_len:
+    local = tile - (q_start // BLOCK_Q + seq)
+    if local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(SL + seq)
     ctx = seq_len - q_len  # tokens before this sequence's first query
 
-    offs_m = local * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = local * BLOCK_Q + rows // PACK  # each row's query index within the sequence
+    heads = h0 + rows % PACK
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < q_len
     q_pos = ctx + offs_m
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
+    q_off = q_rows * stride_qt + heads * stride_qh
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=mask_m[:, None], other=0.0)
 
-    kvh = h // GROUP
+    kvh = h0 // GROUP
     bt_row = BT + seq.to(tl.int64) * stride_bt
     k_head = K + kvh.to(tl.int64) * stride_kh
     v_head = V + kvh.to(tl.int64) * stride_vh
@@ -316,8 +333,8 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    first_pos = ctx + local * BLOCK_M
-    end = tl.minimum(first_pos + BLOCK_M, seq_len)  # one past the last query's position
+    first_pos = ctx + local * BLOCK_Q
+    end = tl.minimum(first_pos + BLOCK_Q, seq_len)  # one past the last query's position
     full_end = (first_pos // BLOCK_N) * BLOCK_N  # keys below are visible to every query
     # within a tile, the keys' offsets in their pages do not change from tile to tile
     k_off = ((offs_n % PAGE) * stride_kt)[:, None] + offs_d[None, :]
@@ -368,8 +385,8 @@ def _paged_prefill_kernel(
                                      q_pos, tok, True, DOT_PREC)
 
     out = acc * (v_scale / l_i)[:, None]
-    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=mask_m[:, None])
+    o_off = q_rows * stride_ot + heads * stride_oh
+    tl.store(Out + o_off[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask_m[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +441,7 @@ def prefill_config(head_dim: int, q_dtype: torch.dtype, page: int = 16,
     the other's wgmma, which a single program (its two warpgroups in lockstep) cannot. With
     pages of 64 or more the same tiles go through TMA descriptors: 1161 us. FP8 pages keep the
     uncapped one-program tiles (their conversion needs registers; not measured capped).
+    GQA packing (PACK, see the module docstring) measured within 2% either way: default 1.
 
     num_stages counts the block-table load as a stage of its own. TRTLLM_KERNELS_PREFILL_CONFIG
     (a JSON object, inline or a file, of the keys in _PREFILL_KEYS) overrides the table: the
@@ -451,7 +469,7 @@ def prefill_config(head_dim: int, q_dtype: torch.dtype, page: int = 16,
     return cfg
 
 
-_PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg")
+_PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "PACK")
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int,
@@ -604,13 +622,17 @@ def triton_paged_prefill(
     k_scale: float = 1.0, v_scale: float = 1.0, *, out: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, use_tma: bool | None = None, maxnreg: int | None = None,
+    pack: int | None = None,
 ) -> torch.Tensor:
     """Paged causal prefill attention (see `trtllm_kernels.attention.paged_attention_prefill`).
 
     q [T, Hq, D]; returns (or writes `out`) [T, Hq, D]. Rows of q that belong to no sequence
     (past query_start_loc[-1]) are left unwritten. `use_tma` (default: where the page size is
     a multiple of BLOCK_N, the caches are contiguous and the GPU is Hopper or newer) loads K/V
-    tiles with TMA descriptors instead of gathered pointer loads.
+    tiles with TMA descriptors instead of gathered pointer loads. `pack` (GQA packing, a
+    divisor of Hq // Hkv with BLOCK_M // pack >= 16): query heads of one kv head that share a
+    tile, so K/V tiles are loaded once for them (default: the config's PACK where it divides
+    the group, else 1).
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -630,7 +652,13 @@ def triton_paged_prefill(
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     maxnreg = maxnreg or cfg.get("maxnreg")
-    num_tiles = total // block_m + num_seqs
+    group = num_heads // num_kv_heads
+    if pack is None:
+        pack = cfg.get("PACK", 1)
+        pack = pack if group % pack == 0 and block_m // pack >= 16 else 1
+    if group % pack or block_m % pack or block_m // pack < 1:
+        raise ValueError(f"pack={pack} must divide the group ({group}) and BLOCK_M ({block_m})")
+    num_tiles = total // (block_m // pack) + num_seqs
     search_iters = max(0, math.ceil(math.log2(num_seqs))) if num_seqs > 1 else 0
     if use_tma is None:
         use_tma = (page % block_n == 0 and q.is_cuda and not _interpreting()
@@ -638,7 +666,7 @@ def triton_paged_prefill(
     descs = _cache_descriptors(k_cache, v_cache, block_n) if use_tma and page % block_n == 0 else None
     kd, vd = descs if descs is not None else (k_cache, v_cache)
 
-    _paged_prefill_kernel[(num_heads, num_tiles)](
+    _paged_prefill_kernel[(num_heads // pack, num_tiles)](
         q, k_cache, v_cache, kd, vd, block_tables, seq_lens, query_start_loc, out,
         float(scale) * LOG2E * float(k_scale), float(v_scale),
         q.stride(0), q.stride(1),
@@ -648,7 +676,7 @@ def triton_paged_prefill(
         num_seqs,
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, SEARCH_ITERS=search_iters,
-        DOT_PREC=_dot_prec(q.dtype), USE_TMA=descs is not None,
+        DOT_PREC=_dot_prec(q.dtype), USE_TMA=descs is not None, PACK=pack,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
@@ -659,9 +687,66 @@ def triton_paged_prefill(
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _csrc_decode_available() -> bool:
+    """nvcc found and csrc/ built (a failed build warns once and leaves decode on Triton)."""
+    from . import csrc
+
+    if csrc.nvcc_path() is None:
+        return False
+    try:
+        csrc.library()
+    except Exception as e:  # pragma: no cover - depends on the toolchain
+        import warnings
+
+        warnings.warn(f"csrc paged decode unavailable, decode stays on Triton: {e!r}")
+        return False
+    return True
+
+
+def cuda_decode_preferred(batch: int, num_kv_heads: int, group: int, head_dim: int, max_context: int,
+                          cache_dtype: torch.dtype, sms: int = DEFAULT_NUM_SMS) -> bool:
+    """The dispatch rule between the two decode kernels, from static shapes only: the CUDA C++
+    kernel (csrc/paged_decode.cu, tensor-core variant) for an FP8 cache in the split-KV regime
+    (no more (sequence, kv head) pairs than SMs, contexts of 16K and more), Triton elsewhere.
+
+    Measured on H100 (.device/F-2, 32/8 heads, D128, page 16, CUDA graphs), Triton / CUDA us:
+    B64 x 4096 bf16 358.8 / 361.8, fp8 199.8 / 211.5-218; B256 x 512 bf16 182.7 / 206, fp8
+    107.8 / 152; B4 x 32768 bf16 186.8 / 192.8 (16 splits; 209 auto), fp8 144.0 / 125.6. The
+    CUDA kernel wins only the last (fp8 pages, few long sequences: its pairwise e4m3 -> fp16
+    converts and split-KV keep more bytes in flight there), ties B64 x 4096 bf16, loses the
+    rest. `group` and `head_dim` are accepted for future rules (both kernels take D 64 / 128).
+    """
+    return cache_dtype == torch.float8_e4m3fn and batch * num_kv_heads <= sms and max_context >= 16384
+
+
+def decode_backend(q, k_cache, v_cache, block_tables) -> str:
+    """'cuda' (csrc/paged_decode.cu) or 'triton' for one decode call.
+
+    TRTLLM_KERNELS_DECODE_BACKEND = auto (default: `cuda_decode_preferred`), triton or cuda
+    (csrc wherever `csrc.paged_decode_supported` takes the inputs, else Triton).
+    """
+    choice = os.environ.get("TRTLLM_KERNELS_DECODE_BACKEND", "auto")
+    if choice == "triton":
+        return "triton"
+    if choice != "cuda" and not cuda_decode_preferred(
+            q.shape[0], k_cache.shape[1], q.shape[1] // k_cache.shape[1], q.shape[2],
+            block_tables.shape[1] * k_cache.shape[2], k_cache.dtype, num_sms(q.device)):
+        return "triton"
+    from . import csrc
+
+    if _csrc_decode_available() and csrc.paged_decode_supported(q, k_cache, v_cache, block_tables):
+        return "cuda"
+    return "triton"
+
+
 def paged_attention_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale):
     if not supported(q, k_cache) or v_cache.stride(-1) != 1:
         return _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+    if decode_backend(q, k_cache, v_cache, block_tables) == "cuda":
+        from . import csrc
+
+        return csrc.paged_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
     return triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
@@ -724,15 +809,22 @@ SWEEP_DECODE = {
             (dict(block_n=128, num_stages=5, f16_math=True, maxnreg=168), (2,))],
 }
 SWEEP_DECODE_SPLITS = {(4, 32768): (16, 32), (256, 512): (2,)}
-_P = lambda bm, bn, w, st, tma=None, mr=None: dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st,
-                                                   use_tma=tma, maxnreg=mr)
+_P = lambda bm, bn, w, st, tma=None, mr=None, pk=None: dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st,
+                                                            use_tma=tma, maxnreg=mr, pack=pk)
+# (the first sweep, .device/14: page 16 BLOCK_M 128 / N 64 / 8 warps / 3 stages capped at 128
+# registers won; this one tries GQA packing (pk) on top of the winners)
 SWEEP_PREFILL = {
-    16: [_P(128, 64, 8, 3), _P(128, 64, 8, 4), _P(128, 64, 8, 3, mr=128), _P(128, 64, 8, 2, mr=128),
-         _P(128, 128, 8, 3), _P(128, 128, 8, 2), _P(64, 64, 4, 3), _P(64, 64, 4, 5)],
-    64: [_P(128, 64, 8, 5, True), _P(128, 64, 8, 3, True, 128)],
-    128: [_P(128, 128, 8, 3, True), _P(128, 64, 8, 3, True, 128)],
+    16: [_P(128, 64, 8, 3, mr=128, pk=4), _P(128, 64, 8, 3, mr=128, pk=2), _P(128, 64, 8, 3, pk=4),
+         _P(128, 64, 8, 2, mr=128, pk=4), _P(128, 128, 8, 3, pk=4), _P(64, 64, 4, 3, pk=4),
+         _P(128, 32, 8, 3, mr=128, pk=4)],
+    64: [_P(128, 64, 8, 3, True, 128, pk=4), _P(128, 64, 8, 4, True, 128, pk=4), _P(128, 64, 8, 3, True, 128, pk=1)],
+    128: [_P(128, 64, 8, 3, True, 128, pk=4)],
 }
-SWEEP_CHUNK = [_P(128, 64, 8, 3, mr=128), _P(128, 128, 8, 3), _P(64, 64, 4, 3)]
+SWEEP_CHUNK = [_P(128, 64, 8, 3, mr=128, pk=4), _P(128, 64, 8, 3, mr=128, pk=1)]
+# csrc decode (part "cuda"): tile variants x splits (None: the automatic choice)
+# (the first sweep, .device/F-1: variants 0 / 1 lost to Triton everywhere, so variant 2 is new)
+SWEEP_CUDA_DECODE = [dict(variant=0), dict(variant=2, num_splits=2), dict(variant=2, num_splits=3)]
+SWEEP_CUDA_DECODE_LONG = [dict(variant=2, num_splits=16), dict(variant=2, num_splits=32), dict(variant=2, num_splits=64)]
 
 
 def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU only
@@ -755,7 +847,8 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
     ap = argparse.ArgumentParser(description="time / tune the Triton paged attention kernels")
     ap.add_argument("--sweep", action="store_true", help="sweep tile configs and num_splits")
     ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--only", help="comma list of parts: decode, prefill, chunk")
+    ap.add_argument("--only", help="comma list of parts: decode, decode_sweep (Triton decode tiles), cuda "
+                    "(csrc decode beside Triton), prefill, sdpa (each SDPA backend at the prefill shape), chunk")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new timings after this many s")
     ap.add_argument("--warm", type=int, default=0, help="compile first in this many worker processes")
     ap.add_argument("--shard", type=str, default=None, help=argparse.SUPPRESS)  # "i/n": compile only
@@ -802,7 +895,7 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
             return
         rows.append(r)
         keys = ("what", "batch", "ctx", "page", "kv", "cfg", "auto_splits", "us", "GBps", "TFLOPs",
-                "vs_sdpa", "rel_err", "ok", "error")
+                "vs_sdpa", "rel_err", "rel_err_vs_triton", "ok", "error")
         print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}"
                        for k in keys if k in r), flush=True)
         if args.out:
@@ -835,10 +928,10 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
             cfg = decode_config(d, cache_dtype, bf16)
             auto = decode_num_splits(batch, hkv, ctx, cfg["BLOCK_N"], num_sms(q.device), cfg["per_sm"])
             cands = [dict()]
-            if args.sweep and batch == 64:
+            if "decode_sweep" in parts and batch == 64:
                 for kw, splits in SWEEP_DECODE["fp8" if cache_dtype == fp8 else "bf16"]:
                     cands += [dict(kw, num_splits=sp) for sp in splits]
-            elif args.sweep:
+            elif "decode_sweep" in parts:
                 cands += [dict(num_splits=sp) for sp in SWEEP_DECODE_SPLITS.get((batch, ctx), ())]
             for kw in cands:
                 if over_budget():
@@ -853,6 +946,27 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
                 else:
                     r.update(error=t)
                 record(**r)
+            if "cuda" in parts and not over_budget():  # csrc/paged_decode.cu beside Triton
+                from . import csrc
+
+                ref_out = triton_paged_decode(q, kc, vc, bt, sl).float() if not shard else None
+                ccands = [dict()]
+                if args.sweep:
+                    ccands += SWEEP_CUDA_DECODE + (SWEEP_CUDA_DECODE_LONG if ctx >= 16384 else [])
+                for kw in ccands:
+                    if over_budget():
+                        break
+                    t = timed(lambda: csrc.paged_decode_cuda(q, kc, vc, bt, sl, **kw), rep=20)
+                    r = dict(what="cuda_decode", batch=batch, ctx=ctx, page=page, kv=str(cache_dtype)[6:], cfg=kw)
+                    if isinstance(t, float):
+                        o = csrc.paged_decode_cuda(q, kc, vc, bt, sl, **kw).float()
+                        err = ((o - ref_out).norm() / ref_out.norm()).item()
+                        r.update(us=t * 1e6, GBps=nbytes / t / 1e9, rel_err_vs_triton=err, ok=err < 2e-2)
+                        if isinstance(base, float):
+                            r.update(sdpa_us=base * 1e6, vs_sdpa=base / t)
+                    else:
+                        r.update(error=t)
+                    record(**r)
             del kc, vc
         del q, k, v
 
@@ -903,12 +1017,36 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
         if best is not None and args.best_out:
             cfg = prefill_config(d, bf16, 16)
             names = dict(block_m="BLOCK_M", block_n="BLOCK_N", num_warps="num_warps", num_stages="num_stages",
-                         maxnreg="maxnreg")
+                         maxnreg="maxnreg", pack="PACK")
             cfg.update({names[k_]: v_ for k_, v_ in best[1].items() if k_ in names and v_ is not None})
             with open(args.best_out, "w") as f:
                 json.dump(cfg, f)
             record(what="prefill_best", us=best[0] * 1e6, cfg=cfg)
         del q, k, v, qt
+
+    # ---- which SDPA backend is the prefill baseline: each one at the 4 x 4096 GQA shape ----
+    if "sdpa" in parts and not over_budget() and not shard:
+        b, s, hq, hkv, d = BENCH_PREFILL
+        flops = 4 * b * hq * s * s * d / 2
+        q = torch.randn(b, s, hq, d, device=dev, dtype=bf16).transpose(1, 2)  # as the bench case's view
+        k = torch.randn(b, hkv, s, d, device=dev, dtype=bf16)
+        v = torch.randn_like(k)
+        kr, vr = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+        backends = dict(default=None, flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                        efficient=SDPBackend.EFFICIENT_ATTENTION)
+        for name, be in backends.items():
+            for gqa in (True, False):  # enable_gqa on 8 kv heads, or the kv heads repeated to 32
+                def fn(be=be, gqa=gqa):
+                    kk, vv = (k, v) if gqa else (kr, vr)
+                    if be is None:
+                        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                    with sdpa_kernel(be):
+                        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                t = timed(fn)
+                r = dict(what="sdpa_prefill", cfg=dict(backend=name, enable_gqa=gqa))
+                r.update(dict(us=t * 1e6, TFLOPs=flops / t / 1e12) if isinstance(t, float) else dict(error=t))
+                record(**r)
+        del q, k, v, kr, vr
 
     # ---- chunked prefill: 512 new tokens over 3584 cached ----
     if "chunk" in parts and not over_budget():

@@ -13,15 +13,23 @@ With GLU the B operand is a fused [gate; up] weight [2I, K]: each program keeps 
 accumulators (gate rows n and up rows I + n) and writes silu(gate) * up, optionally quantized
 to fp8 with one scale per 1 x 128 group (BLOCK_N = 128: a group is one tile's row).
 
-Kernel choice (`gemm_config`), the documented rule (tuned on H100 with a sweep of launch
-configurations against torch._scaled_mm):
-- M <= 128 and N < 16384 (decode/small batches on qkv, o, down): memory-bound on the weights
-  with too few weight tiles to fill 132 SMs. Swap A and B (C^T = B A^T): weight rows fill the
-  64-row wgmma tile, the tokens its narrow side (16 / 32 / 64), deep pipelines (6-8 stages).
-- M <= 16 otherwise (gate_up): 16 x 128 tiles, one program per 128 weight rows.
-- M <= 256: 64 x 128 tiles. Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch
-  order for L2 reuse (128 x 128 when scales are applied inside the K loop).
-GLU GEMMs are never swapped (their epilogue pairs gate and up columns of one token).
+Kernel choice (`gemm_config`), the documented rule (tuned on H100 by sweeps of launch
+configurations against torch._scaled_mm, the last one benchmarks/sweep_fp8_mlp.py):
+- Memory-bound plain GEMMs (no GLU): M <= 16, or M <= 128 with N < 16384 (qkv, o, down), or
+  M <= 64 on gate_up. Swap A and B (C^T = B A^T): weight rows fill the 64-row wgmma tile, the
+  tokens its narrow side (16 / 32 / 64). Tiles come by TMA (`_fp8_gemm_tma_kernel`, tensor / row
+  scales without bias; the pointer kernel otherwise) with BLOCK_K 256: 256-byte row segments of
+  the weight per request and 3-4 stages in flight. (Measured: gate_up M1 41-42 us, 2.8 TB/s of
+  weights; down and o at M <= 16 1.6-1.9x _scaled_mm.) Between 33 and 128 tokens the 64 x 32
+  tiles must fit in one wave (two programs per SM); where they do not (qkv at M = 128 ran at
+  0.86x), 64 x 64 tiles with pointer loads.
+- gate_up (N >= 16384) at 65-128 tokens: 128 x 128 x 128 tiles by TMA, 8 warps, 3 stages
+  (a sweep-only measurement: 1.01x _scaled_mm against 0.96x for 64 x 128 pointer tiles).
+- GLU (the fused FP8 MLP's gate_up) at M <= 16: 16 x 128 tiles, one program per 128 weight rows
+  (its epilogue quantizes 1 x 128 groups of a token's row, so it is never swapped).
+- M <= 256: 64 x 128 tiles. Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch order
+  for L2 reuse, TMA where it applies (128 x 128 and pointer loads when scales are applied inside
+  the K loop).
 """
 from __future__ import annotations
 
@@ -288,6 +296,75 @@ def _fp8_gemm_kernel(
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fp8_gemm_tma_kernel(
+    a_desc, b_desc, C, SA, SB, M, N, K, stride_cm, stride_cn, stride_sa, stride_sb,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """C[i, j] = sum_k A[i, k] B[j, k] * sa * sb with tensor / row scales (modes 1-2) only, the
+    operand tiles fetched by TMA (host-side tensor descriptors): one instruction per tile instead
+    of per-thread 16-byte loads, zero padding past M / N / K (no masks, no K tail), and Triton
+    pipelines the TMA copies NUM_STAGES deep. Used for the memory-bound small-M GEMMs."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        a = a_desc.load([off_m, kk * BLOCK_K])
+        b = b_desc.load([off_n, kk * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    if A_MODE == 1:
+        acc = acc * tl.load(SA)
+    else:
+        acc = acc * tl.load(SA + offs_m * stride_sa, mask=offs_m < M, other=0.0)[:, None]
+    if B_MODE == 1:
+        acc = acc * tl.load(SB)
+    else:
+        acc = acc * tl.load(SB + offs_n * stride_sb, mask=offs_n < N, other=0.0)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and row stride."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, cfg, swap):
+    """The TMA kernel for tensor / row scales and no bias (see `_fp8_gemm_tma_kernel`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if swap:  # weight rows on the tile's M side; the output is written transposed
+        a, b, a_scale, b_scale, a_mode, b_mode = b, a, b_scale, a_scale, b_mode, a_mode
+        scm, scn = out.stride(1), out.stride(0)
+    else:
+        scm, scn = out.stride(0), out.stride(1)
+    m, k = a.shape
+    n = b.shape[0]
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
+    b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [bn, bk])
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8_gemm_tma_kernel[grid](a_desc, b_desc, out, a_scale, b_scale, m, n, k, scm, scn,
+                               a_scale.stride(0) if a_mode == MODE_ROW else 0,
+                               b_scale.stride(0) if b_mode == MODE_ROW else 0,
+                               A_MODE=a_mode, B_MODE=b_mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                               GROUP_M=cfg["GROUP_M"], NUM_STAGES=cfg["num_stages"],
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def scale_mode(scale: torch.Tensor, rows: int, block_rows: bool) -> int:
     """The mode of an operand's scale (see the module docstring) from its shape."""
     if scale.numel() == 1:
@@ -301,6 +378,17 @@ def scale_mode(scale: torch.Tensor, rows: int, block_rows: bool) -> int:
 CONFIG_OVERRIDE: dict | None = None
 
 
+_SMS: int | None = None
+
+
+def _num_sms() -> int:
+    global _SMS
+    if _SMS is None:
+        _SMS = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+            if torch.cuda.is_available() else 132
+    return _SMS
+
+
 def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
     """The kernel-selection rule (see the module docstring). Returns launch parameters and
     whether to swap the operands."""
@@ -310,13 +398,18 @@ def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
         bk = 64 if k >= 64 else 32
         return dict(swap=False, BLOCK_M=16 if m <= 16 else 32, BLOCK_N=128 if glu else 32, BLOCK_K=bk,
                     GROUP_M=4, num_warps=4, num_stages=1)
-    if m <= 128 and not glu and n < 16384:
-        # few weight tiles (o, qkv, down): swap, so 64 weight rows per program and many programs
-        if m <= 16:
-            return dict(swap=True, BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=2, num_stages=8)
-        return dict(swap=True, BLOCK_M=64, BLOCK_N=32 if m <= 32 else 64, BLOCK_K=128, GROUP_M=1,
-                    num_warps=4, num_stages=6)
-    if m <= 16:  # many weight tiles (gate_up): 16-token tiles, one program per 128 weight rows
+    if not glu and 32 < m <= 128 and n < 16384 and triton.cdiv(n, 64) * triton.cdiv(m, 32) > 2 * _num_sms():
+        # more 64 x 32 tiles than fit at once (2 per SM: qkv at M = 128 measured 0.86x with
+        # them, a second partial wave): 64 x 64 tiles, pointer loads (measured 1.08x there)
+        return dict(swap=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6)
+    if not glu and (m <= 64 or (m <= 128 and n < 16384)):
+        # memory-bound on the weights: swapped, TMA, 256-byte weight row segments per stage
+        bn, stages = (16, 4) if m <= 16 else (32, 4) if n < 16384 else (64, 3)
+        return dict(swap=True, tma=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1, num_warps=4,
+                    num_stages=stages)
+    if not glu and m <= 128 and n >= 16384:  # gate_up, 65-128 tokens: 1.01x against 0.96x for 64 x 128
+        return dict(swap=False, tma=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if m <= 16:  # GLU at decode sizes: 16-token tiles, one program per 128 weight rows
         return dict(swap=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if glu:
         return dict(swap=False, BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
@@ -325,7 +418,7 @@ def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
         return dict(swap=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     if in_loop_scale:  # a second fp32 tile for each K step's partial product: 128 x 128
         return dict(swap=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(swap=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(swap=False, tma=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
@@ -342,6 +435,10 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
     sa_stride = a_scale.stride(0) if a_mode != MODE_TENSOR else 0
     sb_stride = b_scale.stride(0) if b_mode != MODE_TENSOR else 0
     if m == 0 or n == 0:
+        return
+    if cfg.pop("tma", False) and not glu and out_scale is None and bias is None and a_mode <= 2 and b_mode <= 2 \
+            and _tma_ok(a) and _tma_ok(b):
+        _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, cfg, swap)
         return
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if a_mode >= 3 or b_mode >= 3:

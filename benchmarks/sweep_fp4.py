@@ -1,0 +1,97 @@
+"""Sweep the FP4 W4A16 GEMM's launch configurations on the GPU (issue 5): for gate_up
+28672x4096 and down 4096x14336 at M in {1, 16, 64, 128, 4096}, time a few configurations of
+the fused kernel, the dequantize + torch.matmul path and bf16 torch.matmul under CUDA graphs,
+and print / save the best. Usage: python benchmarks/sweep_fp4.py [out.json]"""
+import json
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+import trtllm_kernels as tk
+from trtllm_kernels.kernels import triton_fp4 as tf
+
+SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
+MS = (1, 16, 64, 128, 4096)
+
+
+def configs(m, n, half):
+    """The op's own rule (PTX conversion on and off) and two alternatives."""
+    c = lambda bm, bn, kb, w, s: dict(BLOCK_M=bm, BLOCK_N=bn, KB=kb, SPLIT_K=0, GROUP_N=8, num_warps=w, num_stages=s)
+    rule = tf.gemm_config(m, n, half)
+    out = [dict(rule, ASM=True), dict(rule, ASM=False)]
+    if m <= 16:
+        out += [dict(c(16, 64, 128, 4, 4), ASM=True), dict(c(16, 64, 256, 4, 3), ASM=True)]
+    else:
+        out += [dict(c(64, 64, 64, 4, 4), ASM=True), dict(c(128, 128, 32, 8, 3), ASM=True)]
+    return out
+
+
+def auto_split(cfg, m, n, half):
+    if cfg["SPLIT_K"]:
+        return cfg
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
+    steps = triton.cdiv(half, cfg["KB"])
+    split = 1
+    while tiles * split < 2 * tf._num_sms() and steps // (split * 2) >= 4 and split < 16:
+        split *= 2
+    return dict(cfg, SPLIT_K=split)
+
+
+def main():
+    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    rows = []
+    t0 = time.time()
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda") * k ** -0.5
+        p, s, g = tk.quantize_nvfp4(w)
+        wb = w.to(torch.bfloat16)
+        del w
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ tk.dequantize_fp4(p, s, g).t()
+            bf16 = do_bench_cudagraph(lambda: torch.matmul(x, wb.t()))
+            row = dict(shape=name, M=m, bf16_us=bf16 * 1e3, results=[])
+            try:  # int4 tinygemm at the same shape, group size 128 (values do not matter for time)
+                q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+                wq = torch._convert_weight_to_int4pack(q, 8)
+                sz = torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
+                row["tinygemm_us"] = do_bench_cudagraph(lambda: torch._weight_int4pack_mm(x, wq, 128, sz)) * 1e3
+            except Exception as e:
+                print("tinygemm failed", str(e)[:200], flush=True)
+            tf.CONFIG_OVERRIDE = None
+            if m >= 1024:
+                saved = tf.DEQUANT_MATMUL_MIN_M
+                tf.DEQUANT_MATMUL_MIN_M = 1
+                row["dequant_matmul_us"] = do_bench_cudagraph(lambda: tf.fp4_gemm_cuda(x, p, s, g)) * 1e3
+                tf.DEQUANT_MATMUL_MIN_M = saved
+            for cfg in (configs(m, n, k // 2) if m < 1024 else []):
+                cfg = auto_split(cfg, m, n, k // 2)
+                tf.CONFIG_OVERRIDE = cfg
+                try:
+                    o = tf.fp4_gemm_cuda(x, p, s, g)
+                    err = float((o.float() - ref).abs().max() / ref.abs().max())
+                    t = do_bench_cudagraph(lambda: tf.fp4_gemm_cuda(x, p, s, g)) * 1e3
+                except Exception as e:  # a config that does not fit (shared memory) is skipped
+                    print(name, m, cfg, "FAILED", str(e)[:120], flush=True)
+                    continue
+                finally:
+                    tf.CONFIG_OVERRIDE = None
+                row["results"].append(dict(cfg=cfg, us=t, rel_err=err))
+            row["results"].sort(key=lambda r: r["us"])
+            best = row["results"][0] if row["results"] else None
+            print(f"{name} M={m}: bf16 {bf16 * 1e3:.1f} us, tinygemm {row.get('tinygemm_us', float('nan')):.1f}, dequant+mm {row.get('dequant_matmul_us', float('nan')):.1f}, "
+                  f"best {best['us'] if best else float('nan'):.1f} us {best['cfg'] if best else ''} "
+                  f"(err {best['rel_err'] if best else 0:.1e}); {time.time() - t0:.0f}s", flush=True)
+            for r in row["results"][1:]:
+                print(f"    {r['us']:.1f} {r['cfg']}", flush=True)
+            rows.append(row)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The float reference that the FP8 and FP4 accuracy tests measure quantized engines against:
+the default model's float engine on CPU, eight prompts (chat and raw), their 128-token greedy
+continuations and the teacher-forced logits of every position. Computed once per test session
+(it is the slow part), shared by tests/test_fp8.py and tests/test_fp4.py."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PROMPTS_CHAT = [
+    "What is the capital of France?",
+    "Write a short haiku about the winter sea and the moon over it.",
+    "List three prime numbers and explain why each of them is prime.",
+    "Explain in two sentences what a GPU is.",
+]
+PROMPTS_RAW = [
+    "The quick brown fox",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a kingdom far away, there lived a princess who loved to read books about the stars.",
+    "The history of the Roman Empire",
+]
+
+
+def teacher_forced_logits(model, ids: list[int]) -> torch.Tensor:
+    """All positions' float32 logits of one sequence, one prefill through a private cache."""
+    from trtllm_kernels.engine.model import AttentionMetadata
+
+    c = model.config
+    page, n = 16, len(ids)
+    blocks = -(-n // page)
+    caches = [(torch.zeros(blocks, c.num_key_value_heads, page, c.head_dim, dtype=model.dtype),
+               torch.zeros(blocks, c.num_key_value_heads, page, c.head_dim, dtype=model.dtype))
+              for _ in range(c.num_hidden_layers)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+        seq_lens=torch.tensor([n], dtype=torch.int32), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        num_decodes=0)
+    with torch.inference_mode():
+        hidden = model.forward(torch.tensor(ids), torch.arange(n), meta, caches)
+        return model.compute_logits(hidden)
+
+
+@dataclass
+class Reference:
+    prompts: list[list[int]]   # token ids
+    greedy: list[list[int]]    # the float engine's 128 greedy tokens after each prompt
+    logits: list[torch.Tensor]  # teacher-forced logits of prompt + greedy
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [p + g for p, g in zip(self.prompts, self.greedy)]
+
+
+@functools.cache
+def float_reference() -> Reference:
+    from trtllm_kernels.runtime import LLM, SamplingParams
+
+    ref = LLM(device="cpu", progress=False)
+    prompts = [ref.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS_CHAT]
+    prompts += [ref.encode(p) for p in PROMPTS_RAW]
+    outs = ref.generate(prompts, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True), use_tqdm=False)
+    greedy = [o.token_ids for o in outs]
+    logits = [teacher_forced_logits(ref.engine.model, p + g) for p, g in zip(prompts, greedy)]
+    return Reference(prompts, greedy, logits)
+
+
+def agreement(model, reference: Reference) -> dict:
+    """Top-1 agreement and mean KL(reference || model) over every teacher-forced position."""
+    agree, kl, positions = 0, 0.0, 0
+    for seq, lr in zip(reference.sequences, reference.logits):
+        lq = teacher_forced_logits(model, seq)
+        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        kl += float(F.kl_div(lq.log_softmax(-1), lr.log_softmax(-1), log_target=True, reduction="sum"))
+        positions += len(seq)
+    return dict(positions=positions, top1=agree / positions, kl=kl / positions)

