@@ -52,29 +52,50 @@ def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int) -> 
             "requests_s": num_requests / seconds}
 
 
+def _time_request(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, float]:
+    """Run one request alone: (time to first token, mean time per later token), in seconds."""
+    llm.add_request(prompt, params)
+    _sync(llm)
+    start = time.perf_counter()
+    llm.step()
+    _sync(llm)
+    first = time.perf_counter()
+    steps = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        steps += 1
+    _sync(llm)
+    return first - start, (time.perf_counter() - first) / max(steps, 1)
+
+
 def latency(llm: LLM, input_len: int, output_len: int, repeats: int = 3) -> dict:
     """Batch 1: time to first token (the prefill step) and time per output token after it."""
     vocab = llm.engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    ttfts, tpots = [], []
-    for r in range(repeats + 1):  # the first run warms up
-        llm.add_request(random_prompts(1, input_len, vocab, seed=100 + r)[0], params)
-        _sync(llm)
-        start = time.perf_counter()
-        llm.step()
-        _sync(llm)
-        first = time.perf_counter()
-        steps = 0
-        while llm.has_unfinished_requests():
-            llm.step()
-            steps += 1
-        _sync(llm)
-        end = time.perf_counter()
-        if r:
-            ttfts.append(first - start)
-            tpots.append((end - first) / max(steps, 1))
-    return {"input_len": input_len, "output_len": output_len, "ttft_ms": statistics.median(ttfts) * 1e3,
-            "tpot_ms": statistics.median(tpots) * 1e3}
+    times = [_time_request(llm, random_prompts(1, input_len, vocab, seed=100 + r)[0], params)
+             for r in range(repeats + 1)][1:]  # the first run warms up
+    return {"input_len": input_len, "output_len": output_len,
+            "ttft_ms": statistics.median(t for t, _ in times) * 1e3,
+            "tpot_ms": statistics.median(t for _, t in times) * 1e3}
+
+
+def prefix_ttft(llm: LLM, input_len: int, shared_fraction: float, repeats: int = 3) -> dict:
+    """Time to first token of prompts that share their first shared_fraction with earlier ones,
+    with the prefix cache off and on (the same LLM: the flag is read per request)."""
+    vocab = llm.engine.model_config.vocab_size
+    shared = int(input_len * shared_fraction)
+    prefix = random_prompts(1, shared, vocab, seed=7)[0]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    result = {"input_len": input_len, "shared_tokens": shared}
+    for label, caching in (("off", False), ("on", True)):
+        llm.kv.enable_prefix_caching = caching
+        prompts = [prefix + p for p in random_prompts(repeats + 1, input_len - shared, vocab, seed=300 + caching)]
+        # the first request warms up (and, with caching on, fills the cache with the prefix)
+        ttfts = [_time_request(llm, p, params)[0] for p in prompts]
+        result[f"ttft_ms_caching_{label}"] = statistics.median(ttfts[1:]) * 1e3
+    result["speedup"] = result["ttft_ms_caching_off"] / result["ttft_ms_caching_on"]
+    result["prefix_hit_rate"] = llm.kv.prefix_hit_rate
+    return result
 
 
 def hf_generate_throughput(shape: str, batch: int, input_len: int, output_len: int) -> dict:
@@ -121,15 +142,22 @@ def _make_llm(args, max_batch_size: int | None = None) -> LLM:
     from trtllm_kernels.engine import BuildConfig
     from trtllm_kernels.engine.random_weights import random_engine
 
+    tp, build, dtype = getattr(args, "tensor_parallel_size", 1), None, "auto"
     if args.shape:
         build = BuildConfig(max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                            max_batch_size=max_batch_size or args.max_batch_size)
-        model = random_engine(args.shape, build, device=args.device)
+                            max_batch_size=max_batch_size or args.max_batch_size,
+                            quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+        if tp > 1:  # each rank draws random_engine's values itself and keeps its shard
+            from .distributed import RandomWeights
+
+            model, dtype = RandomWeights(args.shape), "bfloat16"
+        else:
+            model = random_engine(args.shape, build, device=args.device)
     else:
         model = args.model
     return LLM(model, device=args.device, max_batch_size=max_batch_size or args.max_batch_size,
                max_num_tokens=args.max_num_tokens, cuda_graphs=not args.no_cuda_graphs,
-               progress=False)
+               progress=False, tensor_parallel_size=tp, dtype=dtype, build_config=build)
 
 
 def _write(out_dir: str | None, stem: str, result: dict) -> None:
@@ -145,7 +173,7 @@ def _meta(args, kind: str) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     return {"kind": kind, "device": device, "date": datetime.date.today().isoformat(),
             "command": "trtllm-kernels " + " ".join(sys.argv[1:]), "model": args.shape or args.model or "default",
-            "torch": torch.__version__}
+            "torch": torch.__version__, "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
 
 
 def cmd_throughput(args) -> int:
@@ -158,7 +186,10 @@ def cmd_throughput(args) -> int:
     for bs in args.batch_sizes or [args.max_batch_size]:
         llm = _make_llm(args, bs)
         runs.append(throughput(llm, args.num_requests, args.input_len, args.output_len))
+        runs[-1]["tensor_parallel_size"] = args.tensor_parallel_size
+        runs[-1]["kv_cache_tokens"] = llm.kv_cache_capacity_tokens
         print(f"max_batch_size {bs}: {runs[-1]['output_tok_s']:.0f} output tok/s", flush=True)
+        llm.shutdown()
         del llm
         gc.collect()
         if torch.cuda.is_available():
@@ -175,8 +206,20 @@ def cmd_throughput(args) -> int:
 
 def cmd_latency(args) -> int:
     llm = _make_llm(args, 1 if args.shape else None)
-    result = dict(_meta(args, "latency"), **latency(llm, args.input_len, args.output_len))
+    result = dict(_meta(args, "latency"), **latency(llm, args.input_len, args.output_len),
+                  tensor_parallel_size=args.tensor_parallel_size)
+    llm.shutdown()
     _write(args.out, args.stem or "latency", result)
+    return 0
+
+
+def cmd_prefix(args) -> int:
+    llm = _make_llm(args, 1 if args.shape else None)
+    result = dict(_meta(args, "prefix_caching"), **prefix_ttft(llm, args.input_len, args.shared_fraction))
+    llm.shutdown()
+    print(f"TTFT caching off {result['ttft_ms_caching_off']:.1f} ms, on {result['ttft_ms_caching_on']:.1f} ms: "
+          f"{result['speedup']:.2f}x", flush=True)
+    _write(args.out, args.stem or "prefix_caching", result)
     return 0
 
 
@@ -213,6 +256,11 @@ def add_parsers(sub) -> None:
         p.add_argument("--max-num-tokens", type=int, default=8192)
         p.add_argument("--max-seq-len", type=int, default=4096)
         p.add_argument("--no-cuda-graphs", action="store_true")
+        p.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="split the model over N GPUs (N processes; rank r on cuda:r)")
+        p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4", "mxfp4"],
+                       help="with --shape: quantize the random weights (as BuildConfig.quantization)")
+        p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="with --shape")
         p.add_argument("--out", default=None, help="directory for <stem>.json (and a plot)")
         p.add_argument("--stem", default=None)
 
@@ -228,6 +276,11 @@ def add_parsers(sub) -> None:
     lat = sub.add_parser("latency", help="batch 1: time to first token and per output token")
     common(lat)
     lat.set_defaults(func=cmd_latency)
+
+    pre = sub.add_parser("prefix", help="time to first token with a shared prompt prefix, prefix caching off / on")
+    common(pre)
+    pre.add_argument("--shared-fraction", type=float, default=0.9, help="the part of each prompt that is shared")
+    pre.set_defaults(func=cmd_prefix, input_len=2048)
 
 
 def main(argv: list[str] | None = None) -> int:

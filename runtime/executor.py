@@ -6,14 +6,15 @@ from trtllm_kernels.engine.model import LlamaModel
 from .kv_cache_manager import KVCacheManager
 from .model_runner import ModelRunner
 from .request import Request
-from .sampler import sample
+from .sampler import Sampler
 from .scheduler import Scheduler
 
 
 class Executor:
     def __init__(self, model: LlamaModel, kv: KVCacheManager, *, max_batch_size: int,
-                 max_num_tokens: int, max_seq_len: int, eos_token_ids: set[int]):
+                 max_num_tokens: int, max_seq_len: int, eos_token_ids: set[int], seed: int = 0):
         self.kv = kv
+        self.sampler = Sampler(seed)
         self.scheduler = Scheduler(kv, max_batch_size, max_num_tokens)
         self.runner = ModelRunner(model, kv)
         self.max_seq_len = max_seq_len
@@ -27,7 +28,14 @@ class Executor:
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request and free its blocks; False if it is not here."""
+        self.sampler.release(request_id)
         return self.scheduler.abort(request_id)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Retire a running request now (eos, stop token, length, or a stop string found by
+        the LLM in its text): its blocks and sampler state are freed."""
+        self.scheduler.finish(req, reason)
+        self.sampler.release(req.request_id)
 
     def step(self) -> list[Request]:
         """Run one step; returns the requests that got a new token in it (finished ones have
@@ -42,11 +50,17 @@ class Executor:
             req.num_computed += n
             self.kv.register_computed(req.request_id, req.tokens, req.num_computed)
         sampling = [batch.requests[i] for i in samplers]
-        for req, token in zip(sampling, sample(logits, sampling) if sampling else []):
+        if not sampling:
+            return []
+        out = self.sampler(logits, sampling)
+        for req, token, lp in zip(sampling, out.tokens, out.logprobs):
             req.tokens.append(token)
+            if lp is not None:
+                req.logprobs.append(lp)
+                req.cumulative_logprob += lp[token]
             reason = self._stop_reason(req, token)
             if reason:
-                self.scheduler.finish(req, reason)
+                self.finish(req, reason)
         return sampling
 
     def _stop_reason(self, req: Request, token: int) -> str | None:

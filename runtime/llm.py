@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -14,9 +15,11 @@ from trtllm_kernels.engine import BuildConfig, Engine, cached_engine, default_ch
 from trtllm_kernels.engine.builder import ENGINE_CONFIG
 from trtllm_kernels.engine.checkpoint import CheckpointError
 
+from .detokenizer import IncrementalDetokenizer
 from .executor import Executor
 from .kv_cache_manager import KVCacheManager
 from .request import CompletionOutput, Request, RequestOutput, RequestStatus
+from .sampler import seeded_child
 from .sampling_params import SamplingParams
 
 CPU_DEFAULT_KV_TOKENS = 16384
@@ -44,7 +47,17 @@ class LLM:
     (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of free memory after the
     weights, less a reserve for activations). enable_prefix_caching: reuse the KV blocks of
     prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
-    cuda_graphs: on CUDA, replay captured graphs for decode steps (on by default).
+    cuda_graphs: on CUDA, replay captured graphs for decode steps (on by default). seed: seeds
+    the sampler's generator for requests without their own SamplingParams.seed.
+
+    Requests: `generate` (blocking, a batch), or `add_request` then `step()` (each step returns
+    cumulative outputs of the requests that advanced) and `abort_request`. Streaming as an
+    async generator: `AsyncLLM(llm).generate(prompt, params)` (runtime/async_llm.py) yields
+    incremental RequestOutputs, and closing it aborts the request. Stop strings
+    (SamplingParams.stop) are matched here, on incrementally detokenized text
+    (runtime/detokenizer.py), for every caller alike.
+    tensor_parallel_size: split the model over N ranks (N GPUs, cuda:0..N-1, or N CPU processes
+    with device="cpu"); model must then be a path or `distributed.RandomWeights`, not an Engine.
     """
 
     def __init__(
@@ -53,9 +66,18 @@ class LLM:
         kv_cache_tokens: int | None = None, free_gpu_memory_fraction: float = 0.9,
         max_batch_size: int | None = None, max_num_tokens: int | None = None,
         enable_prefix_caching: bool = True, cuda_graphs: bool = True, seed: int = 0,
-        progress: bool = True,
+        progress: bool = True, tensor_parallel_size: int = 1,
     ):
-        if isinstance(model, Engine):
+        self._tp = None
+        if tensor_parallel_size != 1:  # ranks 1..N-1 in their own processes (runtime/distributed.py)
+            from .distributed import start as start_tensor_parallel
+
+            self._tp = start_tensor_parallel(
+                model, tensor_parallel_size, dtype=dtype, device=device, build_config=build_config,
+                kv_cache_tokens=kv_cache_tokens, free_gpu_memory_fraction=free_gpu_memory_fraction, progress=progress)
+            weakref.finalize(self, self._tp.close)
+            self.engine = self._tp.engine
+        elif isinstance(model, Engine):
             self.engine = model
         else:
             engine_dir = resolve_engine_dir(model, build_config, progress)
@@ -65,8 +87,10 @@ class LLM:
         self.max_seq_len = build.max_seq_len
         model_ = self.engine.model
         cache_dtype = torch.float8_e4m3fn if build.kv_cache_dtype == "fp8" else model_.dtype
-        num_blocks = self._num_blocks(kv_cache_tokens, free_gpu_memory_fraction, build.page_size, cache_dtype)
-        self.kv = KVCacheManager(config, num_blocks, build.page_size, cache_dtype, model_.device,
+        num_blocks = self._tp.num_blocks if self._tp else \
+            self._num_blocks(kv_cache_tokens, free_gpu_memory_fraction, build.page_size, cache_dtype)
+        # model_.config: under tensor parallelism, this rank's share of the KV heads.
+        self.kv = KVCacheManager(model_.config, num_blocks, build.page_size, cache_dtype, model_.device,
                                  enable_prefix_caching)
         eos = set(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -74,16 +98,17 @@ class LLM:
         self.executor = Executor(
             model_, self.kv, max_batch_size=max_batch_size or build.max_batch_size,
             max_num_tokens=max_num_tokens or build.max_num_tokens, max_seq_len=self.max_seq_len,
-            eos_token_ids=eos,
+            eos_token_ids=eos, seed=seed,
         )
         if cuda_graphs and model_.device.type == "cuda":
             self.executor.runner.capture_decode_graphs(self.executor.scheduler.max_batch_size, self.max_seq_len)
         if progress:
             print(f"KV cache: {self.kv.capacity_tokens} tokens ({num_blocks} blocks of {build.page_size}, "
                   f"{cache_dtype}); decode CUDA graphs: {sorted(self.executor.runner.graphs) or 'off'}")
-        self._rng = random.Random(seed)
         self._ids = itertools.count()
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, _Group] = {}
+        self._seq_group: dict[str, _Group] = {}  # sequence id -> its request
+        self._arrivals = itertools.count()
 
     def _num_blocks(self, kv_tokens, fraction, page, cache_dtype) -> int:
         c = self.engine.model_config
@@ -100,6 +125,12 @@ class LLM:
         if kv_tokens < page:
             raise ValueError(f"KV cache of {kv_tokens} tokens is smaller than one page ({page} tokens)")
         return kv_tokens // page
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do on one rank); the LLM
+        cannot run after. Also happens when the LLM is garbage-collected or at exit."""
+        if self._tp is not None:
+            self._tp.close()
 
     @property
     def kv_cache_capacity_tokens(self) -> int:
@@ -123,7 +154,9 @@ class LLM:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
         return ids
 
-    def _make_request(self, prompt, params: SamplingParams) -> Request:
+    def _make_request(self, prompt, params: SamplingParams) -> "_Group":
+        """Validate one prompt and its params; returns its group of params.n sequences (not
+        yet added)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         ids = self.encode(prompt)
@@ -137,43 +170,99 @@ class LLM:
                 f"request needs up to {longest} tokens of KV cache, more than its capacity of "
                 f"{self.kv.capacity_tokens}; lower max_tokens or enlarge the cache"
             )
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Request(str(next(self._ids)), prompt if isinstance(prompt, str) else None, ids, params,
-                      arrival=len(self._requests), generator=torch.Generator().manual_seed(seed))
-        return req
+        rid = str(next(self._ids))
+        text_prompt = prompt if isinstance(prompt, str) else None
+        seqs = []
+        for i in range(params.n):
+            seq = Request(rid if params.n == 1 else f"{rid}-{i}", text_prompt, ids, params, arrival=next(self._arrivals),
+                          seed=None if params.seed is None else seeded_child(params.seed, i), parent_id=rid, index=i)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+            seqs.append(seq)
+        return _Group(rid, text_prompt, ids, params, seqs)
+
+    def _submit(self, group: "_Group") -> None:
+        self._requests[group.request_id] = group
+        for seq in group.seqs:
+            self._seq_group[seq.request_id] = group
+        # n > 1: the other sequences wait until the first has computed the prompt, so that they
+        # find its full blocks in the prefix cache instead of computing the prompt n times.
+        share = len(group.seqs) > 1 and self.kv.enable_prefix_caching and \
+            len(group.prompt_token_ids) > self.kv.page_size
+        first = group.seqs[:1] if share else group.seqs
+        group.pending = group.seqs[len(first):]
+        for seq in first:
+            self.executor.add(seq)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> str:
-        req = self._make_request(prompt, params or SamplingParams())
-        self._requests[req.request_id] = req
-        self.executor.add(req)
-        return req.request_id
+        """Queue one prompt; its outputs come from `step()` under the returned id."""
+        group = self._make_request(prompt, params or SamplingParams())
+        self._submit(group)
+        return group.request_id
 
     def has_unfinished_requests(self) -> bool:
         return self.executor.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that got a new token
-        in it (`finished` tells which are done: those are forgotten after this)."""
+        in it (`finished` tells which are done: those are forgotten after this). Outputs are
+        cumulative: each holds the whole text and tokens so far; a running request's text
+        holds back what may still change (a partial character, the start of a stop string)."""
+        touched: dict[str, _Group] = {}
+        for seq in self.executor.step():
+            group = self._seq_group.get(seq.request_id)
+            if group is None:  # aborted meanwhile
+                continue
+            done = seq.status is RequestStatus.FINISHED
+            if seq.detok.add([seq.tokens[-1]], final=done):
+                if not done:
+                    self.executor.finish(seq, "stop")
+                seq.finish_reason = "stop"
+            touched[group.request_id] = group
         outputs = []
-        for req in self.executor.step():
-            if req.status is RequestStatus.FINISHED:
-                self._requests.pop(req.request_id, None)
-            outputs.append(self._output(req))
+        for group in touched.values():
+            leader = group.seqs[0]
+            if group.pending and (leader.status is RequestStatus.FINISHED or leader.output_token_ids):
+                for seq in reversed(group.pending):  # they arrived before anything still waiting
+                    self.executor.scheduler.add(seq, front=True)
+                group.pending = []
+            out = self._output(group)
+            if out.finished:
+                self._forget(group)
+            outputs.append(out)
         return outputs
 
-    def abort_request(self, request_id: str) -> bool:
-        """Stop a request now and free its KV blocks; False if it is unknown or already done."""
-        if self._requests.pop(request_id, None) is None:
-            return False
-        return self.executor.abort(request_id)
+    def _forget(self, group: "_Group") -> None:
+        self._requests.pop(group.request_id, None)
+        for seq in group.seqs:
+            self._seq_group.pop(seq.request_id, None)
 
-    def _output(self, req: Request) -> RequestOutput:
-        ids = req.output_token_ids
-        text = "" if self.tokenizer is None else self.tokenizer.decode(
-            ids, skip_special_tokens=req.params.skip_special_tokens)
-        done = req.status is RequestStatus.FINISHED
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                             [CompletionOutput(0, text, ids, req.finish_reason)], done)
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request (all of its n sequences) now and free its KV blocks; False if it is
+        unknown or already done."""
+        group = self._requests.get(request_id)
+        if group is None:
+            return False
+        self._forget(group)
+        pending = {id(seq) for seq in group.pending}
+        for seq in group.seqs:
+            if id(seq) in pending:  # never queued: nothing to free
+                seq.status, seq.finish_reason = RequestStatus.FINISHED, "abort"
+            else:
+                self.executor.abort(seq.request_id)
+        group.pending = []
+        return True
+
+    def _output(self, group: "_Group") -> RequestOutput:
+        outs = []
+        for seq in group.seqs:
+            done = seq.status is RequestStatus.FINISHED
+            outs.append(CompletionOutput(
+                seq.index, seq.detok.text if done else seq.detok.stable_text(), seq.output_token_ids,
+                seq.finish_reason if done else None,
+                None if seq.logprobs is None else list(seq.logprobs),
+                None if seq.logprobs is None else seq.cumulative_logprob))
+        finished = not group.pending and all(s.status is RequestStatus.FINISHED for s in group.seqs)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished)
 
     # -- batch API -----------------------------------------------------------------------
 
@@ -192,9 +281,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]  # validate all first
-        for req in requests:
-            self._requests[req.request_id] = req
-            self.executor.add(req)
+        for group in requests:
+            self._submit(group)
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
         with tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm) as bar:
@@ -223,3 +311,15 @@ class LLM:
             raise ValueError("this model's tokenizer has no chat template")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class _Group:
+    """One request: its n sequences (completions), of which `pending` are not yet queued."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Request]
+    pending: list[Request] = field(default_factory=list)

@@ -4,6 +4,12 @@ On CUDA, decode-only steps replay CUDA graphs: one graph per batch size of a lad
 (1, 2, 4, 8, then multiples of 16), the batch padded up to the next size. Graph inputs live in
 persistent buffers that each step overwrites; padding rows have seq_len 0 and slot -1, so
 they read nothing and write nothing. Steps with prefill tokens run eagerly.
+
+A step is two halves: rank 0 packs the batch into a command header (a few ints) and one int64
+payload on the host (`_pack_eager`, `_pack_decode`); `execute` unpacks it on the device and
+runs the model. Under tensor parallelism (runtime/distributed.py) the model carries a `comm`
+and rank 0 broadcasts header and payload in between, so the other ranks run `execute` on the
+same inputs; with one rank the payload is just copied to the device.
 """
 from __future__ import annotations
 
@@ -23,6 +29,22 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+CMD_EAGER, CMD_GRAPH, CMD_CAPTURE, CMD_STOP = 1, 2, 3, 4
+# header: [command, T tokens, S sequences, block-table width, num_decodes, num_samplers, graph batch]
+
+
+def payload_size(header: list[int]) -> int:
+    """int64 count of a step's payload. Eager: ids, positions, slots [T]; seq_lens [S];
+    query starts [S+1]; sampled rows [num_samplers]; block tables [S, width]. Graph replay of
+    batch b: ids, positions, slots, seq_lens [b]; block tables [b, width]."""
+    cmd, t, s, w, _, n_samp, b = header[:7]
+    if cmd == CMD_EAGER:
+        return 3 * t + 2 * s + 1 + n_samp + s * w
+    if cmd == CMD_GRAPH:
+        return 4 * b + b * w
+    return 0
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCacheManager, kv_scales: tuple[float, float] = (1.0, 1.0)):
         self.model = model
@@ -30,15 +52,27 @@ class ModelRunner:
         self.kv_scales = kv_scales
         self.device = model.device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # A tensor-parallel rank's collectives (engine/parallel.py); None on one rank.
+        self.comm = getattr(model, "comm", None)
 
-    # -- eager -----------------------------------------------------------------------------
+    # -- rank 0: pack a step -------------------------------------------------------------------
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (logits [N, vocab] float32, indices into batch.requests of the
         N requests whose new tokens reach their end and so sample a next token)."""
         if self.graphs and batch.num_decodes == len(batch) <= max(self.graphs):
-            return self._replay(batch), list(range(len(batch)))
+            header, payload = self._pack_decode(batch)
+            return self._dispatch(header, payload)[: len(batch)], list(range(len(batch)))
+        header, payload, samplers = self._pack_eager(batch)
+        return self._dispatch(header, payload), samplers
+
+    def _dispatch(self, header: list[int], payload: torch.Tensor) -> torch.Tensor:
+        if self.comm is not None:  # the other ranks run the same step on the same inputs
+            return self.execute(header, self.comm.send_step(header, payload))
+        return self.execute(header, payload.to(self.device, non_blocking=True))
+
+    def _pack_eager(self, batch: ScheduledBatch):
         page = self.kv.page_size
         ids, positions, slots, seq_lens, starts, tables, samplers = [], [], [], [], [0], [], []
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
@@ -53,34 +87,87 @@ class ModelRunner:
             if hi == len(req.tokens):
                 samplers.append(i)
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        last = [starts[i + 1] - 1 for i in samplers]
+        flat = [b for t in tables for b in t + [0] * (width - len(t))]
+        payload = torch.tensor(ids + list(positions) + slots + seq_lens + starts + last + flat, dtype=torch.int64)
+        header = [CMD_EAGER, len(ids), len(tables), width, batch.num_decodes, len(samplers), 0]
+        return header, payload, samplers
 
-        def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def _pack_decode(self, batch: ScheduledBatch):
+        n = len(batch)
+        b = next(s for s in sorted(self.graphs) if s >= n)
+        page = self.kv.page_size
+        ids, positions, slots, tables = [0] * b, [0] * b, [-1] * b, []  # padding rows write nowhere
+        for i, req in enumerate(batch.requests):
+            pos = req.num_computed
+            table = self.kv.block_table(req.request_id)
+            ids[i], positions[i], slots[i] = req.tokens[pos], pos, table[pos // page] * page + pos % page
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        seq_lens = [p + 1 for p in positions[:n]] + [0] * (b - n)
+        flat = [x for t in tables for x in t + [0] * (width - len(t))] + [0] * ((b - n) * width)
+        payload = torch.tensor(ids + positions + slots + seq_lens + flat, dtype=torch.int64)
+        return [CMD_GRAPH, n, n, width, n, n, b], payload
 
+    # -- every rank: run a step ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, header: list[int], payload: torch.Tensor) -> torch.Tensor:
+        """Unpack a step's payload (on this rank's device) and run the model: float32 logits of
+        the sampled rows (eager) or of the graph's whole padded batch (graph replay)."""
+        cmd, t, s, w, num_decodes, n_samp, b = header[:7]
+        if cmd == CMD_GRAPH:
+            return self._replay(payload, b, w)
+        ids, positions, slots, seq_lens, starts, last, tables = payload.split([t, t, t, s, s + 1, n_samp, s * w])
         meta = AttentionMetadata(
-            slot_mapping=dev(slots, torch.int64),
-            block_tables=block_tables.to(self.device, non_blocking=True),
-            seq_lens=dev(seq_lens, torch.int32),
-            query_start_loc=dev(starts, torch.int32),
-            num_decodes=batch.num_decodes,
+            slot_mapping=slots,
+            block_tables=tables.view(s, w).to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            query_start_loc=starts.to(torch.int32),
+            num_decodes=num_decodes,
         )
-        hidden = self.model.forward(
-            dev(ids, torch.int64), dev(positions, torch.int64), meta, self.kv.layer_caches, self.kv_scales
-        )
-        last = dev([starts[i + 1] - 1 for i in samplers], torch.int64)
-        return self.model.compute_logits(hidden[last]), samplers
+        hidden = self.model.forward(ids, positions, meta, self.kv.layer_caches, self.kv_scales)
+        return self.model.compute_logits(hidden[last])
 
     # -- CUDA graphs -------------------------------------------------------------------------
 
     def capture_decode_graphs(self, max_batch_size: int, max_seq_len: int) -> bool:
         """Capture decode graphs for every ladder size up to max_batch_size. Returns False (and
-        leaves eager decoding on) if an op on the path cannot be captured."""
+        leaves eager decoding on) if an op on the path cannot be captured. Under tensor
+        parallelism rank 0 first tells the other ranks to capture the same sizes (the
+        all-reduces inside are captured as NCCL kernels; every rank replays together)."""
         if self.device.type != "cuda":
             return False
-        width = self.kv.blocks_for(max_seq_len)
+        if self.comm is not None and self.comm.rank == 0:
+            self.comm.send_step([CMD_CAPTURE, max_batch_size, max_seq_len], None)
         sizes = graph_batch_sizes(max_batch_size)
-        n = sizes[-1]
+        self._alloc_graph_inputs(sizes[-1], self.kv.blocks_for(max_seq_len))
+        pool = torch.cuda.graph_pool_handle()
+        # Other threads (NCCL's watchdog) keep using CUDA during capture: only this thread's
+        # calls must be capture-safe.
+        mode = "thread_local" if self.comm is not None else "global"
+        ok = True
+        try:
+            with torch.inference_mode():
+                for b in reversed(sizes):  # largest first: later graphs reuse its memory
+                    self._forward_decode(b)  # warm-up: compiles kernels outside capture
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+                        self._logits[b] = self._forward_decode(b)
+                    self.graphs[b] = graph
+        except RuntimeError as e:  # an op synchronized or allocated in a way capture refuses
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}")
+            ok = False
+        torch.cuda.synchronize()
+        if self.comm is not None:  # graphs on every rank or on none: they replay in lockstep
+            ok = bool(self.comm.min_int(int(ok)))
+        if not ok:
+            self.graphs.clear()
+            self._logits.clear()
+        return ok
+
+    def _alloc_graph_inputs(self, n: int, width: int) -> None:
+        """The persistent input buffers that graphs read, for batches up to n."""
         self._buf = {
             "ids": torch.zeros(n, dtype=torch.int64, device=self.device),
             "positions": torch.zeros(n, dtype=torch.int64, device=self.device),
@@ -89,26 +176,7 @@ class ModelRunner:
             "seq_lens": torch.zeros(n, dtype=torch.int32, device=self.device),
             "starts": torch.arange(n + 1, dtype=torch.int32, device=self.device),
         }
-        self._host = torch.zeros(4, n, dtype=torch.int64).pin_memory()
-        self._host_tables = torch.zeros(n, width, dtype=torch.int32).pin_memory()
         self._logits: dict[int, torch.Tensor] = {}
-        pool = torch.cuda.graph_pool_handle()
-        try:
-            with torch.inference_mode():
-                for b in reversed(sizes):  # largest first: later graphs reuse its memory
-                    self._forward_decode(b)  # warm-up: compiles kernels outside capture
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._logits[b] = self._forward_decode(b)
-                    self.graphs[b] = graph
-        except RuntimeError as e:  # an op synchronized or allocated in a way capture refuses
-            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}")
-            self.graphs.clear()
-            self._logits.clear()
-            torch.cuda.synchronize()
-            return False
-        torch.cuda.synchronize()
-        return True
 
     def _forward_decode(self, b: int) -> torch.Tensor:
         buf = self._buf
@@ -117,27 +185,15 @@ class ModelRunner:
         hidden = self.model.forward(buf["ids"][:b], buf["positions"][:b], meta, self.kv.layer_caches, self.kv_scales)
         return self.model.compute_logits(hidden)
 
-    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
-        n = len(batch)
-        b = next(s for s in sorted(self.graphs) if s >= n)
-        page = self.kv.page_size
-        host, tables = self._host, self._host_tables
-        host[:, :b] = 0
-        host[2, :b] = -1  # padding rows write nowhere
-        tables[:b] = 0
-        for i, req in enumerate(batch.requests):
-            pos = req.num_computed
-            table = self.kv.block_table(req.request_id)
-            host[0, i] = req.tokens[pos]
-            host[1, i] = pos
-            host[2, i] = table[pos // page] * page + pos % page
-            host[3, i] = pos + 1
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    def _replay(self, payload: torch.Tensor, b: int, width: int) -> torch.Tensor:
+        """Copy a packed decode step (batch padded to graph size b) into the graph's input
+        buffers and replay. Table columns past `width` keep stale ids: no row reads them."""
         buf = self._buf
-        buf["ids"][:b].copy_(host[0, :b], non_blocking=True)
-        buf["positions"][:b].copy_(host[1, :b], non_blocking=True)
-        buf["slots"][:b].copy_(host[2, :b], non_blocking=True)
-        buf["seq_lens"][:b].copy_(host[3, :b], non_blocking=True)
-        buf["tables"][:b].copy_(tables[:b], non_blocking=True)
+        ids, positions, slots, seq_lens, tables = payload.split([b, b, b, b, b * width])
+        buf["ids"][:b].copy_(ids)
+        buf["positions"][:b].copy_(positions)
+        buf["slots"][:b].copy_(slots)
+        buf["seq_lens"][:b].copy_(seq_lens)
+        buf["tables"][:b, :width].copy_(tables.view(b, width))
         self.graphs[b].replay()
-        return self._logits[b][:n]
+        return self._logits[b]

@@ -34,11 +34,23 @@ class Request:
     num_computed: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # unused by the sampler; kept for old callers
     num_preemptions: int = 0
+    # Sampling: the seed of this sequence's noise (None: params.seed, else unseeded) and how
+    # many draws it made, which keys its next noise (see sampler.py).
+    seed: int | None = None
+    num_draws: int = 0
+    # n > 1: this sequence is completion `index` of the request `parent_id`.
+    parent_id: str | None = None
+    index: int = 0
+    logprobs: list[dict[int, float]] | None = None  # filled when params.logprobs is set
+    cumulative_logprob: float = 0.0
+    detok: "object | None" = None  # the LLM's incremental detokenizer state
 
     def __post_init__(self):
         self.tokens = list(self.prompt_token_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -54,7 +66,11 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (eos or a stop token), "length", "abort", or None while running
+    finish_reason: str | None  # "stop" (eos, a stop token or stop string), "length", "abort", or None while running
+    # With SamplingParams.logprobs=k: per generated token, {token id: logprob} of the sampled
+    # token and the k most likely ones (k+1 entries, or k when the sampled one is among them).
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (with logprobs)
 
 
 @dataclass

@@ -41,8 +41,12 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
+    def add(self, request: Request, front: bool = False) -> None:
+        """Queue a request; front=True puts it ahead of everything waiting."""
+        if front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -216,7 +216,7 @@ def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
     from trtllm_kernels.engine import BuildConfig
     from trtllm_kernels.engine.random_weights import random_engine, weight_shapes
     from trtllm_kernels.runtime import LLM
-    from trtllm_kernels.runtime.benchmark import latency, throughput
+    from trtllm_kernels.runtime.benchmark import latency, prefix_ttft, throughput
 
     engine = random_engine(TINY, BuildConfig(max_seq_len=128), device="cpu", dtype=torch.float32)
     assert {n: tuple(w.shape) for n, w in engine.model.weights.items()} == weight_shapes(TINY)
@@ -229,4 +229,7 @@ def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
     assert t["output_tokens"] == 24 and t["output_tok_s"] > 0
     lat = latency(llm, input_len=5, output_len=4, repeats=1)
     assert lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
+    pre = prefix_ttft(llm, input_len=100, shared_fraction=0.9, repeats=1)
+    assert pre["shared_tokens"] == 90 and pre["speedup"] > 0
+    assert llm.kv.enable_prefix_caching and llm.kv.prefix_hit_tokens >= 80  # the cached run reused 5+ blocks
     assert llm.kv.num_free_blocks == llm.kv.num_blocks
