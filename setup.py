@@ -20,6 +20,7 @@ setup(
         "trtllm_kernels.engine",
         "trtllm_kernels.runtime",
         "trtllm_kernels.csrc",
+        "trtllm_kernels.plugins",
     ],
     package_dir={
         "trtllm_kernels.engine": "engine",
@@ -39,7 +40,11 @@ setup(
         "gguf": ["gguf>=0.10"],
         "triton": ["triton==3.6.0"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "gguf>=0.10", "accelerate", "triton==3.6.0", "matplotlib"],
+        # the OpenAI-compatible server (`trtllm-kernels serve`) and its load test (`bench serve`)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "test": ["pytest", "gguf>=0.10", "accelerate", "triton==3.6.0", "matplotlib",
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40",
+                 "onnx>=1.16"],  # the TensorRT plugins' ONNX export is checked with onnx.checker
     },
     entry_points={"console_scripts": ["trtllm-kernels=trtllm_kernels.cli:main"]},
 )
