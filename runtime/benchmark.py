@@ -82,17 +82,21 @@ def latency(llm: LLM, input_len: int, output_len: int, repeats: int = 3) -> dict
 def prefix_ttft(llm: LLM, input_len: int, shared_fraction: float, repeats: int = 3) -> dict:
     """Time to first token of prompts that share their first shared_fraction with earlier ones,
     with the prefix cache off and on (the same LLM: the flag is read per request)."""
+    if not 0 <= shared_fraction < 1:
+        raise ValueError(f"shared_fraction must be in [0, 1), got {shared_fraction}")
     vocab = llm.engine.model_config.vocab_size
     shared = int(input_len * shared_fraction)
     prefix = random_prompts(1, shared, vocab, seed=7)[0]
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     result = {"input_len": input_len, "shared_tokens": shared}
-    for label, caching in (("off", False), ("on", True)):
+    was = llm.kv.enable_prefix_caching
+    for label, caching, seed in (("off", False, 300), ("on", True, 400)):
         llm.kv.enable_prefix_caching = caching
-        prompts = [prefix + p for p in random_prompts(repeats + 1, input_len - shared, vocab, seed=300 + caching)]
+        prompts = [prefix + p for p in random_prompts(repeats + 1, input_len - shared, vocab, seed=seed)]
         # the first request warms up (and, with caching on, fills the cache with the prefix)
         ttfts = [_time_request(llm, p, params)[0] for p in prompts]
         result[f"ttft_ms_caching_{label}"] = statistics.median(ttfts[1:]) * 1e3
+    llm.kv.enable_prefix_caching = was
     result["speedup"] = result["ttft_ms_caching_off"] / result["ttft_ms_caching_on"]
     result["prefix_hit_rate"] = llm.kv.prefix_hit_rate
     return result
