@@ -40,6 +40,7 @@ phase tp2_8b 75 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-si
 phase tp2_70b 110 $T --shape llama-3.1-70b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_70b
 # TP=1 last: `gpu_run.sh all` has already run the same command on one GPU of this machine.
 phase tp1_8b 75 $T --shape llama-3.1-8b --num-requests 1000 --stem tp1_8b
+phase tp2_8b_fp8 75 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --quantization fp8 --stem tp2_8b_fp8
 phase lat_tp1_8b 35 $L --stem lat_tp1_8b
 phase lat_tp2_8b 35 $L --tensor-parallel-size 2 --stem lat_tp2_8b
 ls -la "$OUT" >> "$log"

@@ -27,6 +27,9 @@ ranks nothing is replicated or wasted.
 
 Numerics: the all-reduce sums N partial products in the activation dtype, so results differ
 from one rank's by rounding only (in float32, greedy tokens agree; in bfloat16 they can drift).
+FP8 engines: a weight's per-output-channel scales are split with its rows (column-parallel)
+or kept whole (row-parallel); the per-token scale of a row-parallel layer's input is taken
+over this rank's slice, so logits differ from one rank's by a second FP8 rounding.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import LlamaModel, weight_names
+from .model import LlamaModel
+from .quantize import SCALE_SUFFIX, Fp8LlamaModel
 
 
 def _split(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -117,6 +121,9 @@ def shard_pieces(config: ModelConfig, plan: ShardPlan, name: str) -> tuple[int, 
     dim -1 means the weight is replicated."""
     d, nq, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     kind = name.rsplit(".", 1)[-1]
+    if kind.endswith(SCALE_SUFFIX):  # an FP8 weight's per-output-channel scale [N, 1]
+        dim, pieces = shard_pieces(config, plan, name[: -len(SCALE_SUFFIX)])
+        return (0, pieces) if dim == 0 else (-1, [])  # split with its rows; row-parallel: all N
     if kind in ("embed", "lm_head"):
         return 0, [plan.vocab]
     if kind in ("norm", "attn_norm", "mlp_norm"):
@@ -150,19 +157,20 @@ def shard_weight(config: ModelConfig, plan: ShardPlan, name: str, get: Getter) -
         w = torch.cat([w, w.new_zeros(plan.vocab_shard - w.shape[0], w.shape[1])])
     if kind == "o" and plan.q_heads != plan.owned_q_heads:
         d = config.head_dim
+        zero = w.view(torch.uint8) if w.element_size() == 1 else w  # fp8 has no fill; 0x00 is +0
         for j, h in enumerate(plan.q_heads):
             if h not in plan.owned_q_heads:
-                w[:, j * d:(j + 1) * d] = 0  # another rank contributes this head's output
+                zero[:, j * d:(j + 1) * d] = 0  # another rank contributes this head's output
     return w.contiguous()
 
 
 def shard_weights(config: ModelConfig, weights: dict[str, torch.Tensor], plan: ShardPlan) -> dict[str, torch.Tensor]:
-    """Full weights (our fused names) -> rank plan.rank's shard of each."""
+    """Full weights (our fused names, and FP8 scales if any) -> rank plan.rank's shard of each."""
     def get(name, dim, a, b):
         w = weights[name]
         return w if dim < 0 else w.narrow(dim, a, b - a)
 
-    return {n: shard_weight(config, plan, n, get) for n in weight_names(config)}
+    return {n: shard_weight(config, plan, n, get) for n in weights}
 
 
 class Communicator(Protocol):
@@ -207,3 +215,9 @@ class TensorParallelLlamaModel(LlamaModel):
         gathered = self.comm.all_gather(local)  # [size, N, vocab_shard]
         logits = gathered.permute(1, 0, 2).reshape(hidden.shape[0], -1)
         return logits[:, : self.full_config.vocab_size].float()
+
+
+class TensorParallelFp8LlamaModel(TensorParallelLlamaModel, Fp8LlamaModel):
+    """One rank's shard of an FP8 engine: Fp8LlamaModel's forward with the tensor-parallel
+    embedding, all-reduces and LM head. Each rank quantizes its own slice of a row-parallel
+    layer's input per token, so results differ from one rank's by that rounding too."""

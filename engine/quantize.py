@@ -17,7 +17,6 @@ Every GEMM accumulates in fp32 and writes the activation dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import trtllm_kernels as tk
 
@@ -67,7 +66,7 @@ class Fp8LlamaModel(LlamaModel):
 
     def forward(self, input_ids, positions, meta, kv_caches, kv_scales=(1.0, 1.0)):
         eps = self.config.rms_norm_eps
-        hidden = F.embedding(input_ids, self.weights["embed"])
+        hidden = self.embed(input_ids)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             if residual is None:
@@ -77,15 +76,15 @@ class Fp8LlamaModel(LlamaModel):
                 xq, xs, residual = tk.rms_norm_quant_fp8(hidden, layer["attn_norm"], eps, residual)
             hidden = self._attention_fp8(layer, xq, xs, positions, meta, k_cache, v_cache, kv_scales)
             xq, xs, residual = tk.rms_norm_quant_fp8(hidden, layer["mlp_norm"], eps, residual)
-            hidden = tk.fused_mlp_fp8(xq, xs, layer["gate_up"], layer["gate_up_scale"], layer["down"],
-                                      layer["down_scale"], True, self.dtype)
+            hidden = self.reduce(tk.fused_mlp_fp8(xq, xs, layer["gate_up"], layer["gate_up_scale"], layer["down"],
+                                                  layer["down_scale"], True, self.dtype))
         normed, _ = tk.fused_add_rms_norm(hidden, residual, self.weights["norm"], eps)
         return normed
 
     def _attention_fp8(self, layer, xq, xs, positions, meta, k_cache, v_cache, kv_scales):
         qkv = tk.fp8_gemm(xq, layer["qkv"], xs, layer["qkv_scale"], None, self.dtype)
         out = self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales)
-        return tk.fp8_linear(out, layer["o"], layer["o_scale"])
+        return self.reduce(tk.fp8_linear(out, layer["o"], layer["o_scale"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,9 +42,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import trtllm_kernels as tk
 from trtllm_kernels.engine.builder import WEIGHTS_FILE, Engine, read_engine_config, resolve_dtype
 from trtllm_kernels.engine.config import BuildConfig, ModelConfig
-from trtllm_kernels.engine.parallel import TensorParallelLlamaModel, shard_plan, shard_weight
+from trtllm_kernels.engine.parallel import (TensorParallelFp8LlamaModel, TensorParallelLlamaModel, shard_plan,
+                                            shard_weight)
+from trtllm_kernels.engine.quantize import LINEAR_WEIGHTS, SCALE_SUFFIX, load_dtype, scale_names
 
 # NVLink multicast off: on shared hosts a program using it can take every GPU down.
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -152,16 +155,21 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
                 full = torch.ones(shape, dtype=torch_dtype, device=device)
             else:
                 full = torch.empty(shape, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=gen)
-            weights[name] = shard_weight(config, plan, name, _narrow_getter(full))
-            del full
+            parts = {name: full}
+            if build.quantization == "fp8" and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS:
+                # the whole tensor, as random_engine quantizes it, then this rank's shard
+                q, scale = tk.quantize_fp8_per_channel(full)
+                parts = {name: q, name + SCALE_SUFFIX: scale}
+            for n, t in parts.items():
+                weights[n] = shard_weight(config, plan, n, _narrow_getter(t))
+            del full, parts
         tokenizer, path = None, None
     else:
         from safetensors import safe_open
 
         path = Path(spec["path"])
         config, build = read_engine_config(path)
-        if build.quantization is not None:
-            raise NotImplementedError(f"tensor parallelism with {build.quantization} engines is not implemented")
+        _check_quantization(build.quantization)
         torch_dtype = resolve_dtype(dtype, device, build.dtype)
         plan = shard_plan(config, rank, size)
         weights = {}
@@ -169,11 +177,12 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
             def get(name, dim, a, b):
                 s = f.get_slice(name)
                 t = s[:] if dim < 0 else s[a:b] if dim == 0 else s[:, a:b]
-                return t.to(device=device, dtype=torch_dtype)
+                return t.to(device=device, dtype=load_dtype(name, t, torch_dtype))
 
             from trtllm_kernels.engine.model import weight_names
 
-            for name in weight_names(config):
+            names = weight_names(config) + (scale_names(config) if build.quantization == "fp8" else [])
+            for name in names:
                 weights[name] = shard_weight(config, plan, name, get)
         tokenizer = None
         if with_tokenizer:
@@ -182,8 +191,14 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     if device.type == "cuda":  # the full tensors drawn above stay cached by torch otherwise, and
         torch.cuda.empty_cache()  # the KV cache is sized from the memory the driver reports free
-    model = TensorParallelLlamaModel(config, weights, plan, comm)
-    return Engine(model, config, build, tokenizer, path)
+    cls = TensorParallelFp8LlamaModel if build.quantization == "fp8" else TensorParallelLlamaModel
+    return Engine(cls(config, weights, plan, comm), config, build, tokenizer, path)
+
+
+def _check_quantization(quantization: str | None) -> None:
+    if quantization not in (None, "fp8"):
+        raise NotImplementedError(f"tensor parallelism with {quantization} weights is not implemented (fp8 is)")
+
 
 
 def _narrow_getter(full: torch.Tensor):
@@ -202,8 +217,7 @@ def model_spec(model, build_config: BuildConfig | None, progress: bool) -> dict:
         build = build_config or BuildConfig(max_seq_len=min(config.max_position_embeddings, 8192))
         if build.max_seq_len is None:
             build = dataclasses.replace(build, max_seq_len=min(config.max_position_embeddings, 8192))
-        if build.quantization is not None:
-            raise NotImplementedError("tensor parallelism with quantized random weights is not implemented")
+        _check_quantization(build.quantization)
         return {"kind": "random", "config": dataclasses.asdict(config), "build": build.to_dict(), "seed": model.seed}
     from .llm import resolve_engine_dir  # builds the engine once, on rank 0, before workers start
 
@@ -295,8 +309,7 @@ def start(model, size: int, *, dtype: str = "auto", device: str | None = None,
         config = ModelConfig(**spec["config"])
     else:
         config, build = read_engine_config(spec["path"])
-        if build.quantization is not None:
-            raise NotImplementedError(f"tensor parallelism with {build.quantization} engines is not implemented")
+        _check_quantization(build.quantization)
     shard_plan(config, 0, size)
     os.environ.update(NCCL_SAFE_ENV)
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
