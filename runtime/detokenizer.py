@@ -18,8 +18,10 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: list[str] | None = None):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: list[str] | None = None,
+                 min_tokens: int = 0):
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens  # the text of the first min_tokens tokens never stops the sequence
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop or [])
         self._max_stop = max((len(s) for s in self.stop), default=0)
@@ -47,7 +49,7 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop and len(self.text) > before:
+        if self.stop and len(self.text) > before and len(self.ids) > self.min_tokens:
             start = max(0, before - self._max_stop + 1)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:

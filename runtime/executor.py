@@ -14,7 +14,7 @@ class Executor:
     def __init__(self, model: LlamaModel, kv: KVCacheManager, *, max_batch_size: int,
                  max_num_tokens: int, max_seq_len: int, eos_token_ids: set[int], seed: int = 0):
         self.kv = kv
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, eos_token_ids)
         self.scheduler = Scheduler(kv, max_batch_size, max_num_tokens)
         self.runner = ModelRunner(model, kv)
         self.max_seq_len = max_seq_len
@@ -65,7 +65,8 @@ class Executor:
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if len(req.output_token_ids) > p.min_tokens and (
+                (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"
         if len(req.output_token_ids) >= p.max_tokens or len(req.tokens) >= self.max_seq_len:
             return "length"

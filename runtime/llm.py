@@ -176,7 +176,8 @@ class LLM:
         for i in range(params.n):
             seq = Request(rid if params.n == 1 else f"{rid}-{i}", text_prompt, ids, params, arrival=next(self._arrivals),
                           seed=None if params.seed is None else seeded_child(params.seed, i), parent_id=rid, index=i)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
+                                               params.min_tokens)
             seqs.append(seq)
         return _Group(rid, text_prompt, ids, params, seqs)
 

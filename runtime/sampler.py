@@ -217,8 +217,9 @@ class Sampler:
     generator of unseeded rows). seed seeds that generator: with it, a whole run is
     reproducible when its batches are."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, eos_token_ids: set[int] | frozenset[int] = frozenset()):
         self.seed = seed
+        self.eos_token_ids = frozenset(eos_token_ids)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._penalties: PenaltyState | None = None
 
@@ -227,6 +228,10 @@ class Sampler:
         if g is None:
             g = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return g
+
+    def _stops(self, p) -> list[int]:
+        """The token ids that would end a sequence with params p."""
+        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
 
     def release(self, request_id: str) -> None:
         """Forget a finished or aborted sequence's state."""
@@ -258,6 +263,14 @@ class Sampler:
                 rows = _index(pen, n, dev)
                 x = x.clone()
                 x[rows] = apply_penalties(logits[rows], seen, counts, f[:, 0], f[:, 1], f[:, 2])
+        early = [(i, self._stops(p)) for i, p in enumerate(params)
+                 if len(requests[i].output_token_ids) < p.min_tokens]
+        if early:  # min_tokens: the tokens that would end the sequence cannot be drawn yet
+            pairs = torch.tensor([(i, t) for i, ids in early for t in ids if t < vocab], dtype=torch.int64)
+            if len(pairs):
+                pairs = pairs.to(dev, non_blocking=True)
+                x = x.clone() if x is logits else x  # the runner's logits stay as they are
+                x[pairs[:, 0], pairs[:, 1]] = float("-inf")
         tokens = x.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPS]
         if sampled:

@@ -29,7 +29,8 @@ class SamplingParams:
     Generation stops at max_tokens ("length"), at an end-of-sequence token (unless
     ignore_eos), at any of stop_token_ids, or when the text contains one of the `stop`
     strings ("stop"; the text then ends just before the stop string), or at the engine's
-    max_seq_len. logprobs=k returns, for every generated token, the log-probabilities of the
+    max_seq_len. min_tokens: no stop (end-of-sequence, stop token or stop string) before that
+    many tokens; the stop tokens are masked out of sampling until then. logprobs=k returns, for every generated token, the log-probabilities of the
     sampled token and of the k most likely ones. n > 1 generates n completions of the prompt.
     """
 
@@ -48,6 +49,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     n: int = 1
+    min_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -81,6 +83,10 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if self.top_k == -1:

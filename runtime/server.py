@@ -121,6 +121,7 @@ class _SamplingFields(_Strict):
     stop: Any = Field(None, validate_default=True)
     stop_token_ids: list[int] | None = None  # an extension
     ignore_eos: bool = False  # an extension
+    min_tokens: int = Field(0, ge=0)  # an extension (as vLLM): no stop before this many tokens
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -234,7 +235,8 @@ def _sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     try:
         return SamplingParams(
-            max_tokens=max_tokens or 1, temperature=1.0 if req.temperature is None else req.temperature,
+            max_tokens=max_tokens or max(1, req.min_tokens), min_tokens=req.min_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
             top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
             min_p=req.min_p or 0.0, seed=req.seed, stop=list(req.stop), n=req.n,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,

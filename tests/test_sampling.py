@@ -32,6 +32,8 @@ def req(params, prompt=(1,), rid="0", out=(), seed=None):
     (dict(stop=[""]), "stop"), (dict(stop=["a", 3]), "stop"), (dict(logprobs=21), "logprobs"),
     (dict(logprobs=-1), "logprobs"), (dict(n=0), "n must"), (dict(n=17), "n must"), (dict(n=2.0), "n must"),
     (dict(seed=1.5), "seed"), (dict(top_k=True), "top_k"), (dict(temperature="1"), "temperature"),
+    (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(min_tokens=1.0), "min_tokens"),
 ])
 def test_sampling_params_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -178,6 +180,29 @@ def test_greedy_rows_take_argmax_of_penalised_logits():
     want = [int(ref_penalties(logits[0], [1], out[0], 5.0, 0, 0).argmax()), int(logits[1].argmax()),
             int(ref_penalties(logits[2], [2], out[2], 1.0, 1.0, 2.0).argmax())]
     assert got == want and got[0] != out[0][0]
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_min_tokens_masks_the_stop_tokens_until_reached(temperature):
+    eos, stop = 3, 5
+    logits = torch.full((4, 8), -10.0)
+    logits[:, eos] = logits[:, stop] = 10.0  # the stop tokens are all but certain
+    logits[:, 6] = 0.0
+    logits[2, stop] = -10.0  # row 2 ignores EOS: nothing of it is masked, EOS stays the likeliest
+    p = SamplingParams(temperature=temperature, max_tokens=8, min_tokens=2, stop_token_ids=[stop], seed=1)
+    reqs = [req(p, rid="early", out=[6]), req(p, rid="due", out=[6, 6]),
+            req(SamplingParams(temperature=temperature, min_tokens=2, ignore_eos=True, seed=1), rid="no-eos"),
+            req(SamplingParams(temperature=temperature, seed=1), rid="free")]
+    got = Sampler(eos_token_ids={eos})(logits, reqs).tokens
+    assert got[0] == 6 and got[1] in (eos, stop) and got[2] == eos and got[3] in (eos, stop)
+    assert logits[0, eos] == 10.0  # the caller's logits are not modified
+
+
+def test_min_tokens_defers_stop_strings():
+    tok = CharTokenizer(VOCAB)
+    d = IncrementalDetokenizer(tok, True, stop=["ld"], min_tokens=3)
+    feed(d, [0, 1, 2, 3, 1, 2])  # "Hello world" reaches "ld" with the 3rd token: too early
+    assert d.stopped and d.text == "Hello world! wor"
 
 
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 3, 5, 9)])
@@ -492,6 +517,12 @@ def test_real_model_stop_string_n_and_logprobs():
     cut = greedy.text.index("Paris")
     assert [o.text for o in out.outputs] == [greedy.text[:cut]] * 2
     assert [o.finish_reason for o in out.outputs] == ["stop", "stop"]
+    # The answer ends with end-of-sequence after a few tokens; min_tokens keeps it going.
+    short = llm.generate(chat, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
+    assert short.outputs[0].finish_reason == "stop" and len(short.token_ids) < 20
+    long = llm.generate(chat, SamplingParams(temperature=0, max_tokens=64, min_tokens=20), use_tqdm=False)[0]
+    assert len(long.token_ids) >= 20 and long.token_ids[:len(short.token_ids) - 1] == short.token_ids[:-1]
+    assert not set(long.token_ids[:20]) & llm.executor.eos_token_ids
 
 
 # -- on the GPU ---------------------------------------------------------------------------------

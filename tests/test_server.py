@@ -187,6 +187,15 @@ def test_penalties_and_min_p_reach_the_sampler(client, model):
     assert sampled.choices[0].text == base
 
 
+def test_min_tokens_extension_defers_the_stop(client, model):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    kwargs = dict(model=model, messages=msgs, max_tokens=64, temperature=0)
+    short = client.chat.completions.create(**kwargs)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
+    longer = client.chat.completions.create(**kwargs, extra_body={"min_tokens": 20})
+    assert longer.usage.completion_tokens >= 20
+
+
 def test_batch_of_prompts_and_token_id_prompts(http, model, tokenizer):
     ids = tokenizer.encode("The sky is")
     r = http.post("/v1/completions", json={"model": model, "prompt": ["The sky is", ids], "max_tokens": 5,
@@ -304,6 +313,8 @@ BAD = [
     ("repetition-penalty-zero", "/v1/completions", _with(GOOD, repetition_penalty=0), None, 400,
      ["repetition_penalty"]),
     ("min-p-above-one", "/v1/completions", _with(GOOD, min_p=1.5), None, 400, ["min_p"]),
+    ("min-tokens-over-max-tokens", "/v1/completions", _with(GOOD, min_tokens=50, max_tokens=5), None, 400,
+     ["min_tokens"]),
     ("stream-options-without-stream", "/v1/completions", _with(GOOD, stream_options={"include_usage": True}), None,
      400, ["stream_options"]),
     ("unknown-route", "/v1/embeddings", GOOD, None, 404, ["no route"]),
