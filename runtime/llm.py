@@ -160,6 +160,10 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         ids = self.encode(prompt)
+        vocab = self.engine.model_config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias names token ids outside the vocabulary of {vocab}: "
+                             f"{sorted(t for t in params.logit_bias if t >= vocab)[:5]}")
         if len(ids) >= self.max_seq_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, which leaves no room to generate"

@@ -250,6 +250,11 @@ class Sampler:
         dev = logits.device
         params = [r.params for r in requests]
         x = logits
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+        if bias:
+            x = logits.clone()  # the runner's logits stay as they are
+            rows, cols = torch.tensor([(i, t) for i, t, _ in bias], dtype=torch.int64).to(dev, non_blocking=True).T
+            x[rows, cols] += torch.tensor([b for _, _, b in bias], dtype=x.dtype).to(dev, non_blocking=True)
         pen = [i for i, p in enumerate(params) if p.has_penalties]
         if pen:
             if self._penalties is None or self._penalties.vocab != vocab or self._penalties.device != dev:
@@ -258,11 +263,11 @@ class Sampler:
             f = torch.tensor([[params[i].repetition_penalty, params[i].presence_penalty, params[i].frequency_penalty]
                               for i in pen], dtype=torch.float32).to(dev, non_blocking=True)
             if len(pen) == n:
-                x = apply_penalties(logits, seen, counts, f[:, 0], f[:, 1], f[:, 2])
+                x = apply_penalties(x, seen, counts, f[:, 0], f[:, 1], f[:, 2])
             else:  # a copy: the runner's logits stay as they are (they may be a graph's output)
                 rows = _index(pen, n, dev)
-                x = x.clone()
-                x[rows] = apply_penalties(logits[rows], seen, counts, f[:, 0], f[:, 1], f[:, 2])
+                x = x.clone() if x is logits else x
+                x[rows] = apply_penalties(x[rows], seen, counts, f[:, 0], f[:, 1], f[:, 2])
         early = [(i, self._stops(p)) for i, p in enumerate(params)
                  if len(requests[i].output_token_ids) < p.min_tokens]
         if early:  # min_tokens: the tokens that would end the sequence cannot be drawn yet

@@ -20,7 +20,8 @@ class SamplingParams:
     most likely one's (0 disables it). seed makes one request's sampling reproducible whatever
     it is batched with (with n > 1, completion i is reproducible too).
 
-    Penalties, applied to the logits before temperature: repetition_penalty (Hugging Face's:
+    logit_bias ({token id: bias in [-100, 100]}, OpenAI's) is added to those tokens' logits
+    first. Penalties, applied to the logits before temperature: repetition_penalty (Hugging Face's:
     a token seen in the prompt or the output has its logit divided by it when positive,
     multiplied when negative; 1 disables), presence_penalty (OpenAI's: subtracted once from the
     logit of every token generated so far) and frequency_penalty (subtracted once per time the
@@ -50,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -87,6 +89,11 @@ class SamplingParams:
                 or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
+        self.logit_bias = dict(self.logit_bias or {})
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or not _number(b) or not -100 <= b <= 100
+               for t, b in self.logit_bias.items()):
+            raise ValueError(f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], "
+                             f"got {self.logit_bias!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if self.top_k == -1:

@@ -11,8 +11,8 @@ What keeps it standing under load and bad input:
   type coercion) and every problem is a 4xx in OpenAI's error shape naming the field:
   {"error": {"message", "type", "param", "code"}};
 - every OpenAI sampling field maps onto SamplingParams (temperature, top_p, top_k, min_p,
-  seed, n, stop, logprobs, presence/frequency/repetition penalties); those the runtime cannot
-  honour (logit_bias, echo, suffix, best_of != n, tools, response formats) are refused with a 400
+  seed, n, stop, logprobs, logit_bias, presence/frequency/repetition penalties); those the runtime
+  cannot honour (echo, suffix, best_of != n, tools, response formats) are refused with a 400
   that names them, never dropped silently;
 - the engine holds a bounded number of requests; past it a request gets a 503 at once;
 - a client that disconnects, streaming or not, has its request aborted and its KV blocks freed;
@@ -229,8 +229,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 def _sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """Map the OpenAI fields to ours; refuse, by name, what we cannot honour."""
-    if req.logit_bias:
-        raise _unsupported("logit_bias")
+    try:
+        bias = {int(t): b for t, b in (req.logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     try:
@@ -242,6 +244,7 @@ def _sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+            logit_bias=bias,
         )
     except ValueError as e:
         raise APIError(400, str(e), _guess_param(str(e))) from e

@@ -34,6 +34,8 @@ def req(params, prompt=(1,), rid="0", out=(), seed=None):
     (dict(seed=1.5), "seed"), (dict(top_k=True), "top_k"), (dict(temperature="1"), "temperature"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=5, max_tokens=4), "min_tokens"),
     (dict(min_tokens=1.0), "min_tokens"),
+    (dict(logit_bias={1: 200.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={"1": 1.0}), "logit_bias"),
 ])
 def test_sampling_params_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -180,6 +182,17 @@ def test_greedy_rows_take_argmax_of_penalised_logits():
     want = [int(ref_penalties(logits[0], [1], out[0], 5.0, 0, 0).argmax()), int(logits[1].argmax()),
             int(ref_penalties(logits[2], [2], out[2], 1.0, 1.0, 2.0).argmax())]
     assert got == want and got[0] != out[0][0]
+
+
+def test_logit_bias_is_added_before_the_penalties():
+    logits = torch.zeros(3, 6)
+    logits[:, 0] = 1.0
+    reqs = [req(SamplingParams(temperature=0, logit_bias={4: 2.0}), rid="a"),
+            req(SamplingParams(temperature=0, logit_bias={4: 2.0}, presence_penalty=1.5), rid="b", out=[4]),
+            req(SamplingParams(temperature=0, logit_bias={0: -100.0, 2: 0.5}), rid="c")]
+    # a: 2 beats 1; b: the penalty takes 1.5 off 2 -> 0.5 < 1; c: token 0 banned, 2 is next
+    assert sample(logits, reqs) == [4, 0, 2]
+    assert torch.equal(logits[:, 1:], torch.zeros(3, 5))  # the caller's logits are not modified
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])

@@ -187,6 +187,17 @@ def test_penalties_and_min_p_reach_the_sampler(client, model):
     assert sampled.choices[0].text == base
 
 
+def test_logit_bias_steers_and_bans_tokens(client, model, tokenizer):
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
+    base = client.completions.create(**kwargs).choices[0].text
+    first = tokenizer.encode(base, add_special_tokens=False)[0]
+    banned = client.completions.create(**kwargs, logit_bias={str(first): -100}).choices[0].text
+    assert not banned.startswith(tokenizer.decode([first]))
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    steered = client.completions.create(**kwargs, logit_bias={str(forced): 100}).choices[0].text
+    assert steered == tokenizer.decode([forced] * 3)
+
+
 def test_min_tokens_extension_defers_the_stop(client, model):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     kwargs = dict(model=model, messages=msgs, max_tokens=64, temperature=0)
@@ -308,8 +319,12 @@ BAD = [
     ("logprobs-range", "/v1/completions", _with(GOOD, logprobs=50), None, 400, ["logprobs"]),
     ("top-logprobs-without-logprobs", "/v1/chat/completions", _with(GOOD_CHAT, top_logprobs=2), None, 400,
      ["top_logprobs", "logprobs"]),
-    ("logit-bias-unsupported", "/v1/completions", _with(GOOD, logit_bias={"1": 5.0}), None, 400,
-     ["logit_bias", "not supported"]),
+    ("logit-bias-out-of-range", "/v1/completions", _with(GOOD, logit_bias={"1": 500.0}), None, 400,
+     ["logit_bias"]),
+    ("logit-bias-not-a-token-id", "/v1/completions", _with(GOOD, logit_bias={"abc": 5.0}), None, 400,
+     ["logit_bias"]),
+    ("logit-bias-outside-vocabulary", "/v1/completions", _with(GOOD, logit_bias={"999999": 5.0}), None, 400,
+     ["logit_bias", "vocabulary"]),
     ("repetition-penalty-zero", "/v1/completions", _with(GOOD, repetition_penalty=0), None, 400,
      ["repetition_penalty"]),
     ("min-p-above-one", "/v1/completions", _with(GOOD, min_p=1.5), None, 400, ["min_p"]),
