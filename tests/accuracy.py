@@ -1,4 +1,5 @@
-"""The float reference that the FP8 and FP4 accuracy tests measure quantized engines against:
+"""How close quantized results are: `similarity_gap` for tensors, and for whole models the float
+reference that the FP8 and FP4 accuracy tests measure quantized engines against:
 the default model's float engine on CPU, eight prompts (chat and raw), their 128-token greedy
 continuations and the teacher-forced logits of every position. Computed once per test session
 (it is the slow part), shared by tests/test_fp8.py and tests/test_fp4.py."""
@@ -24,6 +25,13 @@ PROMPTS_RAW = [
     "Once upon a time, in a kingdom far away, there lived a princess who loved to read books about the stars.",
     "The history of the Roman Empire",
 ]
+
+
+def similarity_gap(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - 2 sum(xy) / (sum(x^2) + sum(y^2)) in float64: 0 for identical tensors."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
 
 
 def teacher_forced_logits(model, ids: list[int]) -> torch.Tensor:

@@ -25,8 +25,7 @@ import trtllm_kernels as tk
 from trtllm_kernels import fp4
 from trtllm_kernels.kernels import triton_fp4 as tf
 
-from accuracy import HAS_MODEL, agreement, float_reference
-from test_fp8 import similarity_gap
+from accuracy import HAS_MODEL, agreement, float_reference, similarity_gap
 
 FP8 = torch.float8_e4m3fn
 HAS_CUDA = torch.cuda.is_available()

@@ -26,18 +26,11 @@ import trtllm_kernels as tk
 from trtllm_kernels import fp8 as f8
 from trtllm_kernels.kernels import triton_fp8 as tf
 
-from accuracy import HAS_MODEL, agreement, float_reference
+from accuracy import HAS_MODEL, agreement, float_reference, similarity_gap
 
 FP8 = torch.float8_e4m3fn
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-
-
-def similarity_gap(x: torch.Tensor, y: torch.Tensor) -> float:
-    """1 - 2 sum(xy) / (sum(x^2) + sum(y^2)) in float64: 0 for identical tensors."""
-    x, y = x.double(), y.double()
-    denom = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
 
 
 def quant_a(x, mode):

@@ -21,14 +21,10 @@ import trtllm_kernels as tk
 from trtllm_kernels import mlp
 from trtllm_kernels.kernels import triton_mlp as tm
 
+from accuracy import similarity_gap
+
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-
-
-def similarity_gap(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    denom = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
 
 
 def _weights(h, inter, dtype, device=DEV, h_out=None):
