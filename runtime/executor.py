@@ -65,9 +65,10 @@ class Executor:
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
-        if len(req.output_token_ids) > p.min_tokens and (
+        n = req.num_output_tokens
+        if n > p.min_tokens and (
                 (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"
-        if len(req.output_token_ids) >= p.max_tokens or len(req.tokens) >= self.max_seq_len:
+        if n >= p.max_tokens or len(req.tokens) >= self.max_seq_len:
             return "length"
         return None

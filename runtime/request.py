@@ -57,6 +57,10 @@ class Request:
         return self.tokens[len(self.prompt_token_ids):]
 
     @property
+    def num_output_tokens(self) -> int:  # without output_token_ids' copy: checked every step
+        return len(self.tokens) - len(self.prompt_token_ids)
+
+    @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
 

@@ -269,7 +269,7 @@ class Sampler:
                 x = x.clone() if x is logits else x
                 x[rows] = apply_penalties(x[rows], seen, counts, f[:, 0], f[:, 1], f[:, 2])
         early = [(i, self._stops(p)) for i, p in enumerate(params)
-                 if len(requests[i].output_token_ids) < p.min_tokens]
+                 if p.min_tokens and requests[i].num_output_tokens < p.min_tokens]
         if early:  # min_tokens: the tokens that would end the sequence cannot be drawn yet
             pairs = torch.tensor([(i, t) for i, ids in early for t in ids if t < vocab], dtype=torch.int64)
             if len(pairs):
