@@ -19,8 +19,12 @@ from __future__ import annotations
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: list[str] | None = None,
-                 min_tokens: int = 0):
+                 min_tokens: int = 0, pieces: dict[int, str] | None = None):
         self.tokenizer = tokenizer
+        # pieces: token id -> its text alone, shared by the sequences of one tokenizer and
+        # skip_special_tokens. The window before the newest token is that one token on most
+        # steps, so the cache spares one of the two decodes per token.
+        self.pieces = pieces
         self.min_tokens = min_tokens  # the text of the first min_tokens tokens never stops the sequence
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop or [])
@@ -44,7 +48,13 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return False
         before = len(self.text)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self.ids[self.prefix_offset:self.read_offset]
+        if self.pieces is not None and len(window) == 1:
+            prefix = self.pieces.get(window[0])
+            if prefix is None:
+                prefix = self.pieces[window[0]] = self._decode(window)
+        else:
+            prefix = self._decode(window)
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self.text += full[len(prefix):]

@@ -46,9 +46,13 @@ class Executor:
                 raise RuntimeError("scheduler made no progress with requests pending")  # a bug if seen
             return []
         logits, samplers = self.runner.run(batch)
+        page = self.kv.page_size
         for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed += n
-            self.kv.register_computed(req.request_id, req.tokens, req.num_computed)
+            before = req.num_computed
+            req.num_computed = before + n
+            # Only a block that became full goes into the prefix cache: most decode steps fill none.
+            if (before + n) // page > before // page:
+                self.kv.register_computed(req.request_id, req.tokens, req.num_computed)
         sampling = [batch.requests[i] for i in samplers]
         if not sampling:
             return []

@@ -9,11 +9,16 @@ tokens chained with its prefix's hash, so a later request whose prompt starts wi
 tokens reuses the block instead of recomputing it. Blocks are reference-counted; a cached block
 whose last user is gone stays cached ("evictable") until its memory is needed, and the least
 recently released is evicted first.
+
+Each request's block table is a list, mirrored as a row of one zero-padded int64 array, from
+which the model runner packs a step's tables with one gather (`block_table_array`), not a
+Python loop over every block of every request.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from trtllm_kernels.engine.config import ModelConfig
@@ -38,6 +43,11 @@ class KVCacheManager:
         self._block_hash: dict[int, int] = {}  # block -> its prefix hash
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self._registered: dict[str, tuple[int, int | None]] = {}  # request -> (blocks, last hash)
+        # The tables' mirror: _row_tables[_rows[r], :len(table)] is r's table; zeros elsewhere.
+        self._rows: dict[str, int] = {}
+        self._free_rows: list[int] = []
+        self._row_tables = np.zeros((0, 0), dtype=np.int64)
+        self._row_lens = np.zeros(0, dtype=np.int64)
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -60,6 +70,30 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
+    def block_table_array(self, request_ids: list[str]) -> np.ndarray:
+        """The block tables of request_ids (each with at least one block) as one int64 array
+        [len(request_ids), longest table], zero-padded."""
+        rows = [self._rows[r] for r in request_ids]
+        return self._row_tables[rows, :int(self._row_lens[rows].max())]
+
+    def _mirror(self, request_id: str, table: list[int], start: int) -> None:
+        """Copy table[start:] (new blocks) into the request's row, taking a row if it has none."""
+        row = self._rows.get(request_id)
+        if row is None:
+            if not self._free_rows:  # double the rows (8 at first)
+                n, more = len(self._row_lens), max(len(self._row_lens), 8)
+                self._row_tables = np.concatenate(
+                    [self._row_tables, np.zeros((more, self._row_tables.shape[1]), dtype=np.int64)])
+                self._row_lens = np.concatenate([self._row_lens, np.zeros(more, dtype=np.int64)])
+                self._free_rows += range(n + more - 1, n - 1, -1)
+            row = self._rows[request_id] = self._free_rows.pop()
+        width = self._row_tables.shape[1]
+        if len(table) > width:  # widen: at least double
+            extra = np.zeros((len(self._row_lens), max(len(table), 2 * width) - width), dtype=np.int64)
+            self._row_tables = np.concatenate([self._row_tables, extra], axis=1)
+        self._row_tables[row, start:len(table)] = table[start:]
+        self._row_lens[row] = len(table)
+
     # -- allocation ----------------------------------------------------------------------
 
     def can_grow(self, request_id: str, num_tokens: int) -> bool:
@@ -71,8 +105,10 @@ class KVCacheManager:
         need = self.blocks_for(num_tokens) - len(table)
         if need > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {need}, {self.num_free_blocks} free")
-        for _ in range(need):
-            table.append(self._take_block())
+        if need > 0:
+            for _ in range(need):
+                table.append(self._take_block())
+            self._mirror(request_id, table, len(table) - need)
 
     def _take_block(self) -> int:
         if self._free:
@@ -87,6 +123,11 @@ class KVCacheManager:
         # The tail goes first so that, under LRU, a prompt's last blocks are evicted before
         # the shared prefix blocks that more requests are likely to reuse.
         self._registered.pop(request_id, None)
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._row_tables[row] = 0
+            self._row_lens[row] = 0
+            self._free_rows.append(row)
         for block in reversed(self._tables.pop(request_id, [])):
             self._refs[block] -= 1
             if self._refs[block] == 0:
@@ -132,6 +173,8 @@ class KVCacheManager:
                 del self._evictable[block]
             self._refs[block] += 1
         self._tables[request_id] = list(cached)
+        if cached:
+            self._mirror(request_id, cached, 0)
         h = None
         for _, h in self._chain(tokens, len(cached)):
             pass

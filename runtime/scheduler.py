@@ -26,7 +26,7 @@ class ScheduledBatch:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for n in self.num_tokens if n == 1)
+        return self.num_tokens.count(1)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -53,22 +53,35 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_tokens
-        chosen: list[tuple[Request, int]] = []
+        page = self.kv.page_size
+        # Decodes (1 token) first, the order otherwise kept.
+        decodes: list[Request] = []
+        others: list[tuple[Request, int]] = []
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_pending, budget)
+            # min(req.num_pending, budget), spelled out: this runs for every request every step.
+            n = len(req.tokens) - req.num_computed
+            if n > budget:
+                n = budget
             if n == 0:
                 continue
-            while not self.kv.can_grow(req.request_id, req.num_computed + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-            if req.status is RequestStatus.RUNNING:
-                self.kv.grow(req.request_id, req.num_computed + n)
-                chosen.append((req, n))
-                budget -= n
+            end = req.num_computed + n
+            # Most steps stay inside the request's last block: no new block, nothing to check.
+            if end > len(self.kv.block_table(req.request_id)) * page:
+                while not self.kv.can_grow(req.request_id, end):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
+                    continue
+                self.kv.grow(req.request_id, end)
+            if n == 1:
+                decodes.append(req)
+            else:
+                others.append((req, n))
+            budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             cached = self.kv.match_prefix(req.tokens)
@@ -82,10 +95,12 @@ class Scheduler:
             self.kv.grow(req.request_id, computed + n)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            chosen.append((req, n))
+            if n == 1:
+                decodes.append(req)
+            else:
+                others.append((req, n))
             budget -= n
-        chosen.sort(key=lambda rn: rn[1] != 1)  # stable: decodes first, order otherwise kept
-        return ScheduledBatch([r for r, _ in chosen], [n for _, n in chosen])
+        return ScheduledBatch(decodes + [r for r, _ in others], [1] * len(decodes) + [n for _, n in others])
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

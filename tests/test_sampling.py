@@ -460,12 +460,15 @@ def test_incremental_detokenization_equals_a_full_decode(tokenizer):
     text = "Grüße aus Köln — 東京 🙂 naïve café\n\tdef f(x):  return x**2  # ✓"
     streams = [tokenizer.encode(text), torch.randint(0, 49152, (200,), generator=g).tolist()]
     streams.append([t for t in tokenizer.encode(text * 2)] + [tokenizer.eos_token_id] + tokenizer.encode(" ok"))
+    pieces = {True: {}, False: {}}  # the LLM's cache of token texts, shared by all of its sequences
     for ids in streams:
         for skip in (True, False):
-            d = IncrementalDetokenizer(tokenizer, skip)
-            for j, t in enumerate(ids):
-                d.add([t], final=j == len(ids) - 1)
-            assert d.text == tokenizer.decode(ids, skip_special_tokens=skip)
+            for cache in (None, pieces[skip]):
+                d = IncrementalDetokenizer(tokenizer, skip, pieces=cache)
+                for j, t in enumerate(ids):
+                    d.add([t], final=j == len(ids) - 1)
+                assert d.text == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert pieces[True] and pieces[False]
 
 
 def test_abort_frees_every_block_of_every_sequence():
