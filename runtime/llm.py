@@ -100,8 +100,11 @@ class LLM:
             max_num_tokens=max_num_tokens or build.max_num_tokens, max_seq_len=self.max_seq_len,
             eos_token_ids=eos, seed=seed,
         )
-        if cuda_graphs and model_.device.type == "cuda":
-            self.executor.runner.capture_decode_graphs(self.executor.scheduler.max_batch_size, self.max_seq_len)
+        if model_.device.type == "cuda":
+            sched = self.executor.scheduler
+            self.executor.runner.warmup(sched.max_num_tokens, sched.max_batch_size, self.max_seq_len)
+            if cuda_graphs:
+                self.executor.runner.capture_decode_graphs(sched.max_batch_size, self.max_seq_len)
         if progress:
             print(f"KV cache: {self.kv.capacity_tokens} tokens ({num_blocks} blocks of {build.page_size}, "
                   f"{cache_dtype}); decode CUDA graphs: {sorted(self.executor.runner.graphs) or 'off'}")
@@ -109,6 +112,7 @@ class LLM:
         self._requests: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}  # sequence id -> its request
         self._arrivals = itertools.count()
+        self._pieces: dict[bool, dict[int, str]] = {}  # skip_special_tokens -> the detokenizers' token texts
 
     def _num_blocks(self, kv_tokens, fraction, page, cache_dtype) -> int:
         c = self.engine.model_config
@@ -176,12 +180,13 @@ class LLM:
             )
         rid = str(next(self._ids))
         text_prompt = prompt if isinstance(prompt, str) else None
+        pieces = self._pieces.setdefault(params.skip_special_tokens, {})
         seqs = []
         for i in range(params.n):
             seq = Request(rid if params.n == 1 else f"{rid}-{i}", text_prompt, ids, params, arrival=next(self._arrivals),
                           seed=None if params.seed is None else seeded_child(params.seed, i), parent_id=rid, index=i)
             seq.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
-                                               params.min_tokens)
+                                               params.min_tokens, pieces)
             seqs.append(seq)
         return _Group(rid, text_prompt, ids, params, seqs)
 
@@ -212,6 +217,12 @@ class LLM:
         in it (`finished` tells which are done: those are forgotten after this). Outputs are
         cumulative: each holds the whole text and tokens so far; a running request's text
         holds back what may still change (a partial character, the start of a stop string)."""
+        return self._step(unfinished=True)
+
+    def _step(self, unfinished: bool) -> list[RequestOutput]:
+        """step(); unfinished=False leaves out the outputs of requests still running, which
+        generate() never reads: building one copies the request's tokens and logprobs and
+        scans its text for the start of a stop string, every step."""
         touched: dict[str, _Group] = {}
         for seq in self.executor.step():
             group = self._seq_group.get(seq.request_id)
@@ -230,10 +241,11 @@ class LLM:
                 for seq in reversed(group.pending):  # they arrived before anything still waiting
                     self.executor.scheduler.add(seq, front=True)
                 group.pending = []
-            out = self._output(group)
-            if out.finished:
+            finished = not group.pending and all(seq.status is RequestStatus.FINISHED for seq in group.seqs)
+            if finished:
                 self._forget(group)
-            outputs.append(out)
+            if finished or unfinished:
+                outputs.append(self._output(group, finished))
         return outputs
 
     def _forget(self, group: "_Group") -> None:
@@ -257,7 +269,7 @@ class LLM:
         group.pending = []
         return True
 
-    def _output(self, group: "_Group") -> RequestOutput:
+    def _output(self, group: "_Group", finished: bool) -> RequestOutput:
         outs = []
         for seq in group.seqs:
             done = seq.status is RequestStatus.FINISHED
@@ -266,7 +278,6 @@ class LLM:
                 seq.finish_reason if done else None,
                 None if seq.logprobs is None else list(seq.logprobs),
                 None if seq.logprobs is None else seq.cumulative_logprob))
-        finished = not group.pending and all(s.status is RequestStatus.FINISHED for s in group.seqs)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished)
 
     # -- batch API -----------------------------------------------------------------------
@@ -290,11 +301,13 @@ class LLM:
             self._submit(group)
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
+        remaining = len(requests)
         with tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm) as bar:
-            while any(r is None for r in results):
-                for out in self.step():
-                    if out.finished and out.request_id in order:
+            while remaining:
+                for out in self._step(unfinished=False):
+                    if out.request_id in order:
                         results[order[out.request_id]] = out
+                        remaining -= 1
                         bar.update(1)
         return results
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from trtllm_kernels.engine.model import AttentionMetadata, LlamaModel
@@ -45,6 +46,18 @@ def payload_size(header: list[int]) -> int:
     return 0
 
 
+def warmup_steps(max_num_tokens: int, max_batch_size: int, max_seq_len: int) -> list[tuple[int, list[int]]]:
+    """ModelRunner.warmup's steps as (decodes, prompt lengths), within the step budgets."""
+    longest = min(max_num_tokens, max_seq_len - 1)
+    steps = [(0, [longest])] + [(0, [n]) for n in (7, 16, 61, 256, 2048) if n < longest]
+    steps += [(0, [min(longest, max_num_tokens // s)] * s) for s in (16, 64, 256)
+              if s <= max_batch_size and max_num_tokens >= s]
+    decodes = min(max_batch_size - 8, 128, max_num_tokens // 2)
+    if decodes > 0 and max_num_tokens - decodes >= 8:
+        steps.append((decodes, [min(longest, (max_num_tokens - decodes) // 8)] * 8))
+    return steps
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCacheManager, kv_scales: tuple[float, float] = (1.0, 1.0)):
         self.model = model
@@ -72,42 +85,83 @@ class ModelRunner:
             return self.execute(header, self.comm.send_step(header, payload))
         return self.execute(header, payload.to(self.device, non_blocking=True))
 
+    # Packing works on numpy arrays: a step has a few thousand ints (tens of thousands with long
+    # block tables), too many for per-element Python lists and torch.tensor(list).
+
     def _pack_eager(self, batch: ScheduledBatch):
         page = self.kv.page_size
-        ids, positions, slots, seq_lens, starts, tables, samplers = [], [], [], [], [0], [], []
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
-            lo, hi = req.num_computed, req.num_computed + n
-            table = self.kv.block_table(req.request_id)
-            ids += req.tokens[lo:hi]
-            positions += range(lo, hi)
-            slots += [table[p // page] * page + p % page for p in range(lo, hi)]
-            seq_lens.append(hi)
-            starts.append(starts[-1] + n)
-            tables.append(table)
-            if hi == len(req.tokens):
+        reqs, counts = batch.requests, batch.num_tokens
+        s = len(reqs)
+        ids, computed, samplers = [], [], []
+        for i, (req, n) in enumerate(zip(reqs, counts)):
+            c = req.num_computed
+            ids += req.tokens[c:c + n]
+            computed.append(c)
+            if c + n == len(req.tokens):
                 samplers.append(i)
-        width = max(len(t) for t in tables)
-        last = [starts[i + 1] - 1 for i in samplers]
-        flat = [b for t in tables for b in t + [0] * (width - len(t))]
-        payload = torch.tensor(ids + list(positions) + slots + seq_lens + starts + last + flat, dtype=torch.int64)
-        header = [CMD_EAGER, len(ids), len(tables), width, batch.num_decodes, len(samplers), 0]
-        return header, payload, samplers
+        tables = self.kv.block_table_array([req.request_id for req in reqs])
+        lo, num = np.array(computed, dtype=np.int64), np.array(counts, dtype=np.int64)
+        starts = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(num, out=starts[1:])
+        seq = np.repeat(np.arange(s), num)  # each token's sequence
+        positions = lo[seq] + np.arange(len(ids)) - starts[seq]
+        slots = tables[seq, positions // page] * page + positions % page
+        last = starts[np.array(samplers, dtype=np.int64) + 1] - 1
+        payload = np.concatenate([np.array(ids, dtype=np.int64), positions, slots, lo + num, starts, last,
+                                  tables.ravel()])
+        header = [CMD_EAGER, len(ids), s, tables.shape[1], batch.num_decodes, len(samplers), 0]
+        return header, torch.from_numpy(payload), samplers
 
     def _pack_decode(self, batch: ScheduledBatch):
         n = len(batch)
-        b = next(s for s in sorted(self.graphs) if s >= n)
+        b = next(size for size in sorted(self.graphs) if size >= n)
         page = self.kv.page_size
-        ids, positions, slots, tables = [0] * b, [0] * b, [-1] * b, []  # padding rows write nowhere
-        for i, req in enumerate(batch.requests):
-            pos = req.num_computed
-            table = self.kv.block_table(req.request_id)
-            ids[i], positions[i], slots[i] = req.tokens[pos], pos, table[pos // page] * page + pos % page
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        seq_lens = [p + 1 for p in positions[:n]] + [0] * (b - n)
-        flat = [x for t in tables for x in t + [0] * (width - len(t))] + [0] * ((b - n) * width)
-        payload = torch.tensor(ids + positions + slots + seq_lens + flat, dtype=torch.int64)
-        return [CMD_GRAPH, n, n, width, n, n, b], payload
+        reqs = batch.requests
+        pos = np.array([req.num_computed for req in reqs], dtype=np.int64)
+        tables = self.kv.block_table_array([req.request_id for req in reqs])
+        width = tables.shape[1]
+        # Rows n..b-1 pad the batch: token 0, position 0, slot -1 (writes nowhere), seq_len 0.
+        payload = np.zeros(4 * b + b * width, dtype=np.int64)
+        ids, positions, slots, seq_lens = payload[:4 * b].reshape(4, b)
+        ids[:n] = [req.tokens[req.num_computed] for req in reqs]
+        positions[:n] = pos
+        slots[:n] = tables[np.arange(n), pos // page] * page + pos % page
+        slots[n:] = -1
+        seq_lens[:n] = pos + 1
+        payload[4 * b:4 * b + n * width] = tables.ravel()
+        return [CMD_GRAPH, n, n, width, n, n, b], torch.from_numpy(payload)
+
+    # -- warm-up ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warmup(self, max_num_tokens: int, max_batch_size: int, max_seq_len: int) -> None:
+        """Run the eager path once for each kind of step a run meets, on dummy inputs that
+        write nothing to the cache (slot -1), so that Triton compiles those kernel variants
+        now rather than in the middle of serving: each costs seconds, and a throughput run on
+        an H200 spent 8 of its 18 s compiling in its first prefill steps. The kinds: one long
+        prompt; short prompts of a few sizes (the small-M GEMM configs, M a multiple of 16 or
+        not); 16, 64 and 256 prompts at once; decodes mixed with prompts. Under tensor
+        parallelism every rank runs them. CUDA only (the CPU path compiles nothing)."""
+        if self.device.type != "cuda":
+            return
+        for decodes, prompts in warmup_steps(max_num_tokens, max_batch_size, max_seq_len):
+            self._dispatch(*self._dummy_step(decodes, prompts, context=min(256, max_seq_len - 1)))
+        torch.cuda.synchronize()
+
+    def _dummy_step(self, decodes: int, prompts: list[int], context: int):
+        """An eager step's header and payload: `decodes` sequences at `context` tokens and the
+        given prompt lengths from scratch, all in block 0 and writing nowhere."""
+        q_lens = np.array([1] * decodes + prompts, dtype=np.int64)
+        seq_lens = np.array([context + 1] * decodes + prompts, dtype=np.int64)
+        s, t = len(q_lens), int(q_lens.sum())
+        starts = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=starts[1:])
+        seq = np.repeat(np.arange(s), q_lens)
+        positions = seq_lens[seq] - q_lens[seq] + np.arange(t) - starts[seq]
+        width = self.kv.blocks_for(int(seq_lens.max()))
+        payload = np.concatenate([np.zeros(t, dtype=np.int64), positions, np.full(t, -1, dtype=np.int64), seq_lens,
+                                  starts, starts[1:] - 1, np.zeros(s * width, dtype=np.int64)])
+        return [CMD_EAGER, t, s, width, decodes, s, 0], torch.from_numpy(payload)
 
     # -- every rank: run a step ----------------------------------------------------------------
 

@@ -73,6 +73,38 @@ def test_kv_cache_manager_hands_out_and_takes_back_blocks():
     assert kv.num_free_blocks == 8
 
 
+def test_block_table_array_mirrors_the_block_tables():
+    """The packed tables (model_runner's input) stay equal to the zero-padded lists through
+    growth past the array's first rows and width, prefix hits, frees and row reuse."""
+    import random
+
+    rng = random.Random(0)
+    kv = KVCacheManager(TINY, 400, 4, torch.float32, torch.device("cpu"))
+    live, tokens = {}, {}
+    for step in range(600):
+        rid = rng.choice([f"r{i}" for i in range(20)])
+        if rid in live and rng.random() < 0.3:
+            kv.free(rid)
+            del live[rid]
+        elif rid not in live:
+            toks = tokens.setdefault(rid, [rng.randrange(3) for _ in range(rng.randrange(1, 40))])
+            cached = kv.match_prefix(toks)
+            kv.acquire(rid, cached, toks)
+            live[rid] = len(cached) * 4
+            kv.grow(rid, live[rid] + 1)
+            live[rid] += 1
+            kv.register_computed(rid, toks, len(cached) * 4)
+        elif kv.can_grow(rid, live[rid] + 9):
+            live[rid] += rng.randrange(1, 10)
+            kv.grow(rid, live[rid])
+        if live:
+            ids = rng.sample(sorted(live), rng.randrange(1, len(live) + 1))
+            width = max(len(kv.block_table(r)) for r in ids)
+            assert kv.block_table_array(ids).tolist() == [kv.block_table(r) + [0] * (width - len(kv.block_table(r)))
+                                                          for r in ids]
+    assert kv._row_tables.shape[0] >= 16 and kv._row_tables.shape[1] > 8  # both grew
+
+
 def test_batched_equals_one_at_a_time():
     prompts = prompts_of(LENGTHS)
     alone = [run([p])[0][0] for p in prompts]
@@ -101,6 +133,32 @@ def test_mixed_step_runs_decodes_and_prefills_together():
     ex.step()  # 3 tokens of prompt 0 + 5 of prompt 1
     batch = ex.scheduler.schedule()
     assert batch.num_tokens == [1, 7] and batch.num_decodes == 1
+
+
+@pytest.mark.parametrize("budgets", [(512, 64, 256), (8192, 256, 4096), (16, 4, 32), (8, 1, 256)])
+def test_warmup_steps_fit_the_budgets_and_write_nothing(budgets):
+    """The warm-up's dummy steps stay inside the step budgets, run through the eager path and
+    leave the KV cache as it was (slot -1 writes nowhere)."""
+    from trtllm_kernels.runtime.model_runner import ModelRunner, warmup_steps
+
+    max_num_tokens, max_batch, max_seq_len = budgets
+    steps = warmup_steps(max_num_tokens, max_batch, max_seq_len)
+    assert steps and (0, [min(max_num_tokens, max_seq_len - 1)]) in steps
+    for decodes, prompts in steps:
+        assert decodes + len(prompts) <= max_batch and decodes + sum(prompts) <= max_num_tokens
+        assert all(1 <= n < max_seq_len for n in prompts)
+    if max_seq_len > TINY.max_position_embeddings:
+        return
+    kv = KVCacheManager(TINY, 128, 4, torch.float32, torch.device("cpu"))
+    for cache in kv.layer_caches:
+        for c in cache:
+            c.normal_()
+    before = [c.clone() for cache in kv.layer_caches for c in cache]
+    runner = ModelRunner(tiny_model(), kv)
+    for decodes, prompts in steps:
+        logits = runner.execute(*runner._dummy_step(decodes, prompts, context=min(256, max_seq_len - 1) // 2))
+        assert logits.shape == (decodes + len(prompts), TINY.vocab_size) and logits.isfinite().all()
+    assert all(torch.equal(a, c) for a, c in zip(before, (c for cache in kv.layer_caches for c in cache)))
 
 
 def _req(params, i=0):

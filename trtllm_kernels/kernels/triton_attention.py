@@ -275,7 +275,7 @@ def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, q_pos, tok,
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_prefill_kernel(
     Q, K, V, KD, VD, BT, SL, QSL, Out,
     qk_scale, v_scale,
@@ -659,7 +659,9 @@ def triton_paged_prefill(
     if group % pack or block_m % pack or block_m // pack < 1:
         raise ValueError(f"pack={pack} must divide the group ({group}) and BLOCK_M ({block_m})")
     num_tiles = total // (block_m // pack) + num_seqs
-    search_iters = max(0, math.ceil(math.log2(num_seqs))) if num_seqs > 1 else 0
+    # Rounded up to a multiple of 4 (extra iterations keep lo where it is): a new batch size
+    # then rarely means a new compile (Triton's JIT costs seconds a variant, mid-run).
+    search_iters = 4 * math.ceil(math.log2(num_seqs) / 4) if num_seqs > 1 else 0
     if use_tma is None:
         use_tma = (page % block_n == 0 and q.is_cuda and not _interpreting()
                    and torch.cuda.get_device_capability(q.device)[0] >= 9)
