@@ -262,22 +262,31 @@ class TensorParallelGroup:
 
                 self.comm.send_step([CMD_STOP], None)
         finally:
-            # Every rank ends the group at the same time: NCCL's teardown waits for its peers,
-            # so rank 0 must not first wait for workers that are waiting for it.
-            _destroy_group()
+            # Gloo workers end the group with rank 0 (its teardown waits for peers); NCCL
+            # workers just exit, and rank 0 then aborts its communicator.
+            if not self.comm.nccl:
+                _destroy_group()
             for p in self.procs:
                 try:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            _destroy_group()
 
 
 def _destroy_group(timeout_s: float = 30.0) -> None:
-    """End this process's group; give up after timeout_s (a peer that died never answers)."""
+    """End this process's group; give up after timeout_s (a peer that died never answers).
+    NCCL groups are aborted (ncclCommAbort, immediate): the graceful destroy hung in NCCL's
+    teardown on 2 H200s, each rank waiting in it after the decode graphs' all-reduces, and
+    neither torch nor NCCL says what it waits for. Abort also clears torch's group state, so
+    a later LLM can start a new group in the same process."""
     if not dist.is_initialized():
         return
-    t = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    end = dist.destroy_process_group
+    if dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        end = dist.distributed_c10d._abort_process_group
+    t = threading.Thread(target=end, daemon=True)
     t.start()
     t.join(timeout_s)
 
@@ -421,6 +430,8 @@ def worker_main(settings: dict) -> None:
                 runner.capture_decode_graphs(header[1], header[2])
             else:
                 runner.execute(header, payload)
+    if settings["backend"] == "nccl":
+        os._exit(0)  # no NCCL teardown to hang in (see _destroy_group); rank 0 aborts its end
     dist.destroy_process_group()
 
 
