@@ -30,6 +30,11 @@ from one rank's by rounding only (in float32, greedy tokens agree; in bfloat16 t
 FP8 engines: a weight's per-output-channel scales are split with its rows (column-parallel)
 or kept whole (row-parallel); the per-token scale of a row-parallel layer's input is taken
 over this rank's slice, so logits differ from one rank's by a second FP8 rounding.
+FP4 engines (weight-only): the e2m1 codes and their group scales are split exactly like the
+weight they encode (rows, or columns in whole groups), NVFP4's global scale is kept whole, so
+a rank dequantizes exactly its slice of the one-rank weight. A column split repacks the codes:
+the packed layout pairs column j with column K/2 + j (trtllm_kernels/fp4.py), so a slice of
+columns is not a slice of bytes.
 """
 from __future__ import annotations
 
@@ -42,7 +47,9 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .model import LlamaModel
-from .quantize import SCALE_SUFFIX, Fp8LlamaModel
+from .quantize import FP4_FORMATS, GLOBAL_SUFFIX, SCALE_SUFFIX, Fp4LlamaModel, Fp8LlamaModel
+
+FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}  # values per scale along K
 
 
 def _split(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -121,9 +128,10 @@ def shard_pieces(config: ModelConfig, plan: ShardPlan, name: str) -> tuple[int, 
     dim -1 means the weight is replicated."""
     d, nq, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     kind = name.rsplit(".", 1)[-1]
-    if kind.endswith(SCALE_SUFFIX):  # an FP8 weight's per-output-channel scale [N, 1]
-        dim, pieces = shard_pieces(config, plan, name[: -len(SCALE_SUFFIX)])
-        return (0, pieces) if dim == 0 else (-1, [])  # split with its rows; row-parallel: all N
+    if kind.endswith(GLOBAL_SUFFIX):  # NVFP4's per-tensor scale
+        return -1, []
+    if kind.endswith(SCALE_SUFFIX):  # a quantized weight's scales go with its rows or columns
+        return shard_pieces(config, plan, name[: -len(SCALE_SUFFIX)])
     if kind in ("embed", "lm_head"):
         return 0, [plan.vocab]
     if kind in ("norm", "attn_norm", "mlp_norm"):
@@ -145,9 +153,15 @@ def shard_pieces(config: ModelConfig, plan: ShardPlan, name: str) -> tuple[int, 
     raise ValueError(f"no tensor-parallel rule for weight {name!r}")
 
 
-def shard_weight(config: ModelConfig, plan: ShardPlan, name: str, get: Getter) -> torch.Tensor:
-    """One rank's shard of weight `name` (see shard_pieces), read through `get`."""
+def shard_weight(config: ModelConfig, plan: ShardPlan, name: str, get: Getter,
+                 quantization: str | None = None) -> torch.Tensor:
+    """One rank's shard of tensor `name` (see shard_pieces), read through `get`;
+    `quantization` is the engine's (None, "fp8", "nvfp4", "mxfp4")."""
     dim, pieces = shard_pieces(config, plan, name)
+    if dim == 1 and quantization in FP4_FORMATS:
+        return _shard_fp4_columns(config, plan, name, get, pieces, FP4_GROUP[quantization])
+    if dim == 1 and name.endswith(SCALE_SUFFIX):  # FP8 per-output-channel scales [N, 1]: all N
+        dim = -1
     if dim < 0:
         return get(name, -1, 0, 0)
     parts = [get(name, dim, a, b) for a, b in pieces if b > a]
@@ -155,22 +169,65 @@ def shard_weight(config: ModelConfig, plan: ShardPlan, name: str, get: Getter) -
     kind = name.rsplit(".", 1)[-1]
     if kind in ("embed", "lm_head") and w.shape[0] < plan.vocab_shard:  # the last shard: pad
         w = torch.cat([w, w.new_zeros(plan.vocab_shard - w.shape[0], w.shape[1])])
-    if kind == "o" and plan.q_heads != plan.owned_q_heads:
-        d = config.head_dim
-        zero = w.view(torch.uint8) if w.element_size() == 1 else w  # fp8 has no fill; 0x00 is +0
-        for j, h in enumerate(plan.q_heads):
-            if h not in plan.owned_q_heads:
-                zero[:, j * d:(j + 1) * d] = 0  # another rank contributes this head's output
+    if kind == "o":
+        _zero_unowned_heads(config, plan, w.view(torch.uint8) if w.element_size() == 1 else w)  # fp8: 0x00 is +0
     return w.contiguous()
 
 
-def shard_weights(config: ModelConfig, weights: dict[str, torch.Tensor], plan: ShardPlan) -> dict[str, torch.Tensor]:
-    """Full weights (our fused names, and FP8 scales if any) -> rank plan.rank's shard of each."""
+def check_fp4_split(config: ModelConfig, size: int, fmt: str) -> None:
+    """Raise ValueError, before any rank loads, if some rank's column shard of a row-parallel
+    FP4 weight (o, down) would split a scale group (see _shard_fp4_columns)."""
+    for rank in range(size):
+        plan = shard_plan(config, rank, size)
+        for name in ("layers.0.o", "layers.0.down"):
+            _fp4_pieces(name, shard_pieces(config, plan, name)[1], FP4_GROUP[fmt])
+
+
+def _fp4_pieces(name: str, pieces: list[tuple[int, int]], group: int) -> list[tuple[int, int]]:
+    pieces = [(a, b) for a, b in pieces if b > a]
+    width = sum(b - a for a, b in pieces)
+    if any(a % group or b % group for a, b in pieces) or width % (2 * group):
+        raise ValueError(f"{name}: a rank's columns {pieces} do not fall on whole FP4 groups of {group} "
+                         f"(and a multiple of {2 * group} in all), which the packed layout needs; "
+                         "choose a tensor_parallel_size that splits the heads / intermediate size so")
+    return pieces
+
+
+def _zero_unowned_heads(config: ModelConfig, plan: ShardPlan, o_columns: torch.Tensor) -> None:
+    """Zero the o-projection columns of the heads this rank computes but another owns: that
+    rank contributes their output."""
+    d = config.head_dim
+    for j, h in enumerate(plan.q_heads):
+        if h not in plan.owned_q_heads:
+            o_columns[:, j * d:(j + 1) * d] = 0
+
+
+def _shard_fp4_columns(config: ModelConfig, plan: ShardPlan, name: str, get: Getter,
+                       pieces: list[tuple[int, int]], group: int) -> torch.Tensor:
+    """A row-parallel FP4 weight's column shard: its scales' groups, or its codes unpacked,
+    sliced, (o: unowned heads zeroed; code 0 is +0) and packed again."""
+    from trtllm_kernels.fp4 import pack_fp4, unpack_fp4
+
+    pieces = _fp4_pieces(name, pieces, group)
+    if name.endswith(SCALE_SUFFIX):
+        parts = [get(name, 1, a // group, b // group) for a, b in pieces]
+        return torch.cat(parts, dim=1).contiguous()
+    codes = unpack_fp4(get(name, -1, 0, 0))
+    codes = torch.cat([codes[:, a:b] for a, b in pieces], dim=1)
+    if name.rsplit(".", 1)[-1] == "o":
+        _zero_unowned_heads(config, plan, codes)
+    return pack_fp4(codes)
+
+
+def shard_weights(config: ModelConfig, weights: dict[str, torch.Tensor], plan: ShardPlan,
+                  quantization: str | None = None) -> dict[str, torch.Tensor]:
+    """Full weights (our fused names, and the scales of a quantized engine) -> rank
+    plan.rank's shard of each."""
     def get(name, dim, a, b):
         w = weights[name]
         return w if dim < 0 else w.narrow(dim, a, b - a)
 
-    return {n: shard_weight(config, plan, n, get) for n in weights}
+    return {n: shard_weight(config, plan, n, get, quantization) for n in weights}
 
 
 class Communicator(Protocol):
@@ -221,3 +278,8 @@ class TensorParallelFp8LlamaModel(TensorParallelLlamaModel, Fp8LlamaModel):
     """One rank's shard of an FP8 engine: Fp8LlamaModel's forward with the tensor-parallel
     embedding, all-reduces and LM head. Each rank quantizes its own slice of a row-parallel
     layer's input per token, so results differ from one rank's by that rounding too."""
+
+
+class TensorParallelFp4LlamaModel(TensorParallelLlamaModel, Fp4LlamaModel):
+    """One rank's shard of an FP4 (weight-only) engine: Fp4LlamaModel's linears with the
+    tensor-parallel embedding, all-reduces and LM head."""

@@ -45,9 +45,13 @@ import torch.distributed as dist
 import trtllm_kernels as tk
 from trtllm_kernels.engine.builder import WEIGHTS_FILE, Engine, read_engine_config, resolve_dtype
 from trtllm_kernels.engine.config import BuildConfig, ModelConfig
-from trtllm_kernels.engine.parallel import (TensorParallelFp8LlamaModel, TensorParallelLlamaModel, shard_plan,
-                                            shard_weight)
-from trtllm_kernels.engine.quantize import LINEAR_WEIGHTS, SCALE_SUFFIX, load_dtype, scale_names
+from trtllm_kernels.engine.parallel import (TensorParallelFp4LlamaModel, TensorParallelFp8LlamaModel,
+                                            TensorParallelLlamaModel, check_fp4_split, shard_plan, shard_weight)
+from trtllm_kernels.engine.quantize import (FP4_FORMATS, GLOBAL_SUFFIX, LINEAR_WEIGHTS, SCALE_SUFFIX, extra_names,
+                                            load_dtype_any)
+
+TP_MODELS = {None: TensorParallelLlamaModel, "fp8": TensorParallelFp8LlamaModel,
+             "nvfp4": TensorParallelFp4LlamaModel, "mxfp4": TensorParallelFp4LlamaModel}
 
 # NVLink multicast off: on shared hosts a program using it can take every GPU down.
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -156,12 +160,19 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
             else:
                 full = torch.empty(shape, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=gen)
             parts = {name: full}
-            if build.quantization == "fp8" and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS:
+            q = build.quantization
+            if q and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS:
                 # the whole tensor, as random_engine quantizes it, then this rank's shard
-                q, scale = tk.quantize_fp8_per_channel(full)
-                parts = {name: q, name + SCALE_SUFFIX: scale}
+                if q == "fp8":
+                    packed, scale = tk.quantize_fp8_per_channel(full)
+                    parts = {name: packed, name + SCALE_SUFFIX: scale}
+                else:
+                    packed, scale, global_scale = tk.quantize_fp4(full, q)
+                    parts = {name: packed, name + SCALE_SUFFIX: scale}
+                    if global_scale is not None:
+                        parts[name + GLOBAL_SUFFIX] = global_scale
             for n, t in parts.items():
-                weights[n] = shard_weight(config, plan, n, _narrow_getter(t))
+                weights[n] = shard_weight(config, plan, n, _narrow_getter(t), q)
             del full, parts
         tokenizer, path = None, None
     else:
@@ -169,7 +180,6 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
 
         path = Path(spec["path"])
         config, build = read_engine_config(path)
-        _check_quantization(build.quantization)
         torch_dtype = resolve_dtype(dtype, device, build.dtype)
         plan = shard_plan(config, rank, size)
         weights = {}
@@ -177,13 +187,12 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
             def get(name, dim, a, b):
                 s = f.get_slice(name)
                 t = s[:] if dim < 0 else s[a:b] if dim == 0 else s[:, a:b]
-                return t.to(device=device, dtype=load_dtype(name, t, torch_dtype))
+                return t.to(device=device, dtype=load_dtype_any(name, t, torch_dtype))
 
             from trtllm_kernels.engine.model import weight_names
 
-            names = weight_names(config) + (scale_names(config) if build.quantization == "fp8" else [])
-            for name in names:
-                weights[name] = shard_weight(config, plan, name, get)
+            for name in weight_names(config) + extra_names(config, build.quantization):
+                weights[name] = shard_weight(config, plan, name, get, build.quantization)
         tokenizer = None
         if with_tokenizer:
             from transformers import AutoTokenizer
@@ -191,13 +200,7 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     if device.type == "cuda":  # the full tensors drawn above stay cached by torch otherwise, and
         torch.cuda.empty_cache()  # the KV cache is sized from the memory the driver reports free
-    cls = TensorParallelFp8LlamaModel if build.quantization == "fp8" else TensorParallelLlamaModel
-    return Engine(cls(config, weights, plan, comm), config, build, tokenizer, path)
-
-
-def _check_quantization(quantization: str | None) -> None:
-    if quantization not in (None, "fp8"):
-        raise NotImplementedError(f"tensor parallelism with {quantization} weights is not implemented (fp8 is)")
+    return Engine(TP_MODELS[build.quantization](config, weights, plan, comm), config, build, tokenizer, path)
 
 
 
@@ -217,7 +220,6 @@ def model_spec(model, build_config: BuildConfig | None, progress: bool) -> dict:
         build = build_config or BuildConfig(max_seq_len=min(config.max_position_embeddings, 8192))
         if build.max_seq_len is None:
             build = dataclasses.replace(build, max_seq_len=min(config.max_position_embeddings, 8192))
-        _check_quantization(build.quantization)
         return {"kind": "random", "config": dataclasses.asdict(config), "build": build.to_dict(), "seed": model.seed}
     from .llm import resolve_engine_dir  # builds the engine once, on rank 0, before workers start
 
@@ -315,11 +317,12 @@ def start(model, size: int, *, dtype: str = "auto", device: str | None = None,
     spec = model_spec(model, build_config, progress)
     # Shape and format errors surface here, before any process starts.
     if spec["kind"] == "random":
-        config = ModelConfig(**spec["config"])
+        config, build = ModelConfig(**spec["config"]), BuildConfig.from_dict(spec["build"])
     else:
         config, build = read_engine_config(spec["path"])
-        _check_quantization(build.quantization)
     shard_plan(config, 0, size)
+    if build.quantization in FP4_FORMATS:
+        check_fp4_split(config, size, build.quantization)
     os.environ.update(NCCL_SAFE_ENV)
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=START_TIMEOUT_S))

