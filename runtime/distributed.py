@@ -153,6 +153,7 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
         torch_dtype = resolve_dtype(dtype, device)
         plan = shard_plan(config, rank, size)
         gen = torch.Generator(device=device).manual_seed(spec["seed"])
+        quant = build.quantization
         weights = {}
         for name, shape in weight_shapes(config).items():  # random_engine's order and draws
             if len(shape) == 1:
@@ -160,19 +161,18 @@ def load_shard(spec: dict, rank: int, size: int, device: torch.device, dtype: st
             else:
                 full = torch.empty(shape, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=gen)
             parts = {name: full}
-            q = build.quantization
-            if q and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS:
+            if quant and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS:
                 # the whole tensor, as random_engine quantizes it, then this rank's shard
-                if q == "fp8":
-                    packed, scale = tk.quantize_fp8_per_channel(full)
-                    parts = {name: packed, name + SCALE_SUFFIX: scale}
+                if quant == "fp8":
+                    qw, scale = tk.quantize_fp8_per_channel(full)
+                    parts = {name: qw, name + SCALE_SUFFIX: scale}
                 else:
-                    packed, scale, global_scale = tk.quantize_fp4(full, q)
-                    parts = {name: packed, name + SCALE_SUFFIX: scale}
+                    qw, scale, global_scale = tk.quantize_fp4(full, quant)
+                    parts = {name: qw, name + SCALE_SUFFIX: scale}
                     if global_scale is not None:
                         parts[name + GLOBAL_SUFFIX] = global_scale
             for n, t in parts.items():
-                weights[n] = shard_weight(config, plan, n, _narrow_getter(t), q)
+                weights[n] = shard_weight(config, plan, n, _narrow_getter(t), quant)
             del full, parts
         tokenizer, path = None, None
     else:
