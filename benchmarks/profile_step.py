@@ -1,7 +1,8 @@
 """Where the runtime's time goes: the offline throughput run split by step kind and phase, then
 torch.profiler's kernel table for a few full-batch decode steps and one prefill step.
 
-    python benchmarks/profile_step.py --shape llama-3.1-8b [--quantization fp8] --out DIR
+    python benchmarks/profile_step.py --shape llama-3.1-8b [--quantization fp8]
+        [--tensor-parallel-size 2] --out DIR
 
 Per Executor.step: schedule (host), forward (packing, the model, logits; synchronized after,
 so it is the GPU's time plus launch), sample (sampler + the token read-back), and the rest
@@ -121,12 +122,21 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--len", type=int, default=128, help="input and output length")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", default=".")
     ap.add_argument("--stem", default=None)
     args = ap.parse_args()
-    stem = args.stem or f"{args.shape}_{args.quantization or 'bf16'}"
+    tp = args.tensor_parallel_size
+    stem = args.stem or f"{args.shape}_{args.quantization or 'bf16'}" + (f"_tp{tp}" if tp > 1 else "")
     build = BuildConfig(max_seq_len=512, max_batch_size=args.max_batch_size, quantization=args.quantization)
-    llm = LLM(random_engine(args.shape, build, device=args.device), max_batch_size=args.max_batch_size, progress=False)
+    if tp > 1:  # rank 0's view: its phases include waiting for the other ranks in the collectives
+        from trtllm_kernels.runtime.distributed import RandomWeights
+
+        model = RandomWeights(args.shape)
+    else:
+        model = random_engine(args.shape, build, device=args.device)
+    llm = LLM(model, build_config=build, dtype="bfloat16", device=args.device, max_batch_size=args.max_batch_size,
+              progress=False, tensor_parallel_size=tp)
     graphs = sorted(llm.executor.runner.graphs)
 
     timer = StepTimer(llm)
@@ -168,6 +178,7 @@ def main() -> None:
     (out / f"profile_{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"profile_{stem}.txt").write_text("".join(text))
     print("".join(text))
+    llm.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tensor parallelism on a 2-GPU machine, in one call: the 2-GPU greedy-equality test, then
 # throughput at Llama-3.1-8B shape with TP=2 and at Llama-3.1-70B shape with TP=2, then TP=1
-# (bf16, random weights, in/out 128/128), then batch-1 latency TP=1 / TP=2 if time is left.
+# (bf16, random weights, in/out 128/128), a step profile of 8B TP=2, then FP8 TP=2 and batch-1
+# latency TP=1 / TP=2 if time is left.
 #   OUT=dir bash benchmarks/tensor_parallel.sh [seconds for all phases, default 290]
 # Each phase is cut at its own limit and at the shared deadline; run.log says what ran.
 set -u
@@ -40,6 +41,8 @@ phase tp2_8b 90 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-si
 phase tp2_70b 130 $T --shape llama-3.1-70b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_70b
 # TP=1 last: `gpu_run.sh all` has already run the same command on one GPU of this machine.
 phase tp1_8b 75 $T --shape llama-3.1-8b --num-requests 1000 --stem tp1_8b
+# Where TP=2 spends its steps (8B TP=2 ran only 1.04x TP=1 on 2 H200s): rank 0 per phase.
+phase profile_tp2 120 python3 benchmarks/profile_step.py --shape llama-3.1-8b --tensor-parallel-size 2 --out "$OUT"
 phase tp2_8b_fp8 90 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --quantization fp8 --stem tp2_8b_fp8
 phase lat_tp1_8b 60 $L --stem lat_tp1_8b
 phase lat_tp2_8b 60 $L --tensor-parallel-size 2 --stem lat_tp2_8b
