@@ -163,7 +163,7 @@ def main() -> None:
             kernel_table(llm.step, 5)]
     for rid in list(llm._requests):
         llm.abort_request(rid)
-    n = build.max_num_tokens // args.len
+    n = min(build.max_num_tokens // args.len, args.max_batch_size)  # prompts that fit one step
     seeds = iter(range(6, 100))
 
     def prefill():  # new prompts each time: the prefix cache must not serve them
