@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Tensor parallelism on a 2-GPU machine, in one call: the 2-GPU greedy-equality test, then
-# throughput at Llama-3.1-8B shape with TP=2 and at Llama-3.1-70B shape with TP=2, then TP=1
-# (bf16, random weights, in/out 128/128), a step profile of 8B TP=2, then FP8 TP=2 and batch-1
-# latency TP=1 / TP=2 if time is left.
+# Tensor parallelism on a 2-GPU machine, in one call: NCCL's all-reduce bandwidth, the 2-GPU
+# greedy-equality test, then throughput at Llama-3.1-8B shape with TP=2 and at Llama-3.1-70B
+# shape with TP=2, then TP=1 (bf16, random weights, in/out 128/128), a step profile of 8B
+# TP=2, then FP8 TP=2 and batch-1 latency TP=1 / TP=2 if time is left.
 #   OUT=dir bash benchmarks/tensor_parallel.sh [seconds for all phases, default 290]
 # Each phase is cut at its own limit and at the shared deadline; run.log says what ran.
 set -u
@@ -35,6 +35,8 @@ phase() {  # phase NAME MAX_SECONDS COMMAND...
 
 T="trtllm-kernels bench throughput --input-len 128 --output-len 128 --max-seq-len 512 --out $OUT"
 L="trtllm-kernels bench latency --input-len 128 --output-len 128 --max-seq-len 512 --shape llama-3.1-8b --out $OUT"
+# NCCL's transport and bandwidth at TP's message sizes (P2P over NVLink, or SHM through host memory?)
+phase allreduce 60 bash -c "NCCL_DEBUG=INFO python3 benchmarks/allreduce_bw.py 2>&1 | grep -E ' via |bus |rror' | sort -u | head -30"
 phase equality 180 env TP_REPORT="$OUT/equality.json" python3 -m pytest -q -s -x -m gpu -p no:cacheprovider \
   tests/test_tensor_parallel.py
 phase tp2_8b 90 $T --shape llama-3.1-8b --num-requests 1000 --tensor-parallel-size 2 --stem tp2_8b
