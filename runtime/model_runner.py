@@ -58,6 +58,25 @@ def warmup_steps(max_num_tokens: int, max_batch_size: int, max_seq_len: int) -> 
     return steps
 
 
+def eager_payload(ids: list[int], computed: list[int], num: list[int], tables: np.ndarray, samplers: list[int],
+                  num_decodes: int, page: int, write: bool = True) -> tuple[list[int], torch.Tensor]:
+    """An eager step's header and payload (layout: `payload_size`). Sequence i has computed[i]
+    tokens in the cache and brings num[i] new ones (their ids concatenated in `ids`); tables
+    [S, width] are the block tables; the rows in `samplers` sample. write=False gives every
+    token slot -1, so nothing is written to the cache (the warm-up's dummy steps)."""
+    s = len(num)
+    lo, num = np.array(computed, dtype=np.int64), np.array(num, dtype=np.int64)
+    starts = np.zeros(s + 1, dtype=np.int64)
+    np.cumsum(num, out=starts[1:])
+    seq = np.repeat(np.arange(s), num)  # each token's sequence
+    positions = lo[seq] + np.arange(len(ids)) - starts[seq]
+    slots = tables[seq, positions // page] * page + positions % page if write else np.full(len(ids), -1, dtype=np.int64)
+    last = starts[np.array(samplers, dtype=np.int64) + 1] - 1
+    payload = np.concatenate([np.array(ids, dtype=np.int64), positions, slots, lo + num, starts, last,
+                              tables.ravel()])
+    return [CMD_EAGER, len(ids), s, tables.shape[1], num_decodes, len(samplers), 0], torch.from_numpy(payload)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCacheManager, kv_scales: tuple[float, float] = (1.0, 1.0)):
         self.model = model
@@ -91,7 +110,6 @@ class ModelRunner:
     def _pack_eager(self, batch: ScheduledBatch):
         page = self.kv.page_size
         reqs, counts = batch.requests, batch.num_tokens
-        s = len(reqs)
         ids, computed, samplers = [], [], []
         for i, (req, n) in enumerate(zip(reqs, counts)):
             c = req.num_computed
@@ -100,17 +118,8 @@ class ModelRunner:
             if c + n == len(req.tokens):
                 samplers.append(i)
         tables = self.kv.block_table_array([req.request_id for req in reqs])
-        lo, num = np.array(computed, dtype=np.int64), np.array(counts, dtype=np.int64)
-        starts = np.zeros(s + 1, dtype=np.int64)
-        np.cumsum(num, out=starts[1:])
-        seq = np.repeat(np.arange(s), num)  # each token's sequence
-        positions = lo[seq] + np.arange(len(ids)) - starts[seq]
-        slots = tables[seq, positions // page] * page + positions % page
-        last = starts[np.array(samplers, dtype=np.int64) + 1] - 1
-        payload = np.concatenate([np.array(ids, dtype=np.int64), positions, slots, lo + num, starts, last,
-                                  tables.ravel()])
-        header = [CMD_EAGER, len(ids), s, tables.shape[1], batch.num_decodes, len(samplers), 0]
-        return header, torch.from_numpy(payload), samplers
+        header, payload = eager_payload(ids, computed, counts, tables, samplers, batch.num_decodes, page)
+        return header, payload, samplers
 
     def _pack_decode(self, batch: ScheduledBatch):
         n = len(batch)
@@ -151,17 +160,11 @@ class ModelRunner:
     def _dummy_step(self, decodes: int, prompts: list[int], context: int):
         """An eager step's header and payload: `decodes` sequences at `context` tokens and the
         given prompt lengths from scratch, all in block 0 and writing nowhere."""
-        q_lens = np.array([1] * decodes + prompts, dtype=np.int64)
-        seq_lens = np.array([context + 1] * decodes + prompts, dtype=np.int64)
-        s, t = len(q_lens), int(q_lens.sum())
-        starts = np.zeros(s + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=starts[1:])
-        seq = np.repeat(np.arange(s), q_lens)
-        positions = seq_lens[seq] - q_lens[seq] + np.arange(t) - starts[seq]
-        width = self.kv.blocks_for(int(seq_lens.max()))
-        payload = np.concatenate([np.zeros(t, dtype=np.int64), positions, np.full(t, -1, dtype=np.int64), seq_lens,
-                                  starts, starts[1:] - 1, np.zeros(s * width, dtype=np.int64)])
-        return [CMD_EAGER, t, s, width, decodes, s, 0], torch.from_numpy(payload)
+        num = [1] * decodes + prompts
+        width = self.kv.blocks_for(max(context + 1 if decodes else 0, *prompts))
+        tables = np.zeros((len(num), width), dtype=np.int64)
+        return eager_payload([0] * sum(num), [context] * decodes + [0] * len(prompts), num, tables,
+                             list(range(len(num))), decodes, self.kv.page_size, write=False)
 
     # -- every rank: run a step ----------------------------------------------------------------
 
