@@ -2,13 +2,15 @@
 torch.profiler's kernel table for a few full-batch decode steps and one prefill step.
 
     python benchmarks/profile_step.py --shape llama-3.1-8b [--quantization fp8]
-        [--tensor-parallel-size 2] --out DIR
+        [--kv-cache-dtype fp8] [--tensor-parallel-size 2] --out DIR
 
 Per Executor.step: schedule (host), forward (packing, the model, logits; synchronized after,
 so it is the GPU's time plus launch), sample (sampler + the token read-back), and the rest
 (the executor's bookkeeping); outside_executor_s is what LLM.generate spends beyond its steps. The synchronization after the forward only separates phases
 that already run back to back: the step loop has no overlap to lose. Writes
-profile_<stem>.json (per-kind medians and totals) and profile_<stem>.txt (kernel tables).
+profile_<stem>.json (per-kind medians and totals, and the Triton kernels compiled during the
+timed run: each is seconds of a step that the start-up warm-up missed) and profile_<stem>.txt
+(kernel tables).
 """
 from __future__ import annotations
 
@@ -26,6 +28,20 @@ from trtllm_kernels.engine.random_weights import random_engine
 from trtllm_kernels.runtime.benchmark import random_prompts, throughput
 from trtllm_kernels.runtime.llm import LLM
 from trtllm_kernels.runtime.sampling_params import SamplingParams
+
+
+def record_compiles() -> list[dict]:
+    """Triton kernel variants compiled from now on (name, time, specialization key), via its JIT hook."""
+    import triton
+
+    compiles: list[dict] = []
+
+    def hook(*, fn, key, **_):  # key: argument types with their specializations, options
+        compiles.append({"t": time.perf_counter(), "kernel": fn.name, "key": str(key)[:1500]})
+        return None  # compile as usual
+
+    triton.knobs.runtime.jit_cache_hook = hook
+    return compiles
 
 
 def sync():
@@ -118,6 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--len", type=int, default=128, help="input and output length")
@@ -127,8 +144,11 @@ def main() -> None:
     ap.add_argument("--stem", default=None)
     args = ap.parse_args()
     tp = args.tensor_parallel_size
-    stem = args.stem or f"{args.shape}_{args.quantization or 'bf16'}" + (f"_tp{tp}" if tp > 1 else "")
-    build = BuildConfig(max_seq_len=512, max_batch_size=args.max_batch_size, quantization=args.quantization)
+    stem = args.stem or f"{args.shape}_{args.quantization or 'bf16'}" + (f"_tp{tp}" if tp > 1 else "") + \
+        ("_fp8kv" if args.kv_cache_dtype == "fp8" else "")
+    build = BuildConfig(max_seq_len=512, max_batch_size=args.max_batch_size, quantization=args.quantization,
+                        kv_cache_dtype=args.kv_cache_dtype)
+    compiles = record_compiles()
     if tp > 1:  # rank 0's view: its phases include waiting for the other ranks in the collectives
         from trtllm_kernels.runtime.distributed import RandomWeights
 
@@ -146,6 +166,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "shape": args.shape,
               "quantization": args.quantization, "run": run, "steps": timer.summary(graphs),
               "steps_total": len(timer.records),
+              "compiled_during_run": [dict(c, t=round(c["t"] - start, 3)) for c in compiles if c["t"] >= start],
               "eager_steps": [{k: round(v, 3) for k, v in r.items() if k != "t"} for r in timer.records
                               if r.get("decodes") != r.get("seqs") or r.get("seqs", 0) > max(graphs, default=0)],
               # what LLM.generate spends outside Executor.step: outputs, detokenizer, bookkeeping

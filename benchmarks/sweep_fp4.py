@@ -12,6 +12,7 @@ from triton.testing import do_bench_cudagraph
 
 import trtllm_kernels as tk
 from trtllm_kernels.kernels import triton_fp4 as tf
+from trtllm_kernels.kernels.triton_tiles import num_sms
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 16, 64, 128, 4096)
@@ -35,7 +36,7 @@ def auto_split(cfg, m, n, half):
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
     steps = triton.cdiv(half, cfg["KB"])
     split = 1
-    while tiles * split < 2 * tf._num_sms() and steps // (split * 2) >= 4 and split < 16:
+    while tiles * split < 2 * num_sms() and steps // (split * 2) >= 4 and split < 16:
         split *= 2
     return dict(cfg, SPLIT_K=split)
 

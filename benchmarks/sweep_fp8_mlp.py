@@ -7,7 +7,7 @@ torch._scaled_mm (FP8, per-token x per-channel) and torch.matmul (bf16 parts), t
 each configuration under CUDA graphs with enough input sets rotated to defeat the L2.
 The kernel-selection rules in those two modules were set from this sweep's output.
 
-    python benchmarks/sweep_fp8_mlp.py --out DIR [--jobs 8] [--set main|extra]
+    python benchmarks/sweep_fp8_mlp.py --out DIR [--jobs 8] [--set main|extra|decode|split|prefill|gate_up]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-# (swap, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+# (swap, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, tma[, split_k]])
 FP8_SMALL = [  # M <= 16
     (False, 16, 128, 128, 1, 4, 4), (False, 16, 128, 256, 1, 4, 3), (False, 16, 128, 256, 1, 8, 3),
     (False, 16, 64, 256, 1, 4, 4), (False, 16, 256, 128, 1, 8, 3), (False, 16, 128, 512, 1, 8, 2),
@@ -57,7 +57,7 @@ MLP_DOWN = {
     "large": [(False, 128, 128, 64, 8, 8, 3), (False, 128, 256, 64, 8, 8, 3), (False, 64, 128, 64, 8, 4, 4),
               (False, 128, 128, 64, 8, 8, 4)],
 }
-FP8_SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "o": (4096, 4096)}
+FP8_SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "o": (4096, 4096), "qkv": (6144, 4096)}
 H, I = 4096, 14336
 
 
@@ -73,6 +73,85 @@ EXTRA = {  # --set extra: follow-ups to the first sweep (gate_up, where 1.25x wa
     4096: [(False, 128, 256, 128, 8, 8, 4, True), (False, 256, 128, 128, 8, 8, 4, True), (False, 128, 256, 128, 4, 8, 4, True),
            (False, 256, 128, 128, 16, 8, 3, True), (False, 128, 256, 128, 8, 8, 4)],
 }
+
+
+T = True  # 8th field: the TMA kernel
+DECODE = {  # --set decode: the FP8 engine's four GEMMs as it calls them, at decode batch sizes
+    "small": {  # M in {1, 16}; the first of each list is the rule before this sweep
+        "fp8": [(T, 64, 16, 256, 1, 4, 4, T), (False, 16, 32, 256, 1, 4, 4, T), (False, 16, 32, 512, 1, 4, 3, T),
+                (False, 16, 64, 256, 1, 4, 4, T), (False, 16, 32, 256, 1, 4, 4), (T, 64, 16, 128, 1, 4, 6, T),
+                (T, 64, 16, 512, 1, 4, 2, T)],
+        "fp8glu": [(False, 16, 128, 128, 1, 4, 4), (T, 128, 16, 256, 1, 4, 3, T), (T, 128, 16, 128, 1, 4, 6, T),
+                   (T, 128, 16, 256, 1, 8, 3, T), (T, 128, 16, 128, 1, 8, 5, T), (False, 16, 128, 256, 1, 4, 3, T),
+                   (False, 16, 128, 128, 1, 4, 6, T)],
+        "fp8down": [(T, 64, 16, 128, 1, 4, 4), (T, 64, 16, 128, 1, 4, 4, T), (T, 64, 16, 128, 1, 4, 8, T),
+                    (T, 128, 16, 128, 1, 4, 6, T), (False, 16, 32, 128, 1, 4, 6, T), (False, 16, 64, 128, 1, 4, 6, T)],
+    },
+    "large": {  # M in {256, 512}
+        "fp8": [(False, 64, 128, 128, 8, 4, 4), (False, 64, 128, 128, 8, 4, 4, T), (False, 128, 128, 128, 8, 8, 4, T),
+                (False, 128, 256, 128, 8, 8, 3, T), (False, 64, 256, 128, 8, 8, 3, T), (False, 128, 64, 128, 8, 4, 4, T),
+                (False, 128, 128, 64, 8, 8, 6, T)],
+        "fp8glu": [(False, 128, 128, 128, 8, 8, 3), (False, 128, 128, 128, 8, 8, 3, T), (False, 128, 128, 128, 8, 8, 4, T),
+                   (False, 64, 128, 128, 8, 4, 4, T), (False, 128, 128, 64, 8, 8, 6, T), (False, 64, 128, 128, 8, 4, 6, T)],
+        "fp8down": [(False, 64, 128, 128, 8, 4, 4), (False, 64, 128, 128, 8, 4, 4, T), (False, 128, 128, 128, 8, 8, 3, T),
+                    (False, 128, 128, 128, 8, 8, 4, T), (False, 64, 256, 128, 8, 8, 3, T), (False, 128, 64, 128, 8, 4, 4, T)],
+    },
+}
+
+
+SPLIT = {  # --set split: split-K for the small-M GEMMs with few weight tiles (o, down: 64 at M <= 16)
+    "fp8": [(T, 64, 16, 256, 1, 4, 4, T, 1), (T, 64, 16, 256, 1, 4, 4, T, 2), (T, 64, 16, 256, 1, 4, 4, T, 3),
+            (T, 64, 16, 256, 1, 4, 4, T, 4), (T, 64, 16, 128, 1, 4, 8, T, 2), (T, 64, 16, 256, 1, 4, 3, T, 2)],
+    "fp8down": [(T, 64, 16, 128, 1, 4, 8, T, 1), (T, 64, 16, 128, 1, 4, 8, T, 2), (T, 64, 16, 128, 1, 4, 8, T, 3),
+                (T, 64, 16, 128, 1, 4, 8, T, 4), (T, 64, 16, 128, 1, 4, 6, T, 2)],
+}
+
+
+PREFILL = {  # --set prefill: the fused MLP's two GEMMs at prefill sizes (the first: the rule before)
+    "fp8glu": [(False, 128, 128, 128, 8, 8, 3), (False, 128, 128, 128, 8, 8, 3, T), (False, 128, 128, 128, 8, 8, 4, T),
+               (False, 128, 128, 64, 8, 8, 5, T)],
+    "fp8down": [(False, 128, 128, 128, 8, 8, 4), (False, 128, 128, 128, 8, 8, 3, T), (False, 128, 128, 128, 8, 8, 4, T),
+                (False, 128, 256, 128, 8, 8, 3, T), (False, 64, 256, 128, 8, 8, 4, T)],
+}
+
+
+def prefill_tasks():
+    return [(kind, "gate_up" if kind == "fp8glu" else "down", m, c)
+            for m in (1024, 4096) for kind, cfgs in PREFILL.items() for c in cfgs]
+
+
+GATE_UP = {  # --set gate_up: the plain gate_up GEMM at 64 and 128 tokens (the first: the rule before)
+    64: [(T, 64, 64, 256, 1, 4, 3, T), (T, 64, 64, 128, 1, 4, 6, T), (T, 128, 64, 128, 1, 8, 4, T),
+         (T, 64, 64, 256, 1, 4, 4, T), (T, 128, 64, 256, 1, 8, 3, T), (False, 64, 128, 128, 8, 4, 4, T),
+         (T, 64, 32, 256, 1, 4, 4, T)],
+    128: [(False, 128, 128, 128, 8, 8, 3, T), (False, 128, 128, 128, 8, 8, 4, T), (T, 128, 128, 128, 1, 8, 3, T),
+          (T, 64, 128, 128, 1, 4, 4, T), (False, 64, 128, 128, 8, 4, 4, T), (T, 128, 64, 128, 1, 8, 4, T),
+          (T, 64, 64, 256, 1, 4, 3, T)],
+}
+
+
+def gate_up_tasks():
+    return [("fp8", "gate_up", m, c) for m, cfgs in GATE_UP.items() for c in cfgs]
+
+
+def split_tasks():
+    out = []
+    for m in (1, 16):
+        for shape in ("qkv", "o", "down", "gate_up"):
+            out += [("fp8", shape, m, c) for c in SPLIT["fp8"]]
+        out += [("fp8down", "down", m, c) for c in SPLIT["fp8down"]]
+    return out
+
+
+def decode_tasks():
+    out = []
+    for m in (1, 16, 256, 512):
+        sets = DECODE["small" if m <= 16 else "large"]
+        for shape in ("qkv", "o"):
+            out += [("fp8", shape, m, c) for c in sets["fp8"]]
+        out += [("fp8glu", "gate_up", m, c) for c in sets["fp8glu"]]
+        out += [("fp8down", "down", m, c) for c in sets["fp8down"]]
+    return out
 
 
 def extra_tasks():
@@ -99,18 +178,22 @@ def tasks():
 
 def _cfg(c):
     return dict(swap=c[0], BLOCK_M=c[1], BLOCK_N=c[2], BLOCK_K=c[3], GROUP_M=c[4], num_warps=c[5], num_stages=c[6],
-                tma=len(c) > 7 and c[7])
+                tma=len(c) > 7 and c[7], split_k=c[8] if len(c) > 8 else 1)
 
 
 def _inputs(kind, shape, m, device):
     import torch
     import trtllm_kernels as tk
 
-    if kind == "fp8":
+    if kind.startswith("fp8"):
         n, k = FP8_SHAPES[shape]
-        a, sa = tk.quantize_fp8_per_token(torch.randn(m, k, device=device, dtype=torch.bfloat16))
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        a, sa = tk.quantize_fp8_per_token(x)
         b, sb = tk.quantize_fp8_per_channel(torch.randn(n, k, device=device) * k ** -0.5)
-        return {"a": a, "sa": sa, "b": b, "sb": sb}
+        i = {"a": a, "sa": sa, "b": b, "sb": sb}
+        if kind == "fp8down":  # the fused MLP's intermediate: one scale per 1 x 128 group
+            i["ga"], i["gsa"] = tk.quantize_fp8_per_token(x, 128)
+        return i
     n, k = (2 * I, H) if kind == "glu" else (H, I)
     return {"x": torch.randn(m, k, device=device, dtype=torch.bfloat16),
             "w": torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5}
@@ -123,17 +206,27 @@ def _fns(kind, c):
     from trtllm_kernels.kernels import triton_fp8 as tf
     from trtllm_kernels.kernels import triton_mlp as tm
 
-    if kind == "fp8":
+    if kind.startswith("fp8"):
         def ours(i):
             tf.CONFIG_OVERRIDE = _cfg(c)
             try:
+                if kind == "fp8glu":
+                    return tf.fp8_gemm_silu_mul_cuda(i["a"], i["b"], i["sa"], i["sb"], True, torch.bfloat16)
+                if kind == "fp8down":
+                    return tk.fp8_gemm(i["ga"], i["b"], i["gsa"], i["sb"], None, torch.bfloat16)
                 return tk.fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, torch.bfloat16)
             finally:
                 tf.CONFIG_OVERRIDE = None
 
-        def base(i):
+        def base(i):  # fp8glu: the plain gate_up GEMM (no epilogue) of the same weight
+            y = torch._scaled_mm(i["a"], i["b"].t(), scale_a=i["sa"], scale_b=i["sb"].t(), out_dtype=torch.bfloat16)
+            if kind == "fp8glu":  # compared with ours dequantized
+                return F.silu(y[:, :y.shape[1] // 2].float()) * y[:, y.shape[1] // 2:].float()
+            return y
+
+        def base_timed(i):
             return torch._scaled_mm(i["a"], i["b"].t(), scale_a=i["sa"], scale_b=i["sb"].t(), out_dtype=torch.bfloat16)
-        return ours, base
+        return ours, base, base_timed
     glu = kind == "glu"
 
     def ours(i):
@@ -145,7 +238,7 @@ def _fns(kind, c):
     def base(i):
         y = torch.matmul(i["x"], i["w"].t())
         return F.silu(y[:, :I]) * y[:, I:] if glu else y
-    return ours, base
+    return ours, base, base
 
 
 def _compile_worker(chunk):
@@ -155,7 +248,7 @@ def _compile_worker(chunk):
     done = 0
     for kind, shape, m, c in chunk:
         try:
-            ours, _ = _fns(kind, c)
+            ours, _, _ = _fns(kind, c)
             ours(_inputs(kind, shape, m, "cuda"))
             done += 1
         except Exception as e:  # a config that does not compile (shared memory, registers)
@@ -168,10 +261,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--jobs", type=int, default=8)
-    ap.add_argument("--set", default="main", choices=["main", "extra"])
+    ap.add_argument("--set", default="main", choices=["main", "extra", "decode", "split", "prefill", "gate_up"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    all_tasks = tasks() if args.set == "main" else extra_tasks()
+    all_tasks = {"main": tasks, "extra": extra_tasks, "decode": decode_tasks, "split": split_tasks,
+                 "prefill": prefill_tasks, "gate_up": gate_up_tasks}[args.set]()
     t0 = time.time()
     # compile once per distinct kernel specialization (m == 1 is its own), in parallel
     seen, uniq = set(), []
@@ -186,6 +280,7 @@ def main():
     print(f"compiled {n}/{len(uniq)} kernels in {time.time() - t0:.0f}s", flush=True)
 
     import torch
+    import trtllm_kernels as tk
     from trtllm_kernels.bench.timing import l2_cache_bytes, num_rotations, tensor_bytes, time_fn
 
     l2 = l2_cache_bytes("cuda")
@@ -201,14 +296,15 @@ def main():
                 first = _inputs(kind, shape, m, "cuda")
                 nrot = num_rotations(tensor_bytes(first), l2, max_total_bytes=4 << 30)
                 sets = [(first,)] + [(_inputs(kind, shape, m, "cuda"),) for _ in range(nrot - 1)]
-                _, base = _fns(kind, c)
-                tb = time_fn(base, sets, graph=True, warmup=5, iters=100, budget_s=0.3)["median_us"]
+                _, _, base_timed = _fns(kind, c)
+                tb = time_fn(base_timed, sets, graph=True, warmup=5, iters=100, budget_s=0.3)["median_us"]
                 cache[key] = (sets, tb)
             sets, tb = cache[key]
-            ours, base = _fns(kind, c)
+            ours, base, _ = _fns(kind, c)
             try:
                 o = ours(sets[0][0])
-                ref = base(sets[0][0])
+                o = (tk.dequantize_fp8(*o) if isinstance(o, tuple) else o).float()
+                ref = base(sets[0][0]).float()
                 err = float((o.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
                 t = time_fn(ours, sets, graph=True, warmup=5, iters=100, budget_s=0.3)["median_us"]
             except Exception as e:

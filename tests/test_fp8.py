@@ -181,6 +181,17 @@ def test_triton_gemm_matches_reference(mnk, a_mode, b_mode):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
 
 
+def _check_silu_mul(out, ref, quant):
+    """fp8_gemm_silu_mul's (h, scales) against the reference's."""
+    if quant:
+        torch.testing.assert_close(out[1], ref[1], atol=1e-7, rtol=1e-5)
+        # the same value may round to a neighbouring fp8 step when summation order differs
+        assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 1e-6).all()
+        assert similarity_gap(f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)) < 1e-5
+    else:
+        torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("b_mode", ["channel", "block"])
 @pytest.mark.parametrize("quant", [False, True])
 def test_triton_gemm_silu_mul_and_mlp(b_mode, quant):
@@ -190,33 +201,64 @@ def test_triton_gemm_silu_mul_and_mlp(b_mode, quant):
     qd, sd = quant_b(torch.randn(hdim, inter, device=DEV) / 8, b_mode)
     ref = f8._fp8_gemm_silu_mul_ref(qa, qg, sa, sg, quant, torch.float32)
     out = tf.fp8_gemm_silu_mul_cuda(qa, qg, sa, sg, quant, torch.float32)
-    if quant:
-        torch.testing.assert_close(out[1], ref[1], atol=1e-7, rtol=1e-5)
-        # the same value may round to a neighbouring fp8 step when summation order differs
-        assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 1e-6).all()
-        assert similarity_gap(f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)) < 1e-5
-    else:
-        torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-5)
+    _check_silu_mul(out, ref, quant)
     y = tf.fused_mlp_fp8_cuda(qa, sa, qg, sg, qd, sd, quant, torch.float32)
     y_ref = f8._fused_mlp_fp8_ref(qa, sa, qg, sg, qd, sd, quant, torch.float32)
     assert similarity_gap(y, y_ref) < 1e-5
 
 
+def _tma_config(swap, bm, bn, bk, split_k=1):
+    return dict(swap=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, num_warps=4, num_stages=2, tma=True,
+                split_k=split_k)
+
+
+@pytest.fixture
+def tma_calls(monkeypatch):
+    """Counts launches of the TMA kernel (the launcher falls back to the pointer kernel silently)."""
+    calls = []
+    real = tf._launch_gemm_tma
+    monkeypatch.setattr(tf, "_launch_gemm_tma", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("swap", [True, False])
 @pytest.mark.parametrize("mnk", [(1, 96, 128), (7, 64, 320)])
-@pytest.mark.parametrize("a_mode, b_mode", [("token", "channel"), ("tensor", "tensor")])
-def test_triton_tma_gemm_matches_reference(mnk, swap, a_mode, b_mode):
-    """The TMA kernel (tensor / row scales): ragged M and N, a K tail, both orientations."""
+@pytest.mark.parametrize("a_mode, b_mode", [("token", "channel"), ("tensor", "tensor"), ("group", "block"),
+                                            ("group", "channel")])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_triton_tma_gemm_matches_reference(mnk, swap, a_mode, b_mode, split_k, tma_calls):
+    """The TMA kernel: ragged M and N, a K tail, both orientations, scales applied after the K
+    loop (tensor / row) and inside it (1 x 128 groups, 128 x 128 blocks), split-K (with K = 128
+    two of the three shares are empty)."""
     m, n, k = mnk
     qa, sa, qb, sb = _inputs(m, n, k, a_mode, b_mode)
     ref = f8._fp8_gemm_ref(qa, qb, sa, sb, None, torch.float32)
-    tf.CONFIG_OVERRIDE = dict(swap=swap, BLOCK_M=64 if swap else 16, BLOCK_N=16 if swap else 32, BLOCK_K=64 if k % 128 else 128,
-                              GROUP_M=2, num_warps=4, num_stages=2, tma=True)
+    tf.CONFIG_OVERRIDE = _tma_config(swap, 64 if swap else 16, 16 if swap else 32, 64 if k % 128 else 128, split_k)
     try:
         out = tf.fp8_gemm_cuda(qa, qb, sa, sb, None, torch.float32)
     finally:
         tf.CONFIG_OVERRIDE = None
+    assert tma_calls
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("swap", [True, False])
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("b_mode", ["channel", "block"])
+def test_triton_tma_gemm_silu_mul(swap, quant, b_mode, tma_calls):
+    """The TMA kernel's GLU: the [gate; up] weight as the B operand, or as A (swapped, small M);
+    with a quantized output each 128-column group is one tile's weight-side extent."""
+    m, hdim, inter = 9, 192, 256
+    qa, sa = tk.quantize_fp8_per_token(torch.randn(m, hdim, device=DEV))
+    qg, sg = quant_b(torch.randn(2 * inter, hdim, device=DEV) / 8, b_mode)
+    ref = f8._fp8_gemm_silu_mul_ref(qa, qg, sa, sg, quant, torch.float32)
+    tf.CONFIG_OVERRIDE = _tma_config(swap, 128 if swap else 16, 16 if swap else 128, 64)
+    try:
+        out = tf.fp8_gemm_silu_mul_cuda(qa, qg, sa, sg, quant, torch.float32)
+    finally:
+        tf.CONFIG_OVERRIDE = None
+    assert tma_calls
+    _check_silu_mul(out, ref, quant)
 
 
 @pytest.mark.parametrize("group", [0, 64, 128])
@@ -285,11 +327,13 @@ COMPILE_SCRIPT = textwrap.dedent(
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=dict(num_warps=8))
         print(fn.__name__, "ok")
     fn = tf._fp8_gemm_tma_kernel
-    for bm, bn, bk, warps, stages in [(64, 16, 256, 4, 3), (128, 256, 128, 8, 4)]:
-        cx = dict(A_MODE=2, B_MODE=2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, NUM_STAGES=stages)
+    for bm, bn, bk, warps, stages, a_mode, glu in [(64, 16, 256, 4, 3, 2, 0), (128, 256, 128, 8, 4, 2, 0),
+                                                    (128, 16, 256, 4, 3, 2, 1), (128, 128, 128, 8, 3, 3, 2)]:
+        cx = dict(A_MODE=a_mode, B_MODE=2, GLU=glu, QUANT_OUT=glu > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                  GROUP_M=1, NUM_STAGES=stages, INTERP=False)
         sig = {n: "i32" for n in fn.arg_names}
         sig.update(a_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", b_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>",
-                   C="*bf16", SA="*fp32", SB="*fp32")
+                   C="*fp8e4nv" if glu else "*bf16", SA="*fp32", SB="*fp32", CS="*fp32")
         sig.update({n: "constexpr" for n in cx})
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
                            options=dict(num_warps=warps, num_stages=stages))
@@ -309,7 +353,7 @@ def test_kernels_compile_for_sm90():
     assert sum(line.startswith("gemm") for line in lines) == 4 and res.stdout.count(" ok") == 2, res.stdout
     assert all(line.split()[3] == "True" for line in lines if line.startswith("gemm 4096")), res.stdout
     tma = [line for line in lines if line.startswith("tma")]
-    assert len(tma) == 2 and all(line.endswith("True") for line in tma), res.stdout
+    assert len(tma) == 4 and all(line.endswith("True") for line in tma), res.stdout
 
 
 def test_registered_as_cuda_kernels():
@@ -414,6 +458,18 @@ def test_gpu_fused_mlp(m, quant):
     ref = f8._fused_mlp_fp8_ref(xq, xs, gq, gs, dq, ds, quant, torch.float32)
     assert y.dtype == torch.bfloat16 and not y.isnan().any()
     assert similarity_gap(y, ref) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 256])
+def test_gpu_fused_mlp_unaligned_rows(m):
+    """K = 1000 bytes per fp8 row is no multiple of 16: no TMA, the pointer kernels' GLU instead."""
+    h, inter = 1000, 1024
+    xq, xs = tk.quantize_fp8_per_token(torch.randn(m, h, device="cuda", dtype=torch.bfloat16))
+    gq, gs = tk.quantize_fp8_per_channel(torch.randn(2 * inter, h, device="cuda") / 32)
+    dq, ds = tk.quantize_fp8_per_channel(torch.randn(h, inter, device="cuda") / 32)
+    y = tk.fused_mlp_fp8(xq, xs, gq, gs, dq, ds, True)
+    assert similarity_gap(y, f8._fused_mlp_fp8_ref(xq, xs, gq, gs, dq, ds, True, torch.float32)) < 1e-4
 
 
 @pytest.mark.gpu

@@ -78,9 +78,9 @@ import triton
 import triton.language as tl
 
 from ..attention import _decode_ref, _prefill_ref
+from .triton_tiles import DEFAULT_NUM_SMS, num_sms
 
 LOG2E = 1.4426950408889634
-DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
 
 
@@ -162,7 +162,12 @@ def _decode_step(q, k, v, acc, l_i, m_i, qk_scale, mask_n, DOT_PREC: tl.constexp
     return acc, l_i, m_new
 
 
-@triton.jit
+# Arguments that change from step to step (block-table width, split sizes, batch size; in the
+# prefill kernel also the metadata pointers, which a mixed step offsets past its decodes) are not
+# specialized: Triton would compile a variant for each value that is 1 or a multiple of 16 (each
+# pointer 16-byte aligned or not), seconds each in the middle of serving (a throughput run on an
+# H200 met four such compiles).
+@triton.jit(do_not_specialize=["stride_bt", "split_tokens", "num_splits"])
 def _paged_decode_kernel(
     Q, K, V, BT, SL, Out, PartAcc, PartM, PartL,
     qk_scale, v_scale, q_fold,
@@ -228,7 +233,7 @@ def _paged_decode_kernel(
         tl.store(PartL + row, l_i, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
 def _decode_reduce_kernel(
     PartAcc, PartM, PartL, SL, Out,
     stride_ob, stride_oh, split_tokens, num_splits,
@@ -275,7 +280,7 @@ def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, q_pos, tok,
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "BT", "SL", "QSL"])
 def _paged_prefill_kernel(
     Q, K, V, KD, VD, BT, SL, QSL, Out,
     qk_scale, v_scale,
@@ -392,17 +397,6 @@ def _paged_prefill_kernel(
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_NUM_SMS
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype) -> dict:

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ..fp4 import MXFP4_GROUP, NVFP4_GROUP, group_size_of
+from .triton_tiles import num_sms
 
 
 def _interpreting() -> bool:
@@ -281,17 +282,6 @@ USE_ASM = True
 # token count from which the op dequantizes to the activation dtype and calls cuBLAS
 DEQUANT_MATMUL_MIN_M = 256
 
-_SMS: int | None = None
-
-
-def _num_sms() -> int:
-    global _SMS
-    if _SMS is None:
-        _SMS = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
-            if torch.cuda.is_available() else 132
-    return _SMS
-
-
 def gemm_config(m: int, n: int, half: int) -> dict:
     """Launch parameters of the fused kernel for out [m, n] from packed rows of `half` bytes.
     (Tuned on H100 by benchmarks/sweep_fp4.py; the rule, not a search, runs at call time.)"""
@@ -316,7 +306,7 @@ def gemm_config(m: int, n: int, half: int) -> dict:
     steps = triton.cdiv(half, kb)
     split = 1
     # split K until ~2 waves of programs stream weights, each keeping >= 4 K steps
-    while tiles * split < 2 * _num_sms() and steps // (split * 2) >= 4 and split < 16:
+    while tiles * split < 2 * num_sms() and steps // (split * 2) >= 4 and split < 16:
         split *= 2
     return dict(BLOCK_M=bm, BLOCK_N=bn, KB=kb, SPLIT_K=split, GROUP_N=8, num_warps=warps, num_stages=stages)
 

@@ -1,7 +1,8 @@
 """Triton FP8 kernels: row quantization, RMSNorm (+ residual) + quantization, and the FP8 GEMM
 with its SiLU-and-mul (+ FP8 requantization) epilogue. Formats: `trtllm_kernels.fp8`.
 
-GEMM. One kernel, `_fp8_gemm_kernel`, C[M, N] = sum_k A[m, k] B[n, k] * scales, both operands
+GEMM. Two kernels, `_fp8_gemm_tma_kernel` (tiles by TMA) and `_fp8_gemm_kernel` (pointer
+loads: bias, unaligned rows), C[M, N] = sum_k A[m, k] B[n, k] * scales, both operands
 K-contiguous (the layout Hopper's FP8 wgmma takes; Triton lowers the tl.dot to wgmma on
 sm_90). Each operand's scale has a mode (constexpr), the same set for both sides:
   1 tensor ([1]), 2 row ([rows, 1]), 3 row-group ([rows, cdiv(K, 128)]), 4 block
@@ -11,25 +12,30 @@ tensor cores undisturbed); modes 3-4 change along K, so each K step's partial pr
 scaled before it is added (BLOCK_K divides 128).
 With GLU the B operand is a fused [gate; up] weight [2I, K]: each program keeps two
 accumulators (gate rows n and up rows I + n) and writes silu(gate) * up, optionally quantized
-to fp8 with one scale per 1 x 128 group (BLOCK_N = 128: a group is one tile's row).
+to fp8 with one scale per 1 x 128 group (BLOCK_N = 128: a group is one tile's row; the TMA
+kernel also takes the weight as A, a group then being one tile's column).
 
-Kernel choice (`gemm_config`), the documented rule (tuned on H100 by sweeps of launch
-configurations against torch._scaled_mm, the last one benchmarks/sweep_fp8_mlp.py):
+Kernel choice (`gemm_config`), the documented rule (tuned by sweeps of launch configurations
+against torch._scaled_mm, benchmarks/sweep_fp8_mlp.py: the sets main / extra on H100, decode /
+split on H200 for the FP8 engine's own calls). Tiles come by TMA (`_fp8_gemm_tma_kernel`)
+wherever the operands allow it (16-byte aligned rows, no bias); else the pointer kernel.
 - Memory-bound plain GEMMs (no GLU): M <= 16, or M <= 128 with N < 16384 (qkv, o, down), or
-  M <= 64 on gate_up. Swap A and B (C^T = B A^T): weight rows fill the 64-row wgmma tile, the
-  tokens its narrow side (16 / 32 / 64). Tiles come by TMA (`_fp8_gemm_tma_kernel`, tensor / row
-  scales without bias; the pointer kernel otherwise) with BLOCK_K 256: 256-byte row segments of
-  the weight per request and 3-4 stages in flight. (Measured: gate_up M1 41-42 us, 2.8 TB/s of
-  weights; down and o at M <= 16 1.6-1.9x _scaled_mm.) Between 33 and 128 tokens the 64 x 32
-  tiles must fit in one wave (two programs per SM); where they do not (qkv at M = 128 ran at
-  0.86x), 64 x 64 tiles with pointer loads.
-- gate_up (N >= 16384) at 65-128 tokens: 128 x 128 x 128 tiles by TMA, 8 warps, 3 stages
-  (a sweep-only measurement: 1.01x _scaled_mm against 0.96x for 64 x 128 pointer tiles).
-- GLU (the fused FP8 MLP's gate_up) at M <= 16: 16 x 128 tiles, one program per 128 weight rows
-  (its epilogue quantizes 1 x 128 groups of a token's row, so it is never swapped).
-- M <= 256: 64 x 128 tiles. Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch order
-  for L2 reuse, TMA where it applies (128 x 128 and pointer loads when scales are applied inside
-  the K loop).
+  M <= 32 on gate_up (33-64 tokens there: 64 x 128 tiles unswapped, 1.29x against 1.23x). Swap A and B (C^T = B A^T): weight rows fill the 64-row wgmma tile, the
+  tokens its narrow side (16 / 32 / 64), BLOCK_K 256: 256-byte row segments of the weight per
+  request and 3-4 stages in flight (128-byte ones and twice the stages where scales change along
+  K, as in the MLP's down GEMM). Where that leaves at most one tile per two SMs and K is long
+  (down at M <= 16: 64 tiles, K 14336; 27.7 -> 19.2 us on H200), split-K in two (o, K 4096,
+  gained nothing). Between 33 and 128 tokens the 64 x 32 tiles must fit in
+  one wave (two programs per SM); where they do not (qkv at M = 128 ran at 0.86x), 64 x 64 tiles
+  with pointer loads.
+- gate_up (N >= 16384) at 65-128 tokens: 128 x 128 x 128 tiles, 8 warps, 3 stages.
+- GLU (the fused FP8 MLP's gate_up) at M <= 16: swapped, 128 gate + 128 up weight rows per
+  program (so each token's 1 x 128 output group is in one tile: its scale is computed there),
+  8 warps. 17-128 tokens: 64 x 128 tiles (pointer loads); more: 128 x 128, 8 warps, 4 stages.
+- 129-512 tokens (decode batches): 64 x 128 tiles (128 x 256 ones leave most SMs idle: o ran at
+  0.6x). Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch order for L2 reuse; 64 x 256
+  where scales are applied inside the K loop (the down GEMM at M = 4096: 552 us against 660 us
+  for the 128 x 128 pointer tiles before).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ from ..fp8 import AMAX_MIN as _AMAX_MIN
 from ..fp8 import FP8
 from ..fp8 import FP8_MAX as _FP8_MAX
 from ..fp8 import SCALE_BLOCK
+from .triton_tiles import grouped_tile, num_sms
 
 FP8_MAX = tl.constexpr(_FP8_MAX)
 AMAX_MIN = tl.constexpr(_AMAX_MIN)
@@ -206,14 +213,7 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -298,43 +298,113 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _fp8_gemm_tma_kernel(
-    a_desc, b_desc, C, SA, SB, M, N, K, stride_cm, stride_cn, stride_sa, stride_sb,
-    A_MODE: tl.constexpr, B_MODE: tl.constexpr,
+    a_desc, b_desc, C, SA, SB, CS, M, N, K, GLU_OFF,
+    stride_cm, stride_cn, stride_sa, stride_sb, stride_cs, stride_split,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, GLU: tl.constexpr, QUANT_OUT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """C[i, j] = sum_k A[i, k] B[j, k] * sa * sb with tensor / row scales (modes 1-2) only, the
-    operand tiles fetched by TMA (host-side tensor descriptors): one instruction per tile instead
-    of per-thread 16-byte loads, zero padding past M / N / K (no masks, no K tail), and Triton
-    pipelines the TMA copies NUM_STAGES deep. Used for the memory-bound small-M GEMMs."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    """`_fp8_gemm_kernel` without bias, its operand tiles fetched by TMA (host-side tensor
+    descriptors): one instruction per tile instead of per-thread 16-byte loads, zero padding past
+    M / N / K (no masks, no K tail), and Triton pipelines the copies NUM_STAGES deep.
+    GLU: 0 none; 2 the [gate; up] weight is B (up rows GLU_OFF below); 1 it is A (the swapped
+    orientation of small M: weight rows fill the wgmma tile's M side). With QUANT_OUT each 1 x 128
+    group of a token's output row is one tile's extent on the weight side (BLOCK_N or BLOCK_M
+    = 128), so its scale is computed here. Scale modes 3-4 need BLOCK_K to divide 128.
+    SPLIT_K > 1 (plain GEMMs whose tiles are too few to fill the GPU): program (tile, s) runs the
+    s-th share of the K loop and writes its scaled fp32 partial to C + s * stride_split; the
+    partials are then summed in a fixed order by `_sum_splits_kernel` (deterministic, no atomics)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
-        a = a_desc.load([off_m, kk * BLOCK_K])
-        b = b_desc.load([off_n, kk * BLOCK_K])
-        acc = tl.dot(a, b.T, acc)
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
+    rm = offs_m % M  # valid rows for the scale loads (tiles past M / N are never stored)
+    rn = offs_n % N
+    rm2 = rm + GLU_OFF if GLU == 1 else rm  # the rows multiplying into acc2
+    rn2 = rn + GLU_OFF if GLU == 2 else rn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    SCALE_IN_LOOP: tl.constexpr = A_MODE >= 3 or B_MODE >= 3
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_lo = 0
+    if SPLIT_K > 1:
+        share = tl.cdiv(k_tiles, SPLIT_K)
+        k_lo = tl.program_id(1) * share
+        k_tiles = min(k_tiles, k_lo + share)
+        C += tl.program_id(1).to(tl.int64) * stride_split
+    for kk in tl.range(k_lo, k_tiles, num_stages=NUM_STAGES):
+        k0 = kk * BLOCK_K
+        a = a_desc.load([off_m, k0])
+        b = b_desc.load([off_n, k0])
+        if GLU == 1:
+            a2 = a_desc.load([off_m + GLU_OFF, k0])
+        if GLU == 2:
+            b2 = b_desc.load([off_n + GLU_OFF, k0])
+        if SCALE_IN_LOOP:
+            kcol = k0 // 128
+            f = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+            f2 = f
+            if A_MODE >= 3:
+                f = f * _side_scale(SA, rm, stride_sa, kcol, A_MODE)[:, None]
+                f2 = f2 * _side_scale(SA, rm2, stride_sa, kcol, A_MODE)[:, None]
+            if B_MODE >= 3:
+                f = f * _side_scale(SB, rn, stride_sb, kcol, B_MODE)[None, :]
+                f2 = f2 * _side_scale(SB, rn2, stride_sb, kcol, B_MODE)[None, :]
+            acc += tl.dot(a, b.T) * f
+            if GLU == 1:
+                acc2 += tl.dot(a2, b.T) * f2
+            if GLU == 2:
+                acc2 += tl.dot(a, b2.T) * f2
+        else:
+            acc = tl.dot(a, b.T, acc)
+            if GLU == 1:
+                acc2 = tl.dot(a2, b.T, acc2)
+            if GLU == 2:
+                acc2 = tl.dot(a, b2.T, acc2)
     if A_MODE == 1:
         acc = acc * tl.load(SA)
-    else:
-        acc = acc * tl.load(SA + offs_m * stride_sa, mask=offs_m < M, other=0.0)[:, None]
+        acc2 = acc2 * tl.load(SA)
+    elif A_MODE == 2:
+        acc = acc * tl.load(SA + rm * stride_sa)[:, None]
+        acc2 = acc2 * tl.load(SA + rm2 * stride_sa)[:, None]
     if B_MODE == 1:
         acc = acc * tl.load(SB)
-    else:
-        acc = acc * tl.load(SB + offs_n * stride_sb, mask=offs_n < N, other=0.0)[None, :]
+        acc2 = acc2 * tl.load(SB)
+    elif B_MODE == 2:
+        acc = acc * tl.load(SB + rn * stride_sb)[None, :]
+        acc2 = acc2 * tl.load(SB + rn2 * stride_sb)[None, :]
+    if GLU != 0:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    if QUANT_OUT:
+        if GLU == 1:  # tokens along N: one scale per column
+            amax = tl.max(tl.where(mask, tl.abs(acc), 0.0), axis=0)
+            scale = tl.maximum(amax, AMAX_MIN) / FP8_MAX
+            tl.store(CS + offs_n * stride_cs + pid_m, scale, mask=offs_n < N)
+            q = tl.math.div_rn(acc, scale[None, :])
+        else:
+            amax = tl.max(tl.where(mask, tl.abs(acc), 0.0), axis=1)
+            scale = tl.maximum(amax, AMAX_MIN) / FP8_MAX
+            tl.store(CS + offs_m * stride_cs + pid_n, scale, mask=offs_m < M)
+            q = tl.math.div_rn(acc, scale[:, None])
+        q = _round_fp8(tl.clamp(q, -FP8_MAX, FP8_MAX), INTERP)
+        tl.store(c_ptrs, q.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(P, OUT, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = sum over s of P[s, i], in order s = 0, 1, ... (P: split-K partials, fp32)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(P + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(P + s * numel + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -342,27 +412,43 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
-def _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, cfg, swap):
-    """The TMA kernel for tensor / row scales and no bias (see `_fp8_gemm_tma_kernel`)."""
+def _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, out_scale, glu_off, cfg, swap):
+    """The TMA kernel (see `_fp8_gemm_tma_kernel`); glu_off > 0: b is a [gate; up] weight."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    glu = 2 if glu_off else 0
     if swap:  # weight rows on the tile's M side; the output is written transposed
         a, b, a_scale, b_scale, a_mode, b_mode = b, a, b_scale, a_scale, b_mode, a_mode
         scm, scn = out.stride(1), out.stride(0)
+        glu = 1 if glu else 0
     else:
         scm, scn = out.stride(0), out.stride(1)
-    m, k = a.shape
-    n = b.shape[0]
-    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
-    b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [bn, bk])
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_gemm_tma_kernel[grid](a_desc, b_desc, out, a_scale, b_scale, m, n, k, scm, scn,
-                               a_scale.stride(0) if a_mode == MODE_ROW else 0,
-                               b_scale.stride(0) if b_mode == MODE_ROW else 0,
-                               A_MODE=a_mode, B_MODE=b_mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                               GROUP_M=cfg["GROUP_M"], NUM_STAGES=cfg["num_stages"],
+    m = glu_off if glu == 1 else a.shape[0]
+    n = glu_off if glu == 2 else b.shape[0]
+    k = a.shape[1]
+    a_desc = TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [bm, bk])
+    b_desc = TensorDescriptor(b, list(b.shape), [b.stride(0), 1], [bn, bk])
+    cs = out_scale if out_scale is not None else out
+    split = cfg.get("split_k", 1)
+    final = out
+    if split > 1:  # fp32 partials [split, rows, cols] of the (unswapped) output, summed below
+        assert glu == 0 and out_scale is None and out.is_contiguous()
+        out = torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
+        scm, scn = (out.stride(2), out.stride(1)) if swap else (out.stride(1), out.stride(2))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    _fp8_gemm_tma_kernel[grid](a_desc, b_desc, out, a_scale, b_scale, cs, m, n, k, glu_off, scm, scn,
+                               a_scale.stride(0) if a_mode != MODE_TENSOR else 0,
+                               b_scale.stride(0) if b_mode != MODE_TENSOR else 0,
+                               out_scale.stride(0) if out_scale is not None else 0,
+                               out.stride(0) if split > 1 else 0,
+                               A_MODE=a_mode, B_MODE=b_mode, GLU=glu, QUANT_OUT=out_scale is not None,
+                               SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                               GROUP_M=cfg["GROUP_M"], NUM_STAGES=cfg["num_stages"], INTERP=_interpreting(),
                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        numel = final.numel()
+        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](out, final, numel, SPLIT_K=split, BLOCK=1024, num_warps=4)
 
 
 def scale_mode(scale: torch.Tensor, rows: int, block_rows: bool) -> int:
@@ -378,17 +464,6 @@ def scale_mode(scale: torch.Tensor, rows: int, block_rows: bool) -> int:
 CONFIG_OVERRIDE: dict | None = None
 
 
-_SMS: int | None = None
-
-
-def _num_sms() -> int:
-    global _SMS
-    if _SMS is None:
-        _SMS = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
-            if torch.cuda.is_available() else 132
-    return _SMS
-
-
 def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
     """The kernel-selection rule (see the module docstring). Returns launch parameters and
     whether to swap the operands."""
@@ -398,26 +473,35 @@ def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
         bk = 64 if k >= 64 else 32
         return dict(swap=False, BLOCK_M=16 if m <= 16 else 32, BLOCK_N=128 if glu else 32, BLOCK_K=bk,
                     GROUP_M=4, num_warps=4, num_stages=1)
-    if not glu and 32 < m <= 128 and n < 16384 and triton.cdiv(n, 64) * triton.cdiv(m, 32) > 2 * _num_sms():
+    if glu and m <= 16:  # swapped: 128 gate rows + 128 up rows per program, a whole 1 x 128 group each
+        return dict(swap=True, tma=True, BLOCK_M=128, BLOCK_N=16, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3)
+    if not glu and 32 < m <= 128 and n < 16384 and triton.cdiv(n, 64) * triton.cdiv(m, 32) > 2 * num_sms():
         # more 64 x 32 tiles than fit at once (2 per SM: qkv at M = 128 measured 0.86x with
         # them, a second partial wave): 64 x 64 tiles, pointer loads (measured 1.08x there)
         return dict(swap=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6)
+    if not glu and 32 < m <= 64 and n >= 16384:  # gate_up: 32.9 us against 34.5 swapped (H200)
+        return dict(swap=False, tma=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     if not glu and (m <= 64 or (m <= 128 and n < 16384)):
         # memory-bound on the weights: swapped, TMA, 256-byte weight row segments per stage
+        # (128-byte ones, twice as many stages, where scales change along K)
         bn, stages = (16, 4) if m <= 16 else (32, 4) if n < 16384 else (64, 3)
-        return dict(swap=True, tma=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1, num_warps=4,
-                    num_stages=stages)
+        bk = 256
+        if in_loop_scale:
+            bk, stages = 128, 2 * stages
+        tiles = triton.cdiv(n, 64) * triton.cdiv(m, bn)
+        split = 2 if tiles <= num_sms() // 2 and k >= 8192 else 1  # down at M <= 16: 64 tiles, K 14336
+        return dict(swap=True, tma=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=4,
+                    num_stages=stages, split_k=split)
     if not glu and m <= 128 and n >= 16384:  # gate_up, 65-128 tokens: 1.01x against 0.96x for 64 x 128
         return dict(swap=False, tma=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-    if m <= 16:  # GLU at decode sizes: 16-token tiles, one program per 128 weight rows
-        return dict(swap=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-    if glu:
-        return dict(swap=False, BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
-                    num_warps=4 if m <= 128 else 8, num_stages=4 if m <= 128 else 3)
-    if m <= 256:
+    if glu and m <= 128:
         return dict(swap=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    if in_loop_scale:  # a second fp32 tile for each K step's partial product: 128 x 128
-        return dict(swap=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    if glu:
+        return dict(swap=False, tma=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    if m <= 512:  # decode batches: 64 x 128 tiles fill the GPU (128 x 256 ones ran o at 0.6x)
+        return dict(swap=False, tma=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if in_loop_scale:  # a second fp32 tile for each K step's partial product
+        return dict(swap=False, tma=True, BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(swap=False, tma=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 
@@ -426,8 +510,9 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
     n = b.shape[0] // 2 if glu else b.shape[0]
     a_mode = scale_mode(a_scale, m, block_rows=False)
     b_mode = scale_mode(b_scale, b.shape[0], block_rows=True)
-    cfg = gemm_config(m, n, k, glu, a_mode >= 3 or b_mode >= 3)
-    swap = cfg.pop("swap") and not glu and out_scale is None
+    in_loop = a_mode >= 3 or b_mode >= 3
+    cfg = gemm_config(m, n, k, glu, in_loop)
+    swap = cfg.pop("swap")
     a = a if a.stride(1) == 1 else a.contiguous()
     b = b if b.stride(1) == 1 else b.contiguous()
     a_scale = a_scale.reshape(1) if a_mode == MODE_TENSOR else a_scale
@@ -436,13 +521,17 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
     sb_stride = b_scale.stride(0) if b_mode != MODE_TENSOR else 0
     if m == 0 or n == 0:
         return
-    if cfg.pop("tma", False) and not glu and out_scale is None and bias is None and a_mode <= 2 and b_mode <= 2 \
-            and _tma_ok(a) and _tma_ok(b):
-        _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, cfg, swap)
+    if in_loop:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], SCALE_BLOCK)
+    # a quantized output's 1 x 128 group must be one tile's extent on the weight side
+    group_fits = out_scale is None or cfg["BLOCK_M" if swap else "BLOCK_N"] == SCALE_BLOCK
+    if cfg.pop("tma", False) and bias is None and group_fits and _tma_ok(a) and _tma_ok(b):
+        _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, out_scale, n if glu else 0, cfg, swap)
         return
+    swap = swap and not glu and out_scale is None
+    if glu and cfg["BLOCK_N"] != SCALE_BLOCK:  # the TMA config did not apply (alignment): a pointer one
+        cfg.update(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=SCALE_BLOCK, BLOCK_K=128, num_warps=4, num_stages=4)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if a_mode >= 3 or b_mode >= 3:
-        bk = min(bk, SCALE_BLOCK)
     common = dict(HAS_BIAS=bias is not None, GLU=glu, QUANT_OUT=out_scale is not None,
                   EVEN_K=k % bk == 0, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], INTERP=_interpreting())
