@@ -20,14 +20,14 @@ against torch._scaled_mm, benchmarks/sweep_fp8_mlp.py: the sets main / extra on 
 split on H200 for the FP8 engine's own calls). Tiles come by TMA (`_fp8_gemm_tma_kernel`)
 wherever the operands allow it (16-byte aligned rows, no bias); else the pointer kernel.
 - Memory-bound plain GEMMs (no GLU): M <= 16, or M <= 128 with N < 16384 (qkv, o, down), or
-  M <= 32 on gate_up (33-64 tokens there: 64 x 128 tiles unswapped, 1.29x against 1.23x). Swap A and B (C^T = B A^T): weight rows fill the 64-row wgmma tile, the
-  tokens its narrow side (16 / 32 / 64), BLOCK_K 256: 256-byte row segments of the weight per
-  request and 3-4 stages in flight (128-byte ones and twice the stages where scales change along
-  K, as in the MLP's down GEMM). Where that leaves at most one tile per two SMs and K is long
-  (down at M <= 16: 64 tiles, K 14336; 27.7 -> 19.2 us on H200), split-K in two (o, K 4096,
-  gained nothing). Between 33 and 128 tokens the 64 x 32 tiles must fit in
-  one wave (two programs per SM); where they do not (qkv at M = 128 ran at 0.86x), 64 x 64 tiles
-  with pointer loads.
+  M <= 32 on gate_up (33-64 tokens there: 64 x 128 tiles unswapped, 1.29x against 1.23x).
+  Swap A and B (C^T = B A^T): weight rows fill the 64-row wgmma tile, the tokens its narrow
+  side (16 / 32 / 64), BLOCK_K 256: 256-byte row segments of the weight per request and 3-4
+  stages in flight (128-byte ones and twice the stages where scales change along K, as in the
+  MLP's down GEMM). Where that leaves at most one tile per two SMs and K is long (down at
+  M <= 16: 64 tiles, K 14336; 27.7 -> 19.2 us on H200), split-K in two (o, K 4096, gained
+  nothing). Between 33 and 128 tokens the 64 x 32 tiles must fit in one wave (two programs per
+  SM); where they do not (qkv at M = 128 ran at 0.86x), 64 x 64 tiles with pointer loads.
 - gate_up (N >= 16384) at 65-128 tokens: 128 x 128 x 128 tiles, 8 warps, 3 stages.
 - GLU (the fused FP8 MLP's gate_up) at M <= 16: swapped, 128 gate + 128 up weight rows per
   program (so each token's 1 x 128 output group is in one tile: its scale is computed there),
