@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._library import define_op
-from .rotary import _rotary_ref
+from .rotary import _rotary_ref, check_rotary_args
 
 FP8_E4M3_MAX = 448.0
 
@@ -101,12 +101,7 @@ def rope_and_write_kv_cache(
     scale)), modified in place; slot_mapping: [T] int64, -1 skips a token (its q is still
     rotated). Returns the rotated q, a new contiguous [T, Hq, D] tensor in q's dtype.
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q must be [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
-    if positions.shape != (q.shape[0],):
-        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != q.shape[2]:
-        raise ValueError(f"cos_sin_cache must be [max_position, {q.shape[2]}], got {tuple(cos_sin_cache.shape)}")
+    check_rotary_args(positions, q, k, cos_sin_cache)
     check_kv_cache(k_cache, v_cache, k.shape[1], k.shape[2])
     if v.shape != k.shape or slot_mapping.shape != (k.shape[0],):
         raise ValueError(

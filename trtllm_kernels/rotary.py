@@ -62,6 +62,16 @@ _rotary_embedding = define_op(
 )
 
 
+def check_rotary_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Shape checks shared by the rotary ops (here and `rope_and_write_kv_cache`)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != q.shape[2]:
+        raise ValueError(f"cos_sin_cache must be [max_position, {q.shape[2]}], got {tuple(cos_sin_cache.shape)}")
+
+
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +80,5 @@ def rotary_embedding(
     cos_sin_cache: [max_position, D] float32 from `rope_cos_sin_cache`. Returns new (q, k) in
     their dtypes; the inputs are not modified.
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q must be [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
-    if positions.shape != (q.shape[0],):
-        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != q.shape[2]:
-        raise ValueError(f"cos_sin_cache must be [max_position, {q.shape[2]}], got {tuple(cos_sin_cache.shape)}")
+    check_rotary_args(positions, q, k, cos_sin_cache)
     return _rotary_embedding(positions, q, k, cos_sin_cache)

@@ -141,11 +141,17 @@ def rms_norm_case(tokens: int, hidden: int, dtype: torch.dtype) -> KernelCase:
     )
 
 
-def fused_add_rms_norm_case(tokens: int, hidden: int, dtype: torch.dtype) -> KernelCase:
+def _residual_norm_inputs(tokens: int, hidden: int):
+    """make() of the cases that add a residual and normalize: x, r [tokens, hidden], weight w."""
     def make(device, dt):
         return {"x": torch.randn(tokens, hidden, device=device, dtype=dt),
                 "r": torch.randn(tokens, hidden, device=device, dtype=dt),
                 "w": torch.rand(hidden, device=device, dtype=dt) + 0.5}
+    return make
+
+
+def fused_add_rms_norm_case(tokens: int, hidden: int, dtype: torch.dtype) -> KernelCase:
+    make = _residual_norm_inputs(tokens, hidden)
 
     def base(i):
         s = i["x"] + i["r"]
@@ -502,10 +508,7 @@ def fused_mlp_fp8_case(m: int, h: int, inter: int, dtype: torch.dtype) -> Kernel
 
 
 def rms_norm_quant_fp8_case(tokens: int, hidden: int, dtype: torch.dtype) -> KernelCase:
-    def make(device, dt):
-        return {"x": torch.randn(tokens, hidden, device=device, dtype=dt),
-                "r": torch.randn(tokens, hidden, device=device, dtype=dt),
-                "w": torch.rand(hidden, device=device, dtype=dt) + 0.5}
+    make = _residual_norm_inputs(tokens, hidden)
 
     def base(i):
         s = i["x"] + i["r"]
