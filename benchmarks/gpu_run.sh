@@ -6,6 +6,8 @@
 #                beside transformers generate (batch 32), FP8 at max batch 256 and 512
 #   latency      batch-1 TTFT / TPOT (bf16, FP8), prefix-caching TTFT, FP8 in/out 1000/1000
 #   serve        the HTTP server load test on the default model (needs the wheels, below)
+#   profile      profile_step.py on the FP8 8B throughput run (phases, mid-run compiles, kernel
+#                tables) and the FP8 engine's GEMM sweep (sweep_fp8_mlp.py --set decode)
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -68,6 +70,10 @@ for stage in $stages; do
     serve|e2e)
       timeout 100 $B serve --num-requests 1000 --concurrency 64 --out "$OUT" --stem serve_load_gpu \
         --server-log "$OUT/server.log" --serve-args "--device cuda" > "$OUT/serve.log" 2>&1
+      ;;
+    profile)
+      timeout 150 python3 benchmarks/profile_step.py --shape llama-3.1-8b --quantization fp8 --out "$OUT" > "$OUT/profile.log" 2>&1
+      timeout 250 python3 benchmarks/sweep_fp8_mlp.py --out "$OUT" --set decode --jobs 14 > "$OUT/sweep.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;
