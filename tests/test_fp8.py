@@ -221,12 +221,27 @@ def tma_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def split_sums(monkeypatch):
+    """Counts launches of the split-K sum kernel (a split_k the launcher ignored would still give
+    the right product)."""
+    calls = []
+    real = tf._sum_splits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+    monkeypatch.setattr(tf, "_sum_splits_kernel", Spy())
+    return calls
+
+
 @pytest.mark.parametrize("swap", [True, False])
 @pytest.mark.parametrize("mnk", [(1, 96, 128), (7, 64, 320)])
 @pytest.mark.parametrize("a_mode, b_mode", [("token", "channel"), ("tensor", "tensor"), ("group", "block"),
                                             ("group", "channel")])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_triton_tma_gemm_matches_reference(mnk, swap, a_mode, b_mode, split_k, tma_calls):
+def test_triton_tma_gemm_matches_reference(mnk, swap, a_mode, b_mode, split_k, tma_calls, split_sums):
     """The TMA kernel: ragged M and N, a K tail, both orientations, scales applied after the K
     loop (tensor / row) and inside it (1 x 128 groups, 128 x 128 blocks), split-K (with K = 128
     two of the three shares are empty)."""
@@ -238,7 +253,7 @@ def test_triton_tma_gemm_matches_reference(mnk, swap, a_mode, b_mode, split_k, t
         out = tf.fp8_gemm_cuda(qa, qb, sa, sb, None, torch.float32)
     finally:
         tf.CONFIG_OVERRIDE = None
-    assert tma_calls
+    assert tma_calls and len(split_sums) == (split_k > 1)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
 
 
