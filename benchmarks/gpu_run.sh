@@ -8,6 +8,8 @@
 #   serve        the HTTP server load test on the default model (needs the wheels, below)
 #   profile      profile_step.py on the FP8 8B throughput run (phases, mid-run compiles, kernel
 #                tables) and the FP8 engine's GEMM sweep (sweep_fp8_mlp.py --set decode)
+#   fp4          FP4 (issue 5): its GPU tests, the fp4_gemm kernel table, batch-1 TPOT of bf16 /
+#                NVFP4 / MXFP4 at Llama-3.1-8B shape, and the small-M sweep (csrc vs Triton)
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -74,6 +76,14 @@ for stage in $stages; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --shape llama-3.1-8b --quantization fp8 --out "$OUT" > "$OUT/profile.log" 2>&1
       timeout 250 python3 benchmarks/sweep_fp8_mlp.py --out "$OUT" --set decode --jobs 14 > "$OUT/sweep.log" 2>&1
+      ;;
+    fp4)
+      timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp4.py tests/test_csrc.py 2>&1 | tail -30 > "$OUT/pytest_fp4.txt"
+      timeout 150 trtllm-kernels bench kernels --graph --filter fp4_gemm --out "$OUT" --stem fp4_kernels --no-plot > "$OUT/bench_fp4.log" 2>&1
+      for q in bf16 nvfp4 mxfp4; do
+        timeout 40 $B latency $S --stem "latency_$q" $([ $q = bf16 ] || echo "--quantization $q") >> "$OUT/e2e.log" 2>&1
+      done
+      SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule timeout 80 python3 benchmarks/sweep_fp4.py "$OUT/fp4_sweep.json" > "$OUT/sweep_fp4.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;

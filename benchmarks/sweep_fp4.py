@@ -1,8 +1,9 @@
 """Sweep the FP4 W4A16 GEMM's launch configurations on the GPU (issue 5): for gate_up
 28672x4096 and down 4096x14336 at M in {1, 16, 64, 128, 4096}, time a few configurations of
 the fused kernel, the dequantize + torch.matmul path and bf16 torch.matmul under CUDA graphs,
-and print / save the best. Usage: python benchmarks/sweep_fp4.py [out.json]"""
+and print / save the best. Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule] python benchmarks/sweep_fp4.py [out.json]"""
 import json
+import os
 import sys
 import time
 
@@ -11,22 +12,31 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import trtllm_kernels as tk
+from trtllm_kernels.kernels import csrc
 from trtllm_kernels.kernels import triton_fp4 as tf
 from trtllm_kernels.kernels.triton_tiles import num_sms
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
-MS = (1, 16, 64, 128, 4096)
+MS = tuple(int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,128,4096").split(","))
+FORMATS = os.environ.get("SWEEP_FORMATS", "nvfp4").split(",")
 
 
 def configs(m, n, half):
-    """The op's own rule (PTX conversion on and off) and two alternatives."""
+    """The op's own rule (scales as words and as bytes, PTX conversion on and off) and
+    alternatives around it."""
     c = lambda bm, bn, kb, w, s: dict(BLOCK_M=bm, BLOCK_N=bn, KB=kb, SPLIT_K=0, GROUP_N=8, num_warps=w, num_stages=s)
     rule = tf.gemm_config(m, n, half)
-    out = [dict(rule, ASM=True), dict(rule, ASM=False)]
+    out = [dict(rule), dict(rule, WORDS=False), dict(rule, ASM=False)]
     if m <= 16:
-        out += [dict(c(16, 64, 128, 4, 4), ASM=True), dict(c(16, 64, 256, 4, 3), ASM=True)]
+        out += [c(16, bn, kb, w, st) for bn, kb, w, st in
+                [(128, 64, 4, 4), (128, 64, 8, 6), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4),
+                 (64, 64, 4, 6), (256, 64, 8, 4)]]
+    elif m <= 64:
+        out += [c(64, bn, kb, w, st) for bn, kb, w, st in
+                [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)]]
     else:
-        out += [dict(c(64, 64, 64, 4, 4), ASM=True), dict(c(128, 128, 32, 8, 3), ASM=True)]
+        out += [c(128, bn, kb, w, st) for bn, kb, w, st in
+                [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 2)]]
     return out
 
 
@@ -45,16 +55,16 @@ def main():
     out_path = sys.argv[1] if len(sys.argv) > 1 else None
     rows = []
     t0 = time.time()
-    for name, (n, k) in SHAPES.items():
+    for (name, (n, k)), fmt in ((sh, f) for sh in SHAPES.items() for f in FORMATS):
         w = torch.randn(n, k, device="cuda") * k ** -0.5
-        p, s, g = tk.quantize_nvfp4(w)
+        p, s, g = tk.quantize_fp4(w, fmt)
         wb = w.to(torch.bfloat16)
         del w
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ tk.dequantize_fp4(p, s, g).t()
             bf16 = do_bench_cudagraph(lambda: torch.matmul(x, wb.t()))
-            row = dict(shape=name, M=m, bf16_us=bf16 * 1e3, results=[])
+            row = dict(shape=name, format=fmt, M=m, bf16_us=bf16 * 1e3, results=[])
             try:  # int4 tinygemm at the same shape, group size 128 (values do not matter for time)
                 q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
                 wq = torch._convert_weight_to_int4pack(q, 8)
@@ -68,9 +78,10 @@ def main():
                 tf.DEQUANT_MATMUL_MIN_M = 1
                 row["dequant_matmul_us"] = do_bench_cudagraph(lambda: tf.fp4_gemm_cuda(x, p, s, g)) * 1e3
                 tf.DEQUANT_MATMUL_MIN_M = saved
-            for cfg in (configs(m, n, k // 2) if m < 1024 else []):
+            triton = configs(m, n, k // 2) if m < 1024 else []
+            for cfg in triton[:1] if os.environ.get("SWEEP_TRITON") == "rule" else triton:
                 cfg = auto_split(cfg, m, n, k // 2)
-                tf.CONFIG_OVERRIDE = cfg
+                tf.CONFIG_OVERRIDE = cfg  # (the csrc kernel is taken only without an override)
                 try:
                     o = tf.fp4_gemm_cuda(x, p, s, g)
                     err = float((o.float() - ref).abs().max() / ref.abs().max())
@@ -81,9 +92,17 @@ def main():
                 finally:
                     tf.CONFIG_OVERRIDE = None
                 row["results"].append(dict(cfg=cfg, us=t, rel_err=err))
+            if m <= csrc.FP4_SMALL_M_MAX and csrc.available():  # csrc/fp4_gemm.cu's configurations
+                grid = [(t, wp, sp, xa) for t in (1, 2, 4) for wp in (2, 4, 8) for sp in (1, 2, 4) for xa in (0, 1)]
+                rule = csrc.fp4_small_m_config(m, n, k // 2, num_sms())
+                for cfg in grid + ([rule] if rule not in grid else []):
+                    f = lambda: csrc.fp4_gemm_small_m_cuda(x, p, s, g, cfg)
+                    err = float((f().float() - ref).abs().max() / ref.abs().max())
+                    row["results"].append(dict(cfg=dict(csrc=cfg), us=do_bench_cudagraph(f) * 1e3, rel_err=err))
+                row["csrc_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get("csrc") == rule))
             row["results"].sort(key=lambda r: r["us"])
             best = row["results"][0] if row["results"] else None
-            print(f"{name} M={m}: bf16 {bf16 * 1e3:.1f} us, tinygemm {row.get('tinygemm_us', float('nan')):.1f}, dequant+mm {row.get('dequant_matmul_us', float('nan')):.1f}, "
+            print(f"{name} {fmt} M={m}: bf16 {bf16 * 1e3:.1f} us, tinygemm {row.get('tinygemm_us', float('nan')):.1f}, dequant+mm {row.get('dequant_matmul_us', float('nan')):.1f}, "
                   f"best {best['us'] if best else float('nan'):.1f} us {best['cfg'] if best else ''} "
                   f"(err {best['rel_err'] if best else 0:.1e}); {time.time() - t0:.0f}s", flush=True)
             for r in row["results"][1:]:

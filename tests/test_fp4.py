@@ -211,6 +211,23 @@ def test_triton_gemm_fp32_and_k_tail(fmt, mnk):
     _check_gemm(torch.randn(m, k, device=DEV), p, s, g, max_gap=1e-10)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("split", [1, 2])
+def test_triton_gemm_scales_as_words(fmt, split, monkeypatch):
+    """Scales loaded four groups a word (K steps of 4 groups a half), unpacked in the kernel:
+    byte order, the high half's offset and split-K shares; and the path really taken."""
+    n, k, m = 40, 1024, 5
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device=DEV), fmt)
+    kb = 4 * fp4.group_size_of(s)
+    taken = []
+    real = tf._scale_words
+    monkeypatch.setattr(tf, "_scale_words", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(tf, "CONFIG_OVERRIDE", dict(BLOCK_M=16, BLOCK_N=16, KB=kb, SPLIT_K=split, GROUP_N=2,
+                                                    num_warps=4, num_stages=1))
+    _check_gemm(torch.randn(m, k, device=DEV, dtype=torch.float16), p, s, g)
+    assert taken == [True]
+
+
 @pytest.mark.parametrize("split", [1, 3])
 def test_triton_gemm_split_k_and_tiles(split):
     n, k, m = 70, 256, 20
@@ -244,11 +261,12 @@ COMPILE_SCRIPT = textwrap.dedent(
 
     target = GPUTarget("cuda", 90, 32)
     fn = tf._fp4_gemm_kernel
-    for m, nv in [(1, True), (64, False), (128, True), (512, True)]:
+    for m, nv, words in [(1, True, True), (64, False, False), (128, True, False), (512, True, True)]:
         cfg = tf.gemm_config(m, 28672, 2048)
         cx = dict(NVFP4=nv, GROUP=16 if nv else 32, HAS_G=nv, SPLIT_K=cfg["SPLIT_K"], EVEN=True,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=cfg["KB"], GROUP_N=8, PREC="tf32")
-        types = dict(X="*bf16", W="*u8", S="*u8", G="*fp32" if nv else "*u8",
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=max(cfg["KB"], 64), GROUP_N=8, PREC="tf32",
+                  WORDS=words)
+        types = dict(X="*bf16", W="*u8", S="*i32" if words else "*u8", G="*fp32" if nv else "*u8",
                      Out="*fp32" if cfg["SPLIT_K"] > 1 else "*bf16")
         sig = {n: types.get(n, "i32") for n in fn.arg_names}
         sig.update({n: "constexpr" for n in cx})
@@ -355,6 +373,61 @@ def test_gpu_gemm_odd_shapes(mnk, fmt, dtype):
     _check_gemm(torch.randn(m, k, device="cuda", dtype=dtype), p, s, g, max_gap=1e-5)
 
 
+def test_csrc_small_m_rule():
+    """The csrc kernel's launch rule (CPU): the measured choices at the 8B shapes; a K split only
+    where the blocks fill less than half the SMs, and never below two steps a warp."""
+    from trtllm_kernels.kernels import csrc
+
+    assert csrc.fp4_small_m_config(1, 28672, 2048, 132) == (2, 4, 1, 1)
+    assert csrc.fp4_small_m_config(16, 4096, 7168, 132) == (2, 8, 1, 1)
+    for n, half in [(1024, 2048), (256, 8192), (64, 512), (32, 64)]:
+        tiles, warps, split, _ = csrc.fp4_small_m_config(1, n, half, 132)
+        blocks = -(-n // (16 * tiles))
+        assert split == 1 or (blocks * split <= 132 and half // 64 // split >= 2 * warps), (n, half, split)
+    assert csrc.fp4_small_m_config(1, 256, 8192, 132)[2] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, (1, 1, 1, 0), (2, 8, 1, 1), (4, 2, 3, 1), (1, 4, 8, 0)], ids=str)
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_csrc_small_m(fmt, m, config):
+    """csrc/fp4_gemm.cu at 1-16 tokens against the float32 GEMM: each kind of configuration
+    (tiles, warps, K split, activations ahead), one- and two-tile token counts, ragged N (1000 rows: a partial 16-row tile), K steps
+    that do not divide evenly among warps and splits (34 of 64 bytes; 8 splits leave one
+    empty), a strided x."""
+    from trtllm_kernels.kernels import csrc
+
+    if not csrc.available():
+        pytest.skip("csrc kernels not built (no nvcc)")
+    n, k = 1000, 4352
+    p, s, g = tk.quantize_fp4(torch.randn(n, k, device="cuda") * k ** -0.5, fmt)
+    x = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)[:, 64:]
+    assert csrc.fp4_small_m_supported(x, p, s)
+    out = csrc.fp4_gemm_small_m_cuda(x, p, s, g, config)
+    ref = x.float() @ tk.dequantize_fp4(p, s, g).T
+    err = float((out.float() - ref).abs().max())
+    assert err <= 2.0 ** -7 * float(ref.abs().max()) + 1e-5, err
+    assert similarity_gap(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_small_m_dispatch(monkeypatch):
+    """fp4_gemm takes the csrc kernel for 1-16 bf16 tokens (with K % 128 == 0) and Triton
+    otherwise (fp16 activations, 17 tokens)."""
+    from trtllm_kernels.kernels import csrc
+
+    if not csrc.available():
+        pytest.skip("csrc kernels not built (no nvcc)")
+    calls = []
+    real = csrc.fp4_gemm_small_m_cuda
+    monkeypatch.setattr(csrc, "fp4_gemm_small_m_cuda", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    p, s, g = tk.quantize_fp4(torch.randn(256, 1024, device="cuda"), "nvfp4")
+    for m, dtype in [(1, torch.bfloat16), (16, torch.bfloat16), (17, torch.bfloat16), (4, torch.float16)]:
+        _check_gemm(torch.randn(m, 1024, device="cuda", dtype=dtype), p, s, g, max_gap=1e-5)
+    assert calls == [1, 16]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_quantize_matches_cpu(fmt):
@@ -391,7 +464,7 @@ def test_gpu_graph_capture_and_compile():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_ptx_conversion_matches_generic_path(m, fmt):
     """The PTX e2m1 -> bf16 conversion agrees with the generic Triton path (bit-identical weights;
-    split-K's fp32 atomics may add in another order, so up to the output's rounding)."""
+    the two paths' dots may differ in the output's rounding)."""
     p, s, g = tk.quantize_fp4(torch.randn(1024, 2048, device="cuda"), fmt)
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
     a = tf.fp4_gemm_cuda(x, p, s, g)

@@ -69,7 +69,6 @@ back to the reference implementation in the registered op.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -683,23 +682,6 @@ def triton_paged_prefill(
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _csrc_decode_available() -> bool:
-    """nvcc found and csrc/ built (a failed build warns once and leaves decode on Triton)."""
-    from . import csrc
-
-    if csrc.nvcc_path() is None:
-        return False
-    try:
-        csrc.library()
-    except Exception as e:  # pragma: no cover - depends on the toolchain
-        import warnings
-
-        warnings.warn(f"csrc paged decode unavailable, decode stays on Triton: {e!r}")
-        return False
-    return True
-
-
 def cuda_decode_preferred(batch: int, num_kv_heads: int, group: int, head_dim: int, max_context: int,
                           cache_dtype: torch.dtype, sms: int = DEFAULT_NUM_SMS) -> bool:
     """The dispatch rule between the two decode kernels, from static shapes only: the CUDA C++
@@ -731,7 +713,7 @@ def decode_backend(q, k_cache, v_cache, block_tables) -> str:
         return "triton"
     from . import csrc
 
-    if _csrc_decode_available() and csrc.paged_decode_supported(q, k_cache, v_cache, block_tables):
+    if csrc.available() and csrc.paged_decode_supported(q, k_cache, v_cache, block_tables):
         return "cuda"
     return "triton"
 

@@ -21,21 +21,22 @@ With bf16 activations on sm_90 the conversion runs in PTX instead (`_E2M1_BF16_A
 same weights bit for bit (tested) and measured within a few percent of the generic path.
 
 Small M (decode) is memory-bound on the 4-bit weights: narrow token tiles, wide K steps and
-split-K (partial sums added with fp32 atomics into a zeroed fp32 buffer, then cast) so that
-enough programs stream weights to fill the machine. Large M (prefill) is compute-bound: from
+split-K (each K share writes fp32 partials that `sum_splits_kernel` adds in a fixed order:
+deterministic) so that enough programs stream weights to fill the machine. Large M (prefill) is compute-bound: from
 `DEQUANT_MATMUL_MIN_M` (256) tokens the op dequantizes the weight to the activation dtype
 with `_fp4_dequant_kernel` (N x K x 2 bytes written once, ~5% of a 4096-token GEMM) and calls
 cuBLAS through torch.matmul: the fused kernel took 2.3x cuBLAS's time at 4096 tokens, this
 path 1.05x.
 
-Measured on H100 (benchmarks/results/fp4_kernels.*, CUDA graphs), gate_up 28672x4096 at
-M = 1: NVFP4 85 us, MXFP4 63 us (bf16 cuBLAS 82 us, int4 tinygemm 33 us): 0.7-0.9 TB/s of
-weights, far from the 3 TB/s the format allows. The PTX conversion cutting the per-code
-instructions ~3x changed nothing, and MXFP4 (half as many scales, each a shift) runs 25%
-faster than NVFP4, so the per-group scales (loaded as a [rows, groups] tile and broadcast
-over each group with a reshape, which costs layout conversions) are the likely limit; a
-layout with the scales interleaved into the packed rows, applied to partial products, is
-the next step.
+Decode batches (1-16 bf16 tokens, K % 128 == 0) go to csrc/fp4_gemm.cu instead, which keeps
+every weight in registers from global memory to mma.sync (see its header): on H200, gate_up
+28672x4096 at M = 1 in 25.8 us against this kernel's 76.7-84 (benchmarks/sweep_fp4.py). This
+kernel was held to 0.7-1.0 TB/s there by moving each dequantized tile through shared memory
+into the MMA operand layout (about 500 instructions and three barriers a K step per thread at
+M = 1, found in its TTGIR / PTX); it still serves 17-255 tokens, fp16 / fp32 activations and
+rows that are not a whole number of 64-byte steps. Its scales load as int32 words where the
+step allows (`_unpack_words`): a byte-wide load was not software-pipelined (cp.async needs 4
+bytes a thread), though removing that stall measured within noise.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..fp4 import MXFP4_GROUP, NVFP4_GROUP, group_size_of
-from .triton_tiles import num_sms
+from .triton_tiles import num_sms, sum_splits_kernel
 
 
 def _interpreting() -> bool:
@@ -157,11 +158,21 @@ def _dequant_asm(wb, s_lo, s_hi, BLOCK_N: tl.constexpr, KB: tl.constexpr, GROUP:
 
 
 @triton.jit
+def _unpack_words(w, BLOCK_N: tl.constexpr, NW: tl.constexpr):
+    """int32 [BLOCK_N, NW] -> its bytes, uint8 [BLOCK_N, 4 * NW] in memory order (little endian).
+    Why words: the software pipeliner prefetches (cp.async) only loads of >= 4 bytes a thread,
+    and a step's scales are 4-8 bytes a row; loaded as bytes they were fetched synchronously,
+    a DRAM latency every K step."""
+    b = (w[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
+    return tl.reshape(b, (BLOCK_N, NW * 4)).to(tl.uint8)
+
+
+@triton.jit
 def _fp4_gemm_kernel(
-    X, W, S, G, Out, M, N, HALF, stride_xm, stride_wn, stride_sn, stride_om,
+    X, W, S, G, Out, M, N, HALF, stride_xm, stride_wn, stride_sn, stride_om, stride_split,
     NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_G: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, GROUP_N: tl.constexpr,
-    PREC: tl.constexpr, ASM: tl.constexpr,
+    PREC: tl.constexpr, ASM: tl.constexpr, WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -179,11 +190,13 @@ def _fp4_gemm_kernel(
     rn = (offs_n % N).to(tl.int64)  # rows past N / M re-read a valid row; never stored
     rm = (offs_m % M).to(tl.int64)
     rb = tl.arange(0, KB)
-    rg = tl.arange(0, KB // GROUP)
+    # WORDS: S is the scale rows as int32, four groups' scales a word (see _unpack_words)
+    SG: tl.constexpr = GROUP * 4 if WORDS else GROUP  # K bytes per loaded scale element
+    rg = tl.arange(0, KB // SG)
     w_ptrs = W + rn[:, None] * stride_wn + rb[None, :]
     x_ptrs = X + rm[None, :] * stride_xm + rb[:, None]
     s_ptrs = S + rn[:, None] * stride_sn + rg[None, :]
-    HALF_G = HALF // GROUP  # scale columns of the low half
+    HALF_G = HALF // SG  # scale elements of the low half
 
     steps = tl.cdiv(HALF, KB)
     per = tl.cdiv(steps, SPLIT_K)
@@ -194,19 +207,22 @@ def _fp4_gemm_kernel(
         j0 = step * KB
         if EVEN:
             wb = tl.load(w_ptrs + j0)
-            s_lo = tl.load(s_ptrs + j0 // GROUP)
-            s_hi = tl.load(s_ptrs + HALF_G + j0 // GROUP)
+            s_lo = tl.load(s_ptrs + j0 // SG)
+            s_hi = tl.load(s_ptrs + HALF_G + j0 // SG)
             x_lo = tl.load(x_ptrs + j0)
             x_hi = tl.load(x_ptrs + HALF + j0)
         else:
             left = tl.where(step < steps, HALF - j0, 0)
             kmask = rb < left
-            gmask = rg < left // GROUP
+            gmask = rg < left // SG
             wb = tl.load(w_ptrs + j0, mask=kmask[None, :], other=0)
-            s_lo = tl.load(s_ptrs + j0 // GROUP, mask=gmask[None, :], other=0)
-            s_hi = tl.load(s_ptrs + HALF_G + j0 // GROUP, mask=gmask[None, :], other=0)
+            s_lo = tl.load(s_ptrs + j0 // SG, mask=gmask[None, :], other=0)
+            s_hi = tl.load(s_ptrs + HALF_G + j0 // SG, mask=gmask[None, :], other=0)
             x_lo = tl.load(x_ptrs + j0, mask=kmask[:, None], other=0.0)
             x_hi = tl.load(x_ptrs + HALF + j0, mask=kmask[:, None], other=0.0)
+        if WORDS:
+            s_lo = _unpack_words(s_lo, BLOCK_N, KB // SG)
+            s_hi = _unpack_words(s_hi, BLOCK_N, KB // SG)
         if ASM:  # bf16 activations on sm_90: the PTX path
             w_lo, w_hi = _dequant_asm(wb, s_lo, s_hi, BLOCK_N, KB, GROUP, NVFP4)
         else:
@@ -220,10 +236,9 @@ def _fp4_gemm_kernel(
         acc = acc * tl.load(G)
     out_ptrs = Out + offs_m.to(tl.int64)[None, :] * stride_om + offs_n.to(tl.int64)[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1:  # this K share's partial sums, fp32, added by sum_splits_kernel
+        out_ptrs += pid_k.to(tl.int64) * stride_split
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -281,6 +296,8 @@ CONFIG_OVERRIDE: dict | None = None
 USE_ASM = True
 # token count from which the op dequantizes to the activation dtype and calls cuBLAS
 DEQUANT_MATMUL_MIN_M = 256
+# decode batches (1-16 bf16 tokens) through csrc/fp4_gemm.cu where it builds (False: Triton)
+USE_CSRC = True
 
 def gemm_config(m: int, n: int, half: int) -> dict:
     """Launch parameters of the fused kernel for out [m, n] from packed rows of `half` bytes.
@@ -311,29 +328,42 @@ def gemm_config(m: int, n: int, half: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, KB=kb, SPLIT_K=split, GROUP_N=8, num_warps=warps, num_stages=stages)
 
 
+def _scale_words(scale: torch.Tensor, group: int, half: int, kb: int) -> bool:
+    """Whether the GEMM can load `scale` (uint8 [N, groups]) as int32 words: each K step's and
+    each half's groups must start on a word and fill whole words."""
+    return (kb % (4 * group) == 0 and half % (4 * group) == 0 and scale.stride(0) % 4 == 0
+            and scale.data_ptr() % 4 == 0)
+
+
 def _launch(x, w, scale, global_scale, cfg):
     group = group_size_of(scale)
     m, _ = x.shape
     n, half = w.shape
     split = cfg["SPLIT_K"]
-    out_dtype = torch.float32 if split > 1 else x.dtype
-    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=out_dtype, device=x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return out.to(x.dtype)
+        return out
+    # split K: each share writes fp32 partials, summed in order (deterministic, no atomics)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     kb = cfg["KB"]
     steps = triton.cdiv(half, kb)
     even = half % kb == 0 and steps % split == 0
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]), split)
     scale = scale.view(torch.uint8)
+    words = cfg.get("WORDS", True) and _scale_words(scale, group, half, kb)
+    if words:
+        scale = scale.view(torch.int32)
     g = global_scale if global_scale is not None else scale
     _fp4_gemm_kernel[grid](
-        x, w, scale, g, out, m, n, half, x.stride(0), w.stride(0), scale.stride(0), out.stride(0),
+        x, w, scale, g, part, m, n, half, x.stride(0), w.stride(0), scale.stride(0), out.stride(0), m * n,
         NVFP4=group == NVFP4_GROUP, GROUP=group, HAS_G=global_scale is not None, SPLIT_K=split, EVEN=even,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=kb, GROUP_N=cfg["GROUP_N"],
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        ASM=cfg.get("ASM", USE_ASM) and x.dtype == torch.bfloat16 and not _interpreting(),
+        ASM=cfg.get("ASM", USE_ASM) and x.dtype == torch.bfloat16 and not _interpreting(), WORDS=words,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out.to(x.dtype) if split > 1 else out
+    if split > 1:
+        sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, m * n, SPLIT_K=split, BLOCK=1024, num_warps=4)
+    return out
 
 
 def fp4_gemm_cuda(x, w, scale, global_scale):
@@ -343,6 +373,11 @@ def fp4_gemm_cuda(x, w, scale, global_scale):
     scale = scale if scale.stride(1) == 1 else scale.contiguous()
     if CONFIG_OVERRIDE is None and m >= DEQUANT_MATMUL_MIN_M and not _interpreting():
         return torch.matmul(x, fp4_dequantize_cuda(w, scale, global_scale, x.dtype).t())
+    if CONFIG_OVERRIDE is None and USE_CSRC and not _interpreting():
+        from . import csrc
+
+        if csrc.fp4_small_m_supported(x, w, scale) and csrc.available():
+            return csrc.fp4_gemm_small_m_cuda(x, w, scale, global_scale)
     return _launch(x, w, scale, global_scale, gemm_config(m, w.shape[0], w.shape[1]))
 
 

@@ -50,6 +50,7 @@ from ..fp8 import FP8
 from ..fp8 import FP8_MAX as _FP8_MAX
 from ..fp8 import SCALE_BLOCK
 from .triton_tiles import grouped_tile, num_sms
+from .triton_tiles import sum_splits_kernel as _sum_splits_kernel
 
 FP8_MAX = tl.constexpr(_FP8_MAX)
 AMAX_MIN = tl.constexpr(_AMAX_MIN)
@@ -394,17 +395,6 @@ def _fp8_gemm_tma_kernel(
         tl.store(c_ptrs, q.to(C.dtype.element_ty), mask=mask)
     else:
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sum_splits_kernel(P, OUT, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[i] = sum over s of P[s, i], in order s = 0, 1, ... (P: split-K partials, fp32)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.load(P + offs, mask=mask, other=0.0)
-    for s in range(1, SPLIT_K):
-        acc += tl.load(P + s * numel + offs, mask=mask, other=0.0)
-    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:

@@ -37,3 +37,15 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // width) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def sum_splits_kernel(P, OUT, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = sum over s of P[s, i], in order s = 0, 1, ... (P: split-K partials, fp32).
+    A fixed order instead of atomics: the GEMMs' results do not vary run to run."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(P + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(P + s * numel + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)

@@ -1,0 +1,300 @@
+// FP4 weight-only GEMM for decode-sized batches (W4A16, bf16 activations, 1 to 16 tokens):
+// out[M, N] = x[M, K] @ (e2m1 * scale * global)[N, K]^T, NVFP4 or MXFP4 weights in the packed
+// layout of trtllm_kernels/fp4.py (byte j of a row: column j low nibble, column K/2 + j high).
+//
+// Why CUDA here: at 1-16 tokens the GEMM is a stream of 4-bit weights, and the Triton kernel
+// spent its time moving each dequantized tile through shared memory into the MMA operand
+// layout (three barriers a step). Here every lane loads its weights straight from global
+// memory into the registers mma.sync reads them from, with no shared memory on the way:
+//
+// - The weights are the MMA's A operand (m16n8k16: 16 weight rows x 8 tokens). A lane
+//   (group g = lane / 4, q = lane % 4) owns rows g and g + 8 of each 16-row tile and, per
+//   64-byte step of K, the 16 bytes [16q, 16q + 16) of those rows: one 16-byte load a row.
+// - The order of K inside a dot product is free as long as both operands agree, so each lane's
+//   16 bytes become its own k-slots of eight MMAs (four for the low nibbles, four for the
+//   high ones) without any exchange between lanes; the activations are loaded in the same
+//   order (16 contiguous columns a lane) and paired to match with two byte permutes.
+// - A lane's 16 bytes are exactly one NVFP4 group (16 columns) of the low half and one of the
+//   high half (half an MXFP4 group), so each register of weights has a single scale.
+// - e2m1 -> bf16 is bit placement: the sign to bit 15 and the 3 magnitude bits to bits 8..6
+//   give e2m1 * 2^-126 (0.5 lands on a bf16 subnormal, exactly); two bf16x2 multiplies, by
+//   2^126 and by the group's scale, are exact (at most 6 significant bits).
+// - The warps of a block split the K steps of the same rows (interleaved, so the block reads
+//   contiguous bytes) and add their fp32 results through shared memory; a grid split of K
+//   writes fp32 partials that the caller sums in order (deterministic).
+#include <cuda_fp8.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kStepBytes = 64;  // bytes of each weight row a warp consumes per K step
+constexpr int kMaxWarps = 8;
+
+// Two e2m1 codes, the nibbles at bits [S, S + 4) and [S + 16, S + 20) of r -> bf16x2 holding
+// e2m1 * 2^-126 each.
+template <int S>
+__device__ __forceinline__ uint32_t e2m1x2(uint32_t r) {
+  const uint32_t mag = (S <= 6 ? r << (6 - S) : r >> (S - 6)) & 0x01C001C0u;
+  const uint32_t sgn = (r << (12 - S)) & 0x80008000u;
+  return mag | sgn;
+}
+
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// A raw scale byte -> its value as bf16, twice (a bf16x2).
+template <bool kNV>
+__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t s) {
+  uint32_t b;
+  if constexpr (kNV) {  // e4m3 (NaN stays NaN)
+    __nv_fp8_e4m3 f;
+    f.__x = (__nv_fp8_storage_t)s;
+    const __nv_bfloat16 h = __float2bfloat16_rn(float(f));
+    b = *reinterpret_cast<const uint16_t*>(&h);
+  } else {  // e8m0: 2^(s - 127); 0 is 2^-127 (a bf16 subnormal), 255 NaN
+    b = s == 0 ? 0x0040u : s == 255 ? 0x7FC0u : s << 7;
+  }
+  return b | (b << 16);
+}
+
+// Weights are read once: keep L1 for the activations, which every block re-reads; and ask L2
+// to fetch the 256-byte segment around each 16-byte load (the row's next K steps).
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One K step's operands of a lane, loaded a step ahead of their use; the activations too with
+// kXAhead (else they are read when used: L1 hits once the first block on an SM has read them).
+template <int kMT, int kNT, bool kXAhead>
+struct Step {
+  uint4 w[kMT][2];         // 16 bytes of rows g and g + 8 of each 16-row tile
+  uint32_t s[kMT][2][2];  // raw scale bytes: [tile][row g, g + 8][low, high half]
+  uint4 x[kXAhead ? kNT : 1][2][2];  // 16 activations of token g of each 8-token tile: [low, high][2 x 8]
+};
+
+template <bool kNV, int kMT, int kNT, bool kXAhead>
+__global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
+    const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ s,
+    const float* __restrict__ gscale, __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int M,
+    int N, int half, int64_t stride_x, int64_t stride_w, int64_t stride_s, int64_t stride_o,
+    int steps_per_split) {
+  constexpr int kGroup = kNV ? 16 : 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int row0 = blockIdx.x * 16 * kMT;
+  const int steps = half / kStepBytes;
+  const int first = blockIdx.y * steps_per_split;
+  const int last = min(steps, first + steps_per_split);
+
+  // this lane's rows (past N: re-read row N - 1, never stored) and tokens (past M: token M - 1)
+  int wrow[kMT][2], srow[kMT][2];  // offsets (w and s are at most 2^31 bytes: checked by the caller)
+#pragma unroll
+  for (int t = 0; t < kMT; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = min(row0 + 16 * t + 8 * h + g, N - 1);
+      wrow[t][h] = r * (int)stride_w + 16 * q;
+      srow[t][h] = r * (int)stride_s;
+    }
+  const __nv_bfloat16* xrow[kNT];
+#pragma unroll
+  for (int u = 0; u < kNT; ++u) xrow[u] = x + min(8 * u + g, M - 1) * stride_x + 16 * q;
+  const int half_groups = half / kGroup;  // scale columns of the low half
+
+  auto load_x = [&](int off, int u, int hf, uint4* xv) {
+    const uint4* p = reinterpret_cast<const uint4*>(xrow[u] + hf * half + off);
+    xv[0] = __ldg(p);
+    xv[1] = __ldg(p + 1);
+  };
+  using St = Step<kMT, kNT, kXAhead>;
+  auto load = [&](int step, St& st) {
+    const int off = step * kStepBytes;  // byte (= low-half column) offset of this step
+    const int grp = (off + 16 * q) / kGroup;
+#pragma unroll
+    for (int t = 0; t < kMT; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        st.w[t][h] = load_stream(w + wrow[t][h] + off);
+        st.s[t][h][0] = __ldg(s + srow[t][h] + grp);
+        st.s[t][h][1] = __ldg(s + srow[t][h] + half_groups + grp);
+      }
+    if constexpr (kXAhead)
+#pragma unroll
+      for (int u = 0; u < kNT; ++u)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) load_x(off, u, hf, st.x[u][hf]);
+  };
+
+  float acc[kMT][kNT][4] = {};
+  const uint32_t two126 = 0x7E807E80u;  // bf16x2 (2^126, 2^126)
+  auto compute = [&](int step, const St& st) {
+    // the activations paired like the weights: for word j of a lane's 16 columns, k-slots
+    // (2q, 2q + 1) hold columns (4j, 4j + 2) and k-slots (2q + 8, 2q + 9) columns (4j + 1, 4j + 3)
+    uint32_t b[kNT][2][4][2];
+#pragma unroll
+    for (int u = 0; u < kNT; ++u)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        uint4 xv[2];
+        if constexpr (kXAhead) {
+          xv[0] = st.x[u][hf][0];
+          xv[1] = st.x[u][hf][1];
+        } else {
+          load_x(step * kStepBytes, u, hf, xv);
+        }
+        const uint32_t* v = reinterpret_cast<const uint32_t*>(xv);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          b[u][hf][j][0] = __byte_perm(v[2 * j], v[2 * j + 1], 0x5410);
+          b[u][hf][j][1] = __byte_perm(v[2 * j], v[2 * j + 1], 0x7632);
+        }
+      }
+#pragma unroll
+    for (int t = 0; t < kMT; ++t) {
+      const uint32_t* ra = reinterpret_cast<const uint32_t*>(&st.w[t][0]);
+      const uint32_t* rb = reinterpret_cast<const uint32_t*>(&st.w[t][1]);
+      const uint32_t sa_lo = scale_bf16x2<kNV>(st.s[t][0][0]), sb_lo = scale_bf16x2<kNV>(st.s[t][1][0]);
+      const uint32_t sa_hi = scale_bf16x2<kNV>(st.s[t][0][1]), sb_hi = scale_bf16x2<kNV>(st.s[t][1][1]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // low nibbles: bytes (0, 2) and (1, 3) of word j; high nibbles the same, 4 bits up
+        const uint32_t l0 = mul_bf16x2(mul_bf16x2(e2m1x2<0>(ra[j]), two126), sa_lo);
+        const uint32_t l1 = mul_bf16x2(mul_bf16x2(e2m1x2<0>(rb[j]), two126), sb_lo);
+        const uint32_t l2 = mul_bf16x2(mul_bf16x2(e2m1x2<8>(ra[j]), two126), sa_lo);
+        const uint32_t l3 = mul_bf16x2(mul_bf16x2(e2m1x2<8>(rb[j]), two126), sb_lo);
+        const uint32_t h0 = mul_bf16x2(mul_bf16x2(e2m1x2<4>(ra[j]), two126), sa_hi);
+        const uint32_t h1 = mul_bf16x2(mul_bf16x2(e2m1x2<4>(rb[j]), two126), sb_hi);
+        const uint32_t h2 = mul_bf16x2(mul_bf16x2(e2m1x2<12>(ra[j]), two126), sa_hi);
+        const uint32_t h3 = mul_bf16x2(mul_bf16x2(e2m1x2<12>(rb[j]), two126), sb_hi);
+#pragma unroll
+        for (int u = 0; u < kNT; ++u) {
+          mma_bf16(acc[t][u], l0, l1, l2, l3, b[u][0][j][0], b[u][0][j][1]);
+          mma_bf16(acc[t][u], h0, h1, h2, h3, b[u][1][j][0], b[u][1][j][1]);
+        }
+      }
+    }
+  };
+
+  // this warp's steps, interleaved with the block's other warps (so a block reads contiguous
+  // bytes of each row), each step's operands loaded while the previous one computes
+  int step = first + warp;
+  if (step < last) {
+    St cur, nxt;
+    load(step, cur);
+    for (; step + warps < last; step += warps) {
+      load(step + warps, nxt);
+      compute(step, cur);
+      cur = nxt;
+    }
+    compute(step, cur);
+  }
+
+  // add the warps' results (warp 0 keeps the sum), then store rows g, g + 8 x tokens 2q, 2q + 1
+  __shared__ float red[kMaxWarps - 1][kMT * kNT * 4][32];
+  if (warps > 1) {
+    if (warp > 0) {
+#pragma unroll
+      for (int t = 0; t < kMT; ++t)
+#pragma unroll
+        for (int u = 0; u < kNT; ++u)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[warp - 1][(t * kNT + u) * 4 + i][lane] = acc[t][u][i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int v = 0; v < warps - 1; ++v)
+#pragma unroll
+      for (int t = 0; t < kMT; ++t)
+#pragma unroll
+        for (int u = 0; u < kNT; ++u)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[t][u][i] += red[v][(t * kNT + u) * 4 + i][lane];
+  }
+  const float gs = gscale ? *gscale : 1.f;
+  float* part = partial ? partial + (int64_t)blockIdx.y * M * N : nullptr;
+#pragma unroll
+  for (int t = 0; t < kMT; ++t)
+#pragma unroll
+    for (int u = 0; u < kNT; ++u)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = row0 + 16 * t + g + 8 * (i >> 1), n = 8 * u + 2 * q + (i & 1);
+        if (r >= N || n >= M) continue;
+        if (part)
+          part[(int64_t)n * N + r] = acc[t][u][i] * gs;
+        else
+          out[n * stride_o + r] = __float2bfloat16_rn(acc[t][u][i] * gs);
+      }
+}
+
+template <bool kNV, int kMT>
+int launch(const void* x, const void* w, const void* s, const float* g, void* out, float* partial, int M,
+           int N, int half, int64_t stride_x, int64_t stride_w, int64_t stride_s, int64_t stride_o, int warps,
+           int split, int x_ahead, cudaStream_t stream) {
+  const int steps = half / kStepBytes;
+  const int per = (steps + split - 1) / split;
+  const dim3 grid((N + 16 * kMT - 1) / (16 * kMT), split);
+  auto run = [&](auto kernel) {
+    kernel<<<grid, 32 * warps, 0, stream>>>((const __nv_bfloat16*)x, (const uint8_t*)w, (const uint8_t*)s, g,
+                                           (__nv_bfloat16*)out, partial, M, N, half, stride_x, stride_w,
+                                           stride_s, stride_o, per);
+  };
+  auto with_tokens = [&](auto nt) {
+    constexpr int kNT = decltype(nt)::value;
+    x_ahead ? run(fp4_gemm_small_m_kernel<kNV, kMT, kNT, true>) : run(fp4_gemm_small_m_kernel<kNV, kMT, kNT, false>);
+  };
+  if (M <= 8)
+    with_tokens(std::integral_constant<int, 1>{});
+  else
+    with_tokens(std::integral_constant<int, 2>{});
+  return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+// x: bf16 [M, K] (row stride stride_x elements, 16-byte aligned rows); w: uint8 [N, half = K/2]
+// packed codes; s: uint8 scale bytes [N, K / group] (e4m3 for NVFP4, e8m0 for MXFP4); g: the
+// NVFP4 global scale (fp32, device) or null; out: bf16 [M, N] (row stride stride_o), or with
+// split > 1, partial: fp32 [split, M, N] to be summed over the split. Needs 1 <= M <= 16,
+// half % 64 == 0, w rows 16-byte aligned. tiles: 16-row weight tiles a block (1, 2 or 4);
+// warps: warps a block (1..8) splitting its K steps; x_ahead: activations loaded a step ahead
+// with the weights (else when used). w and s must span less than 2^31 bytes.
+extern "C" int tk_fp4_gemm_small_m(const void* x, const void* w, const void* s, const float* g, void* out,
+                                   float* partial, int M, int N, int half, int64_t stride_x, int64_t stride_w,
+                                   int64_t stride_s, int64_t stride_o, int nvfp4, int tiles, int warps,
+                                   int split, int x_ahead, cudaStream_t stream) {
+  if (M < 1 || M > 16 || half % kStepBytes || warps < 1 || warps > kMaxWarps || split < 1 ||
+      (split > 1 && !partial) || (int64_t)N * stride_w >= (1ll << 31) ||
+      (int64_t)N * stride_s >= (1ll << 31))
+    return (int)cudaErrorInvalidValue;
+#define TK_FP4_LAUNCH(NV, MT)                                                                           \
+  return launch<NV, MT>(x, w, s, g, out, partial, M, N, half, stride_x, stride_w, stride_s, stride_o, \
+                        warps, split, x_ahead, stream)
+  switch (tiles * 2 + (nvfp4 ? 1 : 0)) {
+    case 3: TK_FP4_LAUNCH(true, 1);
+    case 2: TK_FP4_LAUNCH(false, 1);
+    case 5: TK_FP4_LAUNCH(true, 2);
+    case 4: TK_FP4_LAUNCH(false, 2);
+    case 9: TK_FP4_LAUNCH(true, 4);
+    case 8: TK_FP4_LAUNCH(false, 4);
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef TK_FP4_LAUNCH
+}
