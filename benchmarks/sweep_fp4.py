@@ -93,7 +93,7 @@ def main():
                     tf.CONFIG_OVERRIDE = None
                 row["results"].append(dict(cfg=cfg, us=t, rel_err=err))
             if m <= csrc.FP4_SMALL_M_MAX and csrc.available():  # csrc/fp4_gemm.cu's configurations
-                grid = [(t, wp, sp, xa) for t in (1, 2, 4) for wp in (2, 4, 8) for sp in (1, 2, 4) for xa in (0, 1)]
+                grid = [(t, wp, sp) for t in ((1, 2, 4) if m <= 16 else (1, 2)) for wp in (2, 4, 8) for sp in (1, 2, 4)]
                 rule = csrc.fp4_small_m_config(m, n, k // 2, num_sms())
                 for cfg in grid + ([rule] if rule not in grid else []):
                     f = lambda: csrc.fp4_gemm_small_m_cuda(x, p, s, g, cfg)

@@ -1,13 +1,14 @@
-// FP4 weight-only GEMM for decode-sized batches (W4A16, bf16 activations, 1 to 16 tokens):
+// FP4 weight-only GEMM for decode-sized batches (W4A16, bf16 activations, 1 to 64 tokens):
 // out[M, N] = x[M, K] @ (e2m1 * scale * global)[N, K]^T, NVFP4 or MXFP4 weights in the packed
 // layout of trtllm_kernels/fp4.py (byte j of a row: column j low nibble, column K/2 + j high).
 //
-// Why CUDA here: at 1-16 tokens the GEMM is a stream of 4-bit weights, and the Triton kernel
+// Why CUDA here: at a few tokens the GEMM is a stream of 4-bit weights, and the Triton kernel
 // spent its time moving each dequantized tile through shared memory into the MMA operand
 // layout (three barriers a step). Here every lane loads its weights straight from global
 // memory into the registers mma.sync reads them from, with no shared memory on the way:
 //
-// - The weights are the MMA's A operand (m16n8k16: 16 weight rows x 8 tokens). A lane
+// - The weights are the MMA's A operand (m16n8k16: 16 weight rows x 8 tokens; 1-8 token
+//   tiles, each step's weights dequantized once for all of them). A lane
 //   (group g = lane / 4, q = lane % 4) owns rows g and g + 8 of each 16-row tile and, per
 //   64-byte step of K, the 16 bytes [16q, 16q + 16) of those rows: one 16-byte load a row.
 // - The order of K inside a dot product is free as long as both operands agree, so each lane's
@@ -23,8 +24,6 @@
 //   contiguous bytes) and add their fp32 results through shared memory; a grid split of K
 //   writes fp32 partials that the caller sums in order (deterministic).
 #include <cuda_fp8.h>
-
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -80,16 +79,18 @@ __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// One K step's operands of a lane, loaded a step ahead of their use; the activations too with
-// kXAhead (else they are read when used: L1 hits once the first block on an SM has read them).
-template <int kMT, int kNT, bool kXAhead>
+// One K step's operands of a lane, loaded a step ahead of their use. The activations too while
+// there are at most two 8-token tiles (measured faster); more would cost too many registers, so
+// those are read when used (L1 hits: every block on an SM reads the same few rows of x).
+template <int kMT, int kNT>
 struct Step {
+  static constexpr bool kXAhead = kNT <= 2;
   uint4 w[kMT][2];         // 16 bytes of rows g and g + 8 of each 16-row tile
   uint32_t s[kMT][2][2];  // raw scale bytes: [tile][row g, g + 8][low, high half]
   uint4 x[kXAhead ? kNT : 1][2][2];  // 16 activations of token g of each 8-token tile: [low, high][2 x 8]
 };
 
-template <bool kNV, int kMT, int kNT, bool kXAhead>
+template <bool kNV, int kMT, int kNT>
 __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
     const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ s,
     const float* __restrict__ gscale, __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int M,
@@ -123,7 +124,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
     xv[0] = __ldg(p);
     xv[1] = __ldg(p + 1);
   };
-  using St = Step<kMT, kNT, kXAhead>;
+  using St = Step<kMT, kNT>;
+  constexpr bool kXAhead = St::kXAhead;
   auto load = [&](int step, St& st) {
     const int off = step * kStepBytes;  // byte (= low-half column) offset of this step
     const int grp = (off + 16 * q) / kGroup;
@@ -144,51 +146,84 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
 
   float acc[kMT][kNT][4] = {};
   const uint32_t two126 = 0x7E807E80u;  // bf16x2 (2^126, 2^126)
+  // word j of a lane's 16 bytes of rows g and g + 8 of tile t -> the A fragments of its two
+  // MMAs (low nibbles: bytes (0, 2) and (1, 3) of the word; high nibbles the same, 4 bits up),
+  // given the tile's scales sc (row g low, row g + 8 low, row g high, row g + 8 high)
+  auto dequant = [&](const St& st, int t, int j, const uint32_t* sc, uint32_t* f) {
+    const uint32_t ra = reinterpret_cast<const uint32_t*>(&st.w[t][0])[j];
+    const uint32_t rb = reinterpret_cast<const uint32_t*>(&st.w[t][1])[j];
+    f[0] = mul_bf16x2(mul_bf16x2(e2m1x2<0>(ra), two126), sc[0]);
+    f[1] = mul_bf16x2(mul_bf16x2(e2m1x2<0>(rb), two126), sc[1]);
+    f[2] = mul_bf16x2(mul_bf16x2(e2m1x2<8>(ra), two126), sc[0]);
+    f[3] = mul_bf16x2(mul_bf16x2(e2m1x2<8>(rb), two126), sc[1]);
+    f[4] = mul_bf16x2(mul_bf16x2(e2m1x2<4>(ra), two126), sc[2]);
+    f[5] = mul_bf16x2(mul_bf16x2(e2m1x2<4>(rb), two126), sc[3]);
+    f[6] = mul_bf16x2(mul_bf16x2(e2m1x2<12>(ra), two126), sc[2]);
+    f[7] = mul_bf16x2(mul_bf16x2(e2m1x2<12>(rb), two126), sc[3]);
+  };
+  auto scales = [&](const St& st, int t, uint32_t* sc) {
+    sc[0] = scale_bf16x2<kNV>(st.s[t][0][0]);
+    sc[1] = scale_bf16x2<kNV>(st.s[t][1][0]);
+    sc[2] = scale_bf16x2<kNV>(st.s[t][0][1]);
+    sc[3] = scale_bf16x2<kNV>(st.s[t][1][1]);
+  };
+  // The activations of token tile u, half hf, paired like the weights: for word j of a lane's
+  // 16 columns, k-slots (2q, 2q + 1) hold columns (4j, 4j + 2), k-slots (2q + 8, 2q + 9)
+  // columns (4j + 1, 4j + 3).
+  auto pair_x = [&](const uint4* xv, uint32_t (*b)[2]) {
+    const uint32_t* v = reinterpret_cast<const uint32_t*>(xv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      b[j][0] = __byte_perm(v[2 * j], v[2 * j + 1], 0x5410);
+      b[j][1] = __byte_perm(v[2 * j], v[2 * j + 1], 0x7632);
+    }
+  };
   auto compute = [&](int step, const St& st) {
-    // the activations paired like the weights: for word j of a lane's 16 columns, k-slots
-    // (2q, 2q + 1) hold columns (4j, 4j + 2) and k-slots (2q + 8, 2q + 9) columns (4j + 1, 4j + 3)
-    uint32_t b[kNT][2][4][2];
+    if constexpr (kXAhead) {  // few token tiles: all their fragments first, weights word by word
+      uint32_t b[kNT][2][4][2];
 #pragma unroll
-    for (int u = 0; u < kNT; ++u)
+      for (int u = 0; u < kNT; ++u)
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        uint4 xv[2];
-        if constexpr (kXAhead) {
-          xv[0] = st.x[u][hf][0];
-          xv[1] = st.x[u][hf][1];
-        } else {
-          load_x(step * kStepBytes, u, hf, xv);
-        }
-        const uint32_t* v = reinterpret_cast<const uint32_t*>(xv);
+        for (int hf = 0; hf < 2; ++hf) pair_x(st.x[u][hf], b[u][hf]);
+#pragma unroll
+      for (int t = 0; t < kMT; ++t) {
+        uint32_t sc[4], f[8];
+        scales(st, t, sc);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          b[u][hf][j][0] = __byte_perm(v[2 * j], v[2 * j + 1], 0x5410);
-          b[u][hf][j][1] = __byte_perm(v[2 * j], v[2 * j + 1], 0x7632);
+          dequant(st, t, j, sc, f);
+#pragma unroll
+          for (int u = 0; u < kNT; ++u) {
+            mma_bf16(acc[t][u], f[0], f[1], f[2], f[3], b[u][0][j][0], b[u][0][j][1]);
+            mma_bf16(acc[t][u], f[4], f[5], f[6], f[7], b[u][1][j][0], b[u][1][j][1]);
+          }
         }
       }
+    } else {  // many token tiles: the step's weights first, then one token tile at a time
+      uint32_t a[kMT][4][8];
 #pragma unroll
-    for (int t = 0; t < kMT; ++t) {
-      const uint32_t* ra = reinterpret_cast<const uint32_t*>(&st.w[t][0]);
-      const uint32_t* rb = reinterpret_cast<const uint32_t*>(&st.w[t][1]);
-      const uint32_t sa_lo = scale_bf16x2<kNV>(st.s[t][0][0]), sb_lo = scale_bf16x2<kNV>(st.s[t][1][0]);
-      const uint32_t sa_hi = scale_bf16x2<kNV>(st.s[t][0][1]), sb_hi = scale_bf16x2<kNV>(st.s[t][1][1]);
+      for (int t = 0; t < kMT; ++t) {
+        uint32_t sc[4];
+        scales(st, t, sc);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // low nibbles: bytes (0, 2) and (1, 3) of word j; high nibbles the same, 4 bits up
-        const uint32_t l0 = mul_bf16x2(mul_bf16x2(e2m1x2<0>(ra[j]), two126), sa_lo);
-        const uint32_t l1 = mul_bf16x2(mul_bf16x2(e2m1x2<0>(rb[j]), two126), sb_lo);
-        const uint32_t l2 = mul_bf16x2(mul_bf16x2(e2m1x2<8>(ra[j]), two126), sa_lo);
-        const uint32_t l3 = mul_bf16x2(mul_bf16x2(e2m1x2<8>(rb[j]), two126), sb_lo);
-        const uint32_t h0 = mul_bf16x2(mul_bf16x2(e2m1x2<4>(ra[j]), two126), sa_hi);
-        const uint32_t h1 = mul_bf16x2(mul_bf16x2(e2m1x2<4>(rb[j]), two126), sb_hi);
-        const uint32_t h2 = mul_bf16x2(mul_bf16x2(e2m1x2<12>(ra[j]), two126), sa_hi);
-        const uint32_t h3 = mul_bf16x2(mul_bf16x2(e2m1x2<12>(rb[j]), two126), sb_hi);
-#pragma unroll
-        for (int u = 0; u < kNT; ++u) {
-          mma_bf16(acc[t][u], l0, l1, l2, l3, b[u][0][j][0], b[u][0][j][1]);
-          mma_bf16(acc[t][u], h0, h1, h2, h3, b[u][1][j][0], b[u][1][j][1]);
-        }
+        for (int j = 0; j < 4; ++j) dequant(st, t, j, sc, a[t][j]);
       }
+#pragma unroll
+      for (int u = 0; u < kNT; ++u)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          uint4 xv[2];
+          load_x(step * kStepBytes, u, hf, xv);
+          uint32_t b[4][2];
+          pair_x(xv, b);
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int t = 0; t < kMT; ++t) {
+              const uint32_t* f = a[t][j] + 4 * hf;
+              mma_bf16(acc[t][u], f[0], f[1], f[2], f[3], b[j][0], b[j][1]);
+            }
+        }
     }
   };
 
@@ -247,7 +282,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
 template <bool kNV, int kMT>
 int launch(const void* x, const void* w, const void* s, const float* g, void* out, float* partial, int M,
            int N, int half, int64_t stride_x, int64_t stride_w, int64_t stride_s, int64_t stride_o, int warps,
-           int split, int x_ahead, cudaStream_t stream) {
+           int split, cudaStream_t stream) {
   const int steps = half / kStepBytes;
   const int per = (steps + split - 1) / split;
   const dim3 grid((N + 16 * kMT - 1) / (16 * kMT), split);
@@ -256,14 +291,14 @@ int launch(const void* x, const void* w, const void* s, const float* g, void* ou
                                            (__nv_bfloat16*)out, partial, M, N, half, stride_x, stride_w,
                                            stride_s, stride_o, per);
   };
-  auto with_tokens = [&](auto nt) {
-    constexpr int kNT = decltype(nt)::value;
-    x_ahead ? run(fp4_gemm_small_m_kernel<kNV, kMT, kNT, true>) : run(fp4_gemm_small_m_kernel<kNV, kMT, kNT, false>);
-  };
   if (M <= 8)
-    with_tokens(std::integral_constant<int, 1>{});
+    run(fp4_gemm_small_m_kernel<kNV, kMT, 1>);
+  else if (M <= 16)
+    run(fp4_gemm_small_m_kernel<kNV, kMT, 2>);
+  else if (M <= 32)
+    run(fp4_gemm_small_m_kernel<kNV, kMT, 4>);
   else
-    with_tokens(std::integral_constant<int, 2>{});
+    run(fp4_gemm_small_m_kernel<kNV, kMT, 8>);
   return (int)cudaGetLastError();
 }
 
@@ -272,21 +307,20 @@ int launch(const void* x, const void* w, const void* s, const float* g, void* ou
 // x: bf16 [M, K] (row stride stride_x elements, 16-byte aligned rows); w: uint8 [N, half = K/2]
 // packed codes; s: uint8 scale bytes [N, K / group] (e4m3 for NVFP4, e8m0 for MXFP4); g: the
 // NVFP4 global scale (fp32, device) or null; out: bf16 [M, N] (row stride stride_o), or with
-// split > 1, partial: fp32 [split, M, N] to be summed over the split. Needs 1 <= M <= 16,
+// split > 1, partial: fp32 [split, M, N] to be summed over the split. Needs 1 <= M <= 64,
 // half % 64 == 0, w rows 16-byte aligned. tiles: 16-row weight tiles a block (1, 2 or 4);
-// warps: warps a block (1..8) splitting its K steps; x_ahead: activations loaded a step ahead
-// with the weights (else when used). w and s must span less than 2^31 bytes.
+// warps: warps a block (1..8) splitting its K steps. w and s must span less than 2^31 bytes.
 extern "C" int tk_fp4_gemm_small_m(const void* x, const void* w, const void* s, const float* g, void* out,
                                    float* partial, int M, int N, int half, int64_t stride_x, int64_t stride_w,
                                    int64_t stride_s, int64_t stride_o, int nvfp4, int tiles, int warps,
-                                   int split, int x_ahead, cudaStream_t stream) {
-  if (M < 1 || M > 16 || half % kStepBytes || warps < 1 || warps > kMaxWarps || split < 1 ||
+                                   int split, cudaStream_t stream) {
+  if (M < 1 || M > 64 || half % kStepBytes || warps < 1 || warps > kMaxWarps || split < 1 ||
       (split > 1 && !partial) || (int64_t)N * stride_w >= (1ll << 31) ||
       (int64_t)N * stride_s >= (1ll << 31))
     return (int)cudaErrorInvalidValue;
 #define TK_FP4_LAUNCH(NV, MT)                                                                           \
   return launch<NV, MT>(x, w, s, g, out, partial, M, N, half, stride_x, stride_w, stride_s, stride_o, \
-                        warps, split, x_ahead, stream)
+                        warps, split, stream)
   switch (tiles * 2 + (nvfp4 ? 1 : 0)) {
     case 3: TK_FP4_LAUNCH(true, 1);
     case 2: TK_FP4_LAUNCH(false, 1);

@@ -378,22 +378,24 @@ def test_csrc_small_m_rule():
     where the blocks fill less than half the SMs, and never below two steps a warp."""
     from trtllm_kernels.kernels import csrc
 
-    assert csrc.fp4_small_m_config(1, 28672, 2048, 132) == (2, 4, 1, 1)
-    assert csrc.fp4_small_m_config(16, 4096, 7168, 132) == (2, 8, 1, 1)
+    assert csrc.fp4_small_m_config(1, 28672, 2048, 132) == (2, 4, 1)
+    assert csrc.fp4_small_m_config(16, 4096, 7168, 132) == (2, 8, 1)
+    assert csrc.fp4_small_m_config(64, 28672, 2048, 132) == (2, 2, 1)
     for n, half in [(1024, 2048), (256, 8192), (64, 512), (32, 64)]:
-        tiles, warps, split, _ = csrc.fp4_small_m_config(1, n, half, 132)
+        tiles, warps, split = csrc.fp4_small_m_config(1, n, half, 132)
         blocks = -(-n // (16 * tiles))
         assert split == 1 or (blocks * split <= 132 and half // 64 // split >= 2 * warps), (n, half, split)
     assert csrc.fp4_small_m_config(1, 256, 8192, 132)[2] == 8
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, (1, 1, 1, 0), (2, 8, 1, 1), (4, 2, 3, 1), (1, 4, 8, 0)], ids=str)
-@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("config", [None, (1, 1, 1), (2, 8, 1), (4, 2, 3), (1, 4, 8)], ids=str)
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16, 17, 32, 40, 64])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_csrc_small_m(fmt, m, config):
-    """csrc/fp4_gemm.cu at 1-16 tokens against the float32 GEMM: each kind of configuration
-    (tiles, warps, K split, activations ahead), one- and two-tile token counts, ragged N (1000 rows: a partial 16-row tile), K steps
+    """csrc/fp4_gemm.cu at 1-64 tokens against the float32 GEMM: each kind of configuration
+    (tiles, warps, K split), 1, 2, 4 and 8 token tiles, partial ones, ragged N (1000 rows: a
+    partial 16-row tile), K steps
     that do not divide evenly among warps and splits (34 of 64 bytes; 8 splits leave one
     empty), a strided x."""
     from trtllm_kernels.kernels import csrc
@@ -413,8 +415,8 @@ def test_gpu_csrc_small_m(fmt, m, config):
 
 @pytest.mark.gpu
 def test_gpu_small_m_dispatch(monkeypatch):
-    """fp4_gemm takes the csrc kernel for 1-16 bf16 tokens (with K % 128 == 0) and Triton
-    otherwise (fp16 activations, 17 tokens)."""
+    """fp4_gemm takes the csrc kernel for 1-64 bf16 tokens (with K % 128 == 0) and Triton
+    otherwise (fp16 activations, 65 tokens)."""
     from trtllm_kernels.kernels import csrc
 
     if not csrc.available():
@@ -423,9 +425,9 @@ def test_gpu_small_m_dispatch(monkeypatch):
     real = csrc.fp4_gemm_small_m_cuda
     monkeypatch.setattr(csrc, "fp4_gemm_small_m_cuda", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     p, s, g = tk.quantize_fp4(torch.randn(256, 1024, device="cuda"), "nvfp4")
-    for m, dtype in [(1, torch.bfloat16), (16, torch.bfloat16), (17, torch.bfloat16), (4, torch.float16)]:
+    for m, dtype in [(1, torch.bfloat16), (64, torch.bfloat16), (65, torch.bfloat16), (4, torch.float16)]:
         _check_gemm(torch.randn(m, 1024, device="cuda", dtype=dtype), p, s, g, max_gap=1e-5)
-    assert calls == [1, 16]
+    assert calls == [1, 64]
 
 
 @pytest.mark.gpu

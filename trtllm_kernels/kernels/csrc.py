@@ -113,7 +113,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tk_paged_decode_step_tokens.restype = i32
     lib.tk_paged_decode_occupancy.argtypes = [i32, i32, i32, i32, i32]
     lib.tk_paged_decode_occupancy.restype = i32
-    lib.tk_fp4_gemm_small_m.argtypes = [p] * 6 + [i32] * 3 + [i64] * 4 + [i32] * 5 + [p]
+    lib.tk_fp4_gemm_small_m.argtypes = [p] * 6 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
     lib.tk_fp4_gemm_small_m.restype = i32
 
 
@@ -295,11 +295,11 @@ LOG2E = 1.4426950408889634
 # FP4 weight-only GEMM for decode batches (csrc/fp4_gemm.cu)
 # --------------------------------------------------------------------------------------------
 
-FP4_SMALL_M_MAX = 16  # tokens the kernel takes (two 8-token MMA tiles)
+FP4_SMALL_M_MAX = 64  # tokens the kernel takes (up to eight 8-token MMA tiles)
 
 
 def fp4_small_m_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether csrc/fp4_gemm.cu takes these inputs: bf16 activations of 1-16 tokens, rows of a
+    """Whether csrc/fp4_gemm.cu takes these inputs: bf16 activations of 1-64 tokens, rows of a
     whole number of 64-byte steps (K % 128 == 0), 16-byte aligned rows of x and w, unit last
     strides."""
     m, half = x.shape[0], w.shape[1]
@@ -308,21 +308,21 @@ def fp4_small_m_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor)
             and w.shape[0] > 0 and aligned(x, 8) and aligned(w, 16) and scale.stride(-1) == 1)
 
 
-def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int, int]:
-    """(16-row tiles a block, warps a block, K splits, activations loaded ahead) for out [m, n]
-    from rows of `half` bytes. Measured on H200 (benchmarks/sweep_fp4.py, 54 configurations,
-    M in {1, 16}, both formats): blocks of 2 tiles with the activations loaded ahead won every
-    case; 4 warps where there are at least two blocks an SM (gate_up: 896 blocks), else 8
+def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int]:
+    """(16-row tiles a block, warps a block, K splits) for out [m, n] from rows of `half` bytes.
+    Measured on H100 and H200 (benchmarks/sweep_fp4.py, gate_up 28672x4096 and down
+    4096x14336, M in {1, 16, 32, 64}): blocks of 2 tiles; 4 warps where there are at least two
+    blocks an SM (gate_up: 896 blocks), 2 from 17 tokens (more accumulators a lane), else 8
     warps (down: 128 blocks); a grid split of K never paid for its extra sum kernel at these
     shapes, so K is split only where the blocks fill less than half the SMs."""
-    tiles, x_ahead = 2, 1
+    tiles = 2
     blocks = -(-n // (16 * tiles))
-    warps = 4 if blocks >= 2 * sms else 8
+    warps = (4 if m <= 16 else 2) if blocks >= 2 * sms else 8
     steps = half // 64
     split = 1
     while 2 * blocks * split <= sms and steps // (split * 2) >= 2 * warps and split < 8:
         split *= 2
-    return tiles, warps, split, x_ahead
+    return tiles, warps, split
 
 
 def fp4_gemm_small_m_cuda(x, w, scale, global_scale, config=None):
@@ -331,14 +331,14 @@ def fp4_gemm_small_m_cuda(x, w, scale, global_scale, config=None):
     from .triton_tiles import num_sms, sum_splits_kernel
 
     m, n, half = x.shape[0], w.shape[0], w.shape[1]
-    tiles, warps, split, x_ahead = config or fp4_small_m_config(m, n, half, num_sms(x.device))
+    tiles, warps, split = config or fp4_small_m_config(m, n, half, num_sms(x.device))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else None
     nvfp4 = scale.dtype == _FP8
     scale = scale.view(torch.uint8)
     code = library().tk_fp4_gemm_small_m(
         _ptr(x), _ptr(w), _ptr(scale), _ptr(global_scale), _ptr(out), _ptr(part), m, n, half,
-        x.stride(0), w.stride(0), scale.stride(0), out.stride(0), int(nvfp4), tiles, warps, split, x_ahead,
+        x.stride(0), w.stride(0), scale.stride(0), out.stride(0), int(nvfp4), tiles, warps, split,
         _stream(x.device))
     _check(code, "tk_fp4_gemm_small_m")
     if part is not None:  # the K shares' fp32 partials, added in order

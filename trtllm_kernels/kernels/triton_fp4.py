@@ -28,15 +28,16 @@ with `_fp4_dequant_kernel` (N x K x 2 bytes written once, ~5% of a 4096-token GE
 cuBLAS through torch.matmul: the fused kernel took 2.3x cuBLAS's time at 4096 tokens, this
 path 1.05x.
 
-Decode batches (1-16 bf16 tokens, K % 128 == 0) go to csrc/fp4_gemm.cu instead, which keeps
-every weight in registers from global memory to mma.sync (see its header): on H200, gate_up
-28672x4096 at M = 1 in 25.8 us against this kernel's 76.7-84 (benchmarks/sweep_fp4.py). This
-kernel was held to 0.7-1.0 TB/s there by moving each dequantized tile through shared memory
-into the MMA operand layout (about 500 instructions and three barriers a K step per thread at
-M = 1, found in its TTGIR / PTX); it still serves 17-255 tokens, fp16 / fp32 activations and
-rows that are not a whole number of 64-byte steps. Its scales load as int32 words where the
-step allows (`_unpack_words`): a byte-wide load was not software-pipelined (cp.async needs 4
-bytes a thread), though removing that stall measured within noise.
+Decode batches (1-64 bf16 tokens, K % 128 == 0) go to csrc/fp4_gemm.cu instead, which keeps
+every weight in registers from global memory to mma.sync (see its header): on H100, gate_up
+28672x4096 at M = 1 in 25.7 us against this kernel's 84 us, at M = 64 74.9 against 107
+(benchmarks/results/h100-2026-11-27). This kernel was held to 0.7-1.0 TB/s there by moving
+each dequantized tile through shared memory into the MMA operand layout (about 500
+instructions and three barriers a K step per thread at M = 1, found in its TTGIR / PTX); it
+still serves 65-255 tokens, fp16 / fp32 activations and rows that are not a whole number of
+64-byte steps. Its scales load as int32 words where the step allows (`_unpack_words`): a
+byte-wide load was not software-pipelined (cp.async needs 4 bytes a thread), though removing
+that stall measured within noise.
 """
 from __future__ import annotations
 
@@ -296,7 +297,7 @@ CONFIG_OVERRIDE: dict | None = None
 USE_ASM = True
 # token count from which the op dequantizes to the activation dtype and calls cuBLAS
 DEQUANT_MATMUL_MIN_M = 256
-# decode batches (1-16 bf16 tokens) through csrc/fp4_gemm.cu where it builds (False: Triton)
+# decode batches (1-64 bf16 tokens) through csrc/fp4_gemm.cu where it builds (False: Triton)
 USE_CSRC = True
 
 def gemm_config(m: int, n: int, half: int) -> dict:
