@@ -91,6 +91,47 @@ template <typename T> __device__ __forceinline__ void load_q8(const T* p, float*
   to_float8(*reinterpret_cast<const uint4*>(p), f, T());
 }
 
+// The end of both decode kernels: merge the kNW warps' softmax states of one (sequence, kv
+// head) from shared memory, then write the group's outputs (one split) or this split's
+// unnormalized sums, max and denominator for the combine kernel (several).
+template <typename T, int D, int GP>
+__device__ __forceinline__ void merge_warps_and_store(
+    const float (&sm_acc)[kNW][GP][D], const float (&sm_m)[kNW][GP], const float (&sm_l)[kNW][GP], int b,
+    int kvh, int split, int group, int num_kv_heads, int num_splits, int batch, float v_scale,
+    T* __restrict__ out, int64_t stride_ob, int64_t stride_oh, float* __restrict__ part_acc,
+    float* __restrict__ part_ml) {
+  const int num_heads = num_kv_heads * group;
+  for (int i = threadIdx.x; i < group * D; i += kNW * 32) {
+    const int g = i / D, d = i - g * D;
+    float mw[kNW], mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kNW; ++w) {
+      mw[w] = sm_m[w][g];
+      mx = fmaxf(mx, mw[w]);
+    }
+    const float m_use = mx == -INFINITY ? 0.f : mx;
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNW; ++w) {
+      const float c = fast_exp2(mw[w] - m_use);
+      num += sm_acc[w][g][d] * c;
+      den += sm_l[w][g] * c;
+    }
+    const int h = kvh * group + g;
+    if (num_splits == 1) {
+      const float o = den > 0.f ? num * (v_scale / den) : 0.f;
+      out[b * stride_ob + h * stride_oh + d] = tk::from_float<T>(o);
+    } else {
+      const int64_t row = ((int64_t)b * num_heads + h) * num_splits + split;
+      part_acc[row * D + d] = num;
+      if (d == 0) {
+        part_ml[row] = mx;
+        part_ml[(int64_t)batch * num_heads * num_splits + row] = den;
+      }
+    }
+  }
+}
+
 template <typename T, typename C, int D, int GP, int KPT, int MINB>
 __global__ void __launch_bounds__(kNW * 32, MINB) paged_decode_kernel(
     const T* __restrict__ q, const C* __restrict__ kc, const C* __restrict__ vc,
@@ -264,37 +305,8 @@ __global__ void __launch_bounds__(kNW * 32, MINB) paged_decode_kernel(
     }
   }
   __syncthreads();
-
-  const int num_heads = num_kv_heads * group;
-  for (int i = threadIdx.x; i < group * D; i += kNW * 32) {
-    const int g = i / D, d = i - g * D;
-    float mw[kNW], mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kNW; ++w) {
-      mw[w] = sm_m[w][g];
-      mx = fmaxf(mx, mw[w]);
-    }
-    const float m_use = mx == -INFINITY ? 0.f : mx;
-    float num = 0.f, den = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNW; ++w) {
-      const float c = fast_exp2(mw[w] - m_use);
-      num += sm_acc[w][g][d] * c;
-      den += sm_l[w][g] * c;
-    }
-    const int h = kvh * group + g;
-    if (num_splits == 1) {
-      const float o = den > 0.f ? num * (v_scale / den) : 0.f;
-      out[b * stride_ob + h * stride_oh + d] = tk::from_float<T>(o);
-    } else {
-      const int64_t row = ((int64_t)b * num_heads + h) * num_splits + split;
-      part_acc[row * D + d] = num;
-      if (d == 0) {
-        part_ml[row] = mx;
-        part_ml[(int64_t)batch * num_heads * num_splits + row] = den;
-      }
-    }
-  }
+  merge_warps_and_store<T, D, GP>(sm_acc, sm_m, sm_l, b, kvh, split, group, num_kv_heads, num_splits, batch,
+                                  v_scale, out, stride_ob, stride_oh, part_acc, part_ml);
 }
 
 // Merge the splits of one (sequence, head): one CTA of D threads, thread d owns dim d.
@@ -578,37 +590,8 @@ __global__ void __launch_bounds__(kNW * 32, (MmaMinBlocks<C, D>::value)) paged_d
     sm_l[warp][g] = l;
   }
   __syncthreads();
-
-  const int num_heads = num_kv_heads * group;
-  for (int i = threadIdx.x; i < group * D; i += kNW * 32) {
-    const int gg = i / D, d = i - gg * D;
-    float mw[kNW], mxw = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kNW; ++w) {
-      mw[w] = sm_m[w][gg];
-      mxw = fmaxf(mxw, mw[w]);
-    }
-    const float mu = mxw == -INFINITY ? 0.f : mxw;
-    float num = 0.f, den = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNW; ++w) {
-      const float c = fast_exp2(mw[w] - mu);
-      num += sm_acc[w][gg][d] * c;
-      den += sm_l[w][gg] * c;
-    }
-    const int hq = kvh * group + gg;
-    if (num_splits == 1) {
-      const float o = den > 0.f ? num * (v_scale / den) : 0.f;
-      out[b * stride_ob + hq * stride_oh + d] = tk::from_float<T>(o);
-    } else {
-      const int64_t row = ((int64_t)b * num_heads + hq) * num_splits + split;
-      part_acc[row * D + d] = num;
-      if (d == 0) {
-        part_ml[row] = mxw;
-        part_ml[(int64_t)batch * num_heads * num_splits + row] = den;
-      }
-    }
-  }
+  merge_warps_and_store<T, D, GP>(sm_acc, sm_m, sm_l, b, kvh, split, group, num_kv_heads, num_splits, batch,
+                                  v_scale, out, stride_ob, stride_oh, part_acc, part_ml);
 }
 
 template <typename T, typename C, int D>
