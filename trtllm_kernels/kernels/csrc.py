@@ -301,11 +301,13 @@ FP4_SMALL_M_MAX = 64  # tokens the kernel takes (up to eight 8-token MMA tiles)
 def fp4_small_m_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether csrc/fp4_gemm.cu takes these inputs: bf16 activations of 1-64 tokens, rows of a
     whole number of 64-byte steps (K % 128 == 0), 16-byte aligned rows of x and w, unit last
-    strides."""
+    strides, w and scale each under 2^31 bytes (the kernel's 32-bit row offsets)."""
     m, half = x.shape[0], w.shape[1]
     aligned = lambda t, n: t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % n == 0
+    small = lambda t: t.shape[0] * t.stride(0) < 2 ** 31
     return (x.is_cuda and x.dtype == torch.bfloat16 and 1 <= m <= FP4_SMALL_M_MAX and half % 64 == 0
-            and w.shape[0] > 0 and aligned(x, 8) and aligned(w, 16) and scale.stride(-1) == 1)
+            and w.shape[0] > 0 and aligned(x, 8) and aligned(w, 16) and scale.stride(-1) == 1
+            and small(w) and small(scale))
 
 
 def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int]:

@@ -22,11 +22,11 @@ same weights bit for bit (tested) and measured within a few percent of the gener
 
 Small M (decode) is memory-bound on the 4-bit weights: narrow token tiles, wide K steps and
 split-K (each K share writes fp32 partials that `sum_splits_kernel` adds in a fixed order:
-deterministic) so that enough programs stream weights to fill the machine. Large M (prefill) is compute-bound: from
-`DEQUANT_MATMUL_MIN_M` (256) tokens the op dequantizes the weight to the activation dtype
-with `_fp4_dequant_kernel` (N x K x 2 bytes written once, ~5% of a 4096-token GEMM) and calls
-cuBLAS through torch.matmul: the fused kernel took 2.3x cuBLAS's time at 4096 tokens, this
-path 1.05x.
+deterministic) so that enough programs stream weights to fill the machine. Large M (prefill)
+is compute-bound: from `DEQUANT_MATMUL_MIN_M` (256) tokens the op dequantizes the weight to
+the activation dtype with `_fp4_dequant_kernel` (N x K x 2 bytes written once, ~5% of a
+4096-token GEMM) and calls cuBLAS through torch.matmul: the fused kernel took 2.3x cuBLAS's
+time at 4096 tokens, this path 1.05x.
 
 Decode batches (1-64 bf16 tokens, K % 128 == 0) go to csrc/fp4_gemm.cu instead, which keeps
 every weight in registers from global memory to mma.sync (see its header): on H100, gate_up
