@@ -22,11 +22,10 @@ FORMATS = os.environ.get("SWEEP_FORMATS", "nvfp4").split(",")
 
 
 def configs(m, n, half):
-    """The op's own rule (scales as words and as bytes, PTX conversion on and off) and
-    alternatives around it."""
+    """The Triton kernel's own rule (PTX conversion on and off) and alternatives around it."""
     c = lambda bm, bn, kb, w, s: dict(BLOCK_M=bm, BLOCK_N=bn, KB=kb, SPLIT_K=0, GROUP_N=8, num_warps=w, num_stages=s)
     rule = tf.gemm_config(m, n, half)
-    out = [dict(rule), dict(rule, WORDS=False), dict(rule, ASM=False)]
+    out = [dict(rule), dict(rule, ASM=False)]
     if m <= 16:
         out += [c(16, bn, kb, w, st) for bn, kb, w, st in
                 [(128, 64, 4, 4), (128, 64, 8, 6), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4),

@@ -211,23 +211,6 @@ def test_triton_gemm_fp32_and_k_tail(fmt, mnk):
     _check_gemm(torch.randn(m, k, device=DEV), p, s, g, max_gap=1e-10)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("split", [1, 2])
-def test_triton_gemm_scales_as_words(fmt, split, monkeypatch):
-    """Scales loaded four groups a word (K steps of 4 groups a half), unpacked in the kernel:
-    byte order, the high half's offset and split-K shares; and the path really taken."""
-    n, k, m = 40, 1024, 5
-    p, s, g = tk.quantize_fp4(torch.randn(n, k, device=DEV), fmt)
-    kb = 4 * fp4.group_size_of(s)
-    taken = []
-    real = tf._scale_words
-    monkeypatch.setattr(tf, "_scale_words", lambda *a: taken.append(real(*a)) or taken[-1])
-    monkeypatch.setattr(tf, "CONFIG_OVERRIDE", dict(BLOCK_M=16, BLOCK_N=16, KB=kb, SPLIT_K=split, GROUP_N=2,
-                                                    num_warps=4, num_stages=1))
-    _check_gemm(torch.randn(m, k, device=DEV, dtype=torch.float16), p, s, g)
-    assert taken == [True]
-
-
 @pytest.mark.parametrize("split", [1, 3])
 def test_triton_gemm_split_k_and_tiles(split):
     n, k, m = 70, 256, 20
@@ -261,12 +244,11 @@ COMPILE_SCRIPT = textwrap.dedent(
 
     target = GPUTarget("cuda", 90, 32)
     fn = tf._fp4_gemm_kernel
-    for m, nv, words in [(1, True, True), (64, False, False), (128, True, False), (512, True, True)]:
+    for m, nv in [(1, True), (64, False), (128, True), (512, True)]:
         cfg = tf.gemm_config(m, 28672, 2048)
         cx = dict(NVFP4=nv, GROUP=16 if nv else 32, HAS_G=nv, SPLIT_K=cfg["SPLIT_K"], EVEN=True,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=max(cfg["KB"], 64), GROUP_N=8, PREC="tf32",
-                  WORDS=words)
-        types = dict(X="*bf16", W="*u8", S="*i32" if words else "*u8", G="*fp32" if nv else "*u8",
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=cfg["KB"], GROUP_N=8, PREC="tf32")
+        types = dict(X="*bf16", W="*u8", S="*u8", G="*fp32" if nv else "*u8",
                      Out="*fp32" if cfg["SPLIT_K"] > 1 else "*bf16")
         sig = {n: types.get(n, "i32") for n in fn.arg_names}
         sig.update({n: "constexpr" for n in cx})

@@ -35,9 +35,9 @@ every weight in registers from global memory to mma.sync (see its header): on H1
 each dequantized tile through shared memory into the MMA operand layout (about 500
 instructions and three barriers a K step per thread at M = 1, found in its TTGIR / PTX); it
 still serves 65-255 tokens, fp16 / fp32 activations and rows that are not a whole number of
-64-byte steps. Its scales load as int32 words where the step allows (`_unpack_words`): a
-byte-wide load was not software-pipelined (cp.async needs 4 bytes a thread), though removing
-that stall measured within noise.
+64-byte steps. (Its per-step scale loads, 2 bytes a thread, are not software-pipelined:
+cp.async needs 4. Loading them as int32 words fixed that and measured within noise at 1-16
+tokens and slower at 64 on H200, so they stay bytes: benchmarks/results/h200-2026-11-27.)
 """
 from __future__ import annotations
 
@@ -159,21 +159,11 @@ def _dequant_asm(wb, s_lo, s_hi, BLOCK_N: tl.constexpr, KB: tl.constexpr, GROUP:
 
 
 @triton.jit
-def _unpack_words(w, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-    """int32 [BLOCK_N, NW] -> its bytes, uint8 [BLOCK_N, 4 * NW] in memory order (little endian).
-    Why words: the software pipeliner prefetches (cp.async) only loads of >= 4 bytes a thread,
-    and a step's scales are 4-8 bytes a row; loaded as bytes they were fetched synchronously,
-    a DRAM latency every K step."""
-    b = (w[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
-    return tl.reshape(b, (BLOCK_N, NW * 4)).to(tl.uint8)
-
-
-@triton.jit
 def _fp4_gemm_kernel(
     X, W, S, G, Out, M, N, HALF, stride_xm, stride_wn, stride_sn, stride_om, stride_split,
     NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_G: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, GROUP_N: tl.constexpr,
-    PREC: tl.constexpr, ASM: tl.constexpr, WORDS: tl.constexpr,
+    PREC: tl.constexpr, ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -191,13 +181,11 @@ def _fp4_gemm_kernel(
     rn = (offs_n % N).to(tl.int64)  # rows past N / M re-read a valid row; never stored
     rm = (offs_m % M).to(tl.int64)
     rb = tl.arange(0, KB)
-    # WORDS: S is the scale rows as int32, four groups' scales a word (see _unpack_words)
-    SG: tl.constexpr = GROUP * 4 if WORDS else GROUP  # K bytes per loaded scale element
-    rg = tl.arange(0, KB // SG)
+    rg = tl.arange(0, KB // GROUP)
     w_ptrs = W + rn[:, None] * stride_wn + rb[None, :]
     x_ptrs = X + rm[None, :] * stride_xm + rb[:, None]
     s_ptrs = S + rn[:, None] * stride_sn + rg[None, :]
-    HALF_G = HALF // SG  # scale elements of the low half
+    HALF_G = HALF // GROUP  # scale columns of the low half
 
     steps = tl.cdiv(HALF, KB)
     per = tl.cdiv(steps, SPLIT_K)
@@ -208,22 +196,19 @@ def _fp4_gemm_kernel(
         j0 = step * KB
         if EVEN:
             wb = tl.load(w_ptrs + j0)
-            s_lo = tl.load(s_ptrs + j0 // SG)
-            s_hi = tl.load(s_ptrs + HALF_G + j0 // SG)
+            s_lo = tl.load(s_ptrs + j0 // GROUP)
+            s_hi = tl.load(s_ptrs + HALF_G + j0 // GROUP)
             x_lo = tl.load(x_ptrs + j0)
             x_hi = tl.load(x_ptrs + HALF + j0)
         else:
             left = tl.where(step < steps, HALF - j0, 0)
             kmask = rb < left
-            gmask = rg < left // SG
+            gmask = rg < left // GROUP
             wb = tl.load(w_ptrs + j0, mask=kmask[None, :], other=0)
-            s_lo = tl.load(s_ptrs + j0 // SG, mask=gmask[None, :], other=0)
-            s_hi = tl.load(s_ptrs + HALF_G + j0 // SG, mask=gmask[None, :], other=0)
+            s_lo = tl.load(s_ptrs + j0 // GROUP, mask=gmask[None, :], other=0)
+            s_hi = tl.load(s_ptrs + HALF_G + j0 // GROUP, mask=gmask[None, :], other=0)
             x_lo = tl.load(x_ptrs + j0, mask=kmask[:, None], other=0.0)
             x_hi = tl.load(x_ptrs + HALF + j0, mask=kmask[:, None], other=0.0)
-        if WORDS:
-            s_lo = _unpack_words(s_lo, BLOCK_N, KB // SG)
-            s_hi = _unpack_words(s_hi, BLOCK_N, KB // SG)
         if ASM:  # bf16 activations on sm_90: the PTX path
             w_lo, w_hi = _dequant_asm(wb, s_lo, s_hi, BLOCK_N, KB, GROUP, NVFP4)
         else:
@@ -329,13 +314,6 @@ def gemm_config(m: int, n: int, half: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, KB=kb, SPLIT_K=split, GROUP_N=8, num_warps=warps, num_stages=stages)
 
 
-def _scale_words(scale: torch.Tensor, group: int, half: int, kb: int) -> bool:
-    """Whether the GEMM can load `scale` (uint8 [N, groups]) as int32 words: each K step's and
-    each half's groups must start on a word and fill whole words."""
-    return (kb % (4 * group) == 0 and half % (4 * group) == 0 and scale.stride(0) % 4 == 0
-            and scale.data_ptr() % 4 == 0)
-
-
 def _launch(x, w, scale, global_scale, cfg):
     group = group_size_of(scale)
     m, _ = x.shape
@@ -351,16 +329,13 @@ def _launch(x, w, scale, global_scale, cfg):
     even = half % kb == 0 and steps % split == 0
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]), split)
     scale = scale.view(torch.uint8)
-    words = cfg.get("WORDS", True) and _scale_words(scale, group, half, kb)
-    if words:
-        scale = scale.view(torch.int32)
     g = global_scale if global_scale is not None else scale
     _fp4_gemm_kernel[grid](
         x, w, scale, g, part, m, n, half, x.stride(0), w.stride(0), scale.stride(0), out.stride(0), m * n,
         NVFP4=group == NVFP4_GROUP, GROUP=group, HAS_G=global_scale is not None, SPLIT_K=split, EVEN=even,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KB=kb, GROUP_N=cfg["GROUP_N"],
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        ASM=cfg.get("ASM", USE_ASM) and x.dtype == torch.bfloat16 and not _interpreting(), WORDS=words,
+        ASM=cfg.get("ASM", USE_ASM) and x.dtype == torch.bfloat16 and not _interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, m * n, SPLIT_K=split, BLOCK=1024, num_warps=4)
