@@ -10,6 +10,9 @@
 #                tables) and the FP8 engine's GEMM sweep (sweep_fp8_mlp.py --set decode)
 #   fp4          FP4 (issue 5): its GPU tests, the fp4_gemm kernel table, batch-1 TPOT of bf16 /
 #                NVFP4 / MXFP4 at Llama-3.1-8B shape, and the small-M sweep (csrc vs Triton)
+#   overlap      overlap scheduling (issue 6) at Llama-3.1-8B shape, on against off (--no-overlap)
+#                in one call: batch-1 latency (FP8, bf16) and FP8 throughput 128/128; then FP8
+#                with an FP8 KV cache, and FP8 1000/1000 (its GPU tests: the tests stage)
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -84,6 +87,29 @@ for stage in $stages; do
         timeout 40 $B latency $S --stem "latency_$q" $([ $q = bf16 ] || echo "--quantization $q") >> "$OUT/e2e.log" 2>&1
       done
       SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule timeout 80 python3 benchmarks/sweep_fp4.py "$OUT/fp4_sweep.json" > "$OUT/sweep_fp4.log" 2>&1
+      ;;
+    overlap)
+      # A/B, interleaved, same machine: batch-1 latency (FP8, bf16) twice, FP8 128/128 at max
+      # batch 256 and 512; then with overlap on: FP8 + FP8 KV cache at 512, FP8 1000/1000.
+      # (120 s each: on a fresh machine the first runs also compile every Triton kernel variant)
+      for i in 1 2; do
+        for o in on off; do
+          f=$([ $o = on ] || echo --no-overlap)
+          timeout 120 $B latency $S --stem "latency_fp8_overlap_${o}_$i" --quantization fp8 $f >> "$OUT/e2e.log" 2>&1
+          timeout 120 $B latency $S --stem "latency_bf16_overlap_${o}_$i" $f >> "$OUT/e2e.log" 2>&1
+        done
+      done
+      for o in on off; do
+        timeout 100 $B throughput $S --stem "throughput_fp8_128_overlap_$o" --num-requests 1000 --quantization fp8 \
+          --batch-sizes 256,512 $([ $o = on ] || echo --no-overlap) >> "$OUT/e2e.log" 2>&1
+      done
+      timeout 60 $B throughput $S --stem throughput_fp8_fp8kv_128 --num-requests 1000 --quantization fp8 \
+        --kv-cache-dtype fp8 --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
+      timeout 150 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
+        --stem throughput_fp8_1000 --num-requests 1000 --quantization fp8 >> "$OUT/e2e.log" 2>&1
+      # 1000/1000 at batch 256 needs 512k tokens of KV cache: an H100 holds 388k in bf16, 777k in FP8
+      timeout 150 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
+        --stem throughput_fp8_fp8kv_1000 --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 >> "$OUT/e2e.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;

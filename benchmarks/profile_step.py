@@ -5,9 +5,11 @@ torch.profiler's kernel table for a few full-batch decode steps and one prefill 
         [--kv-cache-dtype fp8] [--tensor-parallel-size 2] --out DIR
 
 Per Executor.step: schedule (host), forward (packing, the model, logits; synchronized after,
-so it is the GPU's time plus launch), sample (sampler + the token read-back), and the rest
-(the executor's bookkeeping); outside_executor_s is what LLM.generate spends beyond its steps. The synchronization after the forward only separates phases
-that already run back to back: the step loop has no overlap to lose. Writes
+so it is the GPU's time plus launch), sample (the sampler's work, synchronized after), and the
+rest (token read-back, the executor's bookkeeping); outside_executor_s is what LLM.generate
+spends beyond its steps. The run has overlap scheduling off: the phases are the host and GPU
+work that overlap would hide; `trtllm-kernels bench throughput` with and without --no-overlap
+measures how much it does. Writes
 profile_<stem>.json (per-kind medians and totals, and the Triton kernels compiled during the
 timed run: each is seconds of a step that the start-up warm-up missed) and profile_<stem>.txt
 (kernel tables).
@@ -58,7 +60,7 @@ class StepTimer:
         ex = llm.executor
         self._wrap(ex.scheduler, "schedule", "schedule_ms")
         self._wrap(ex.runner, "run", "forward_ms", before=self._note_batch, synced=True)
-        self._wrap(ex.sampler, "__call__", "sample_ms", attr_call=True)
+        self._wrap(ex.sampler, "launch", "sample_ms", synced=True)
         step = ex.step
 
         def timed_step():
@@ -77,7 +79,7 @@ class StepTimer:
         self.cur["tokens"] = sum(batch.num_tokens)
         self.cur["decodes"] = batch.num_decodes
 
-    def _wrap(self, obj, name, key, before=None, synced=False, attr_call=False):
+    def _wrap(self, obj, name, key, before=None, synced=False):
         fn = getattr(obj, name)
 
         def timed(*args, **kwargs):
@@ -90,12 +92,7 @@ class StepTimer:
             self.cur[key] += (time.perf_counter() - t0) * 1e3
             return out
 
-        if attr_call:  # instances are called through the class: swap in a callable wrapper
-            class Timed(type(obj)):
-                __call__ = staticmethod(timed)
-            obj.__class__ = Timed
-        else:
-            setattr(obj, name, timed)
+        setattr(obj, name, timed)
 
     def summary(self, graph_sizes) -> dict:
         kinds = defaultdict(list)
@@ -156,7 +153,7 @@ def main() -> None:
     else:
         model = random_engine(args.shape, build, device=args.device)
     llm = LLM(model, build_config=build, dtype="bfloat16", device=args.device, max_batch_size=args.max_batch_size,
-              progress=False, tensor_parallel_size=tp)
+              overlap_scheduling=False, progress=False, tensor_parallel_size=tp)
     graphs = sorted(llm.executor.runner.graphs)
 
     timer = StepTimer(llm)

@@ -53,12 +53,13 @@ def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int) -> 
 
 
 def _time_request(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, float]:
-    """Run one request alone: (time to first token, mean time per later token), in seconds."""
+    """Run one request alone: (time to first token, mean time per later token), in seconds.
+    A step returns once its token is on the host; no synchronisation after it: with overlap
+    scheduling the next step is meant to be running on the GPU by then."""
     llm.add_request(prompt, params)
     _sync(llm)
     start = time.perf_counter()
     llm.step()
-    _sync(llm)
     first = time.perf_counter()
     steps = 0
     while llm.has_unfinished_requests():
@@ -161,7 +162,8 @@ def _make_llm(args, max_batch_size: int | None = None) -> LLM:
         model = args.model
     return LLM(model, device=args.device, max_batch_size=max_batch_size or args.max_batch_size,
                max_num_tokens=args.max_num_tokens, cuda_graphs=not args.no_cuda_graphs,
-               progress=False, tensor_parallel_size=tp, dtype=dtype, build_config=build)
+               overlap_scheduling=False if args.no_overlap else None, progress=False, tensor_parallel_size=tp,
+               dtype=dtype, build_config=build)
 
 
 def _write(out_dir: str | None, stem: str, result: dict, echo: bool = True) -> None:
@@ -193,6 +195,7 @@ def cmd_throughput(args) -> int:
         runs.append(throughput(llm, args.num_requests, args.input_len, args.output_len))
         runs[-1]["tensor_parallel_size"] = args.tensor_parallel_size
         runs[-1]["kv_cache_tokens"] = llm.kv_cache_capacity_tokens
+        runs[-1]["overlap_scheduling"] = llm.executor.overlap
         print(f"max_batch_size {bs}: {runs[-1]['output_tok_s']:.0f} output tok/s", flush=True)
         if args.out:  # written before shutdown, so a run's numbers survive a stuck teardown
             _write(args.out, args.stem or "throughput", dict(result, runs=runs), echo=False)
@@ -214,7 +217,7 @@ def cmd_throughput(args) -> int:
 def cmd_latency(args) -> int:
     llm = _make_llm(args, 1 if args.shape else None)
     result = dict(_meta(args, "latency"), **latency(llm, args.input_len, args.output_len),
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size, overlap_scheduling=llm.executor.overlap)
     llm.shutdown()
     _write(args.out, args.stem or "latency", result)
     return 0
@@ -263,6 +266,8 @@ def add_parsers(sub) -> None:
         p.add_argument("--max-num-tokens", type=int, default=8192)
         p.add_argument("--max-seq-len", type=int, default=4096)
         p.add_argument("--no-cuda-graphs", action="store_true")
+        p.add_argument("--no-overlap", action="store_true",
+                       help="read each step's tokens before launching the next (overlap scheduling off)")
         p.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="split the model over N GPUs (N processes; rank r on cuda:r)")
         p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4", "mxfp4"],

@@ -1,33 +1,69 @@
-"""The step loop: schedule, run the model, sample, retire finished requests."""
+"""The step loop: schedule, run the model, sample, retire finished requests.
+
+A step is launched (inputs packed, the model and the sampler queued on the device) and later
+completed (the sampled tokens read back, stop conditions checked, blocks registered in the
+prefix cache). With overlap on, `step()` launches the next step before it completes the
+current one whenever the next step is already certain (`_launch_next`): each running request
+decodes the token the current step is sampling, which is still on the device and goes
+straight into the next step's input ids. So while the GPU runs step N+1, the host reads step
+N's tokens, checks stops, builds outputs, detokenizes and returns to the caller, instead of
+the GPU waiting for all of that (about 1.6 ms of an 8.4 ms decode step at batch 256 on an
+H200, benchmarks/results/h200-2026-11-27/README.md). A request that ends with step N's token
+(end-of-sequence, a stop token or string, an abort) wastes its row of step N+1, whose result
+is dropped; one that ends by length is left out of step N+1, being known in advance.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
 
 from trtllm_kernels.engine.model import LlamaModel
 
 from .kv_cache_manager import KVCacheManager
 from .model_runner import ModelRunner
-from .request import Request
-from .sampler import Sampler
-from .scheduler import Scheduler
+from .request import Request, RequestStatus
+from .sampler import PendingSample, Sampler
+from .scheduler import ScheduledBatch, Scheduler
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose model and sampling work is queued on the device; tokens not read yet."""
+
+    batch: ScheduledBatch
+    computed: list[int]  # each request's num_computed once this step is done
+    sampling: list[Request]  # the requests that sample a token, in the sampler's row order
+    sample: PendingSample | None
 
 
 class Executor:
     def __init__(self, model: LlamaModel, kv: KVCacheManager, *, max_batch_size: int,
-                 max_num_tokens: int, max_seq_len: int, eos_token_ids: set[int], seed: int = 0):
+                 max_num_tokens: int, max_seq_len: int, eos_token_ids: set[int], seed: int = 0,
+                 overlap: bool = False):
         self.kv = kv
         self.sampler = Sampler(seed, eos_token_ids)
         self.scheduler = Scheduler(kv, max_batch_size, max_num_tokens)
         self.runner = ModelRunner(model, kv)
         self.max_seq_len = max_seq_len
         self.eos_token_ids = eos_token_ids
+        if overlap and self.runner.comm is not None:
+            raise ValueError("overlap scheduling needs a single rank (tensor parallelism broadcasts each "
+                             "step's input ids from the host)")
+        self.overlap = overlap
+        self._inflight: LaunchedStep | None = None
+        self.num_launched_ahead = 0  # steps launched before the previous one's tokens were read
 
     def add(self, request: Request) -> None:
         self.scheduler.add(request)
 
     def has_unfinished(self) -> bool:
+        # A step in flight holds only running requests (still in the scheduler) or ended ones.
         return self.scheduler.has_unfinished()
 
     def abort(self, request_id: str) -> bool:
-        """Drop a waiting or running request and free its blocks; False if it is not here."""
+        """Drop a waiting or running request and free its blocks; False if it is not here.
+        (A step in flight that holds it still runs; its row's result is dropped.)"""
         self.sampler.release(request_id)
         return self.scheduler.abort(request_id)
 
@@ -38,26 +74,79 @@ class Executor:
         self.sampler.release(req.request_id)
 
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that got a new token in it (finished ones have
-        status FINISHED and a finish_reason)."""
-        batch = self.scheduler.schedule()
-        if not len(batch):
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress with requests pending")  # a bug if seen
-            return []
+        """Complete one step; returns the requests that got a new token in it (finished ones
+        have status FINISHED and a finish_reason). With overlap, the next step may already be
+        on the device when this returns."""
+        cur, self._inflight = self._inflight, None
+        if cur is not None and all(req.status is not RequestStatus.RUNNING for req in cur.batch.requests):
+            cur = None  # every request in it ended meanwhile: nothing to read
+        if cur is None:
+            batch = self.scheduler.schedule()
+            if not len(batch):
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("scheduler made no progress with requests pending")  # a bug if seen
+                return []
+            cur = self._launch(batch)
+        if self.overlap:
+            self._inflight = self._launch_next(cur)
+        return self._complete(cur)
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         logits, samplers = self.runner.run(batch)
-        page = self.kv.page_size
         for req, n in zip(batch.requests, batch.num_tokens):
-            before = req.num_computed
-            req.num_computed = before + n
-            # Only a block that became full goes into the prefix cache: most decode steps fill none.
-            if (before + n) // page > before // page:
-                self.kv.register_computed(req.request_id, req.tokens, req.num_computed)
+            req.num_computed += n
         sampling = [batch.requests[i] for i in samplers]
-        if not sampling:
+        sample = self.sampler.launch(logits, sampling) if sampling else None
+        return LaunchedStep(batch, [req.num_computed for req in batch.requests], sampling, sample)
+
+    def _launch_next(self, cur: LaunchedStep) -> LaunchedStep | None:
+        """Launch the step after `cur` before cur's tokens are read, when it is certain: every
+        request of cur samples and so decodes next; none needs cur's token on the host to
+        sample the next one (penalties count it, min_tokens' mask depends on the count); no
+        waiting request could join; the blocks are free without preempting anyone. Requests
+        that end by length with cur's token are left out. Otherwise None, and the next step()
+        schedules after reading cur's tokens."""
+        sched = self.scheduler
+        if cur.sample is None or len(cur.sampling) != len(cur.batch):
+            return None
+        rows, reqs, blocks, ending = [], [], 0, 0
+        for i, req in enumerate(cur.sampling):
+            if req.status is not RequestStatus.RUNNING:  # aborted or stopped meanwhile
+                continue
+            p = req.params
+            if p.has_penalties or req.num_output_tokens < p.min_tokens:
+                return None
+            if req.num_output_tokens + 1 >= p.max_tokens or len(req.tokens) + 1 >= self.max_seq_len:
+                ending += 1  # cur's token is its last
+                continue
+            blocks += self.kv.blocks_for(req.num_computed + 1) - len(self.kv.block_table(req.request_id))
+            rows.append(i)
+            reqs.append(req)
+        if not reqs or blocks > self.kv.num_free_blocks:
+            return None
+        if sched.waiting and len(sched.running) - ending < sched.max_batch_size:
+            return None  # a waiting request may join: schedule once cur's tokens are in
+        for req in reqs:
+            self.kv.grow(req.request_id, req.num_computed + 1)
+        ids = cur.sample.tokens
+        if len(rows) < len(cur.sampling):
+            ids = ids[torch.tensor(rows, dtype=torch.int64).to(ids.device, non_blocking=True)]
+        self.num_launched_ahead += 1
+        return self._launch(ScheduledBatch(reqs, [1] * len(reqs), next_ids=ids))
+
+    def _complete(self, step: LaunchedStep) -> list[Request]:
+        page = self.kv.page_size
+        for req, n, after in zip(step.batch.requests, step.batch.num_tokens, step.computed):
+            # Only a block that became full goes into the prefix cache: most decode steps fill none.
+            if after // page > (after - n) // page and req.status is RequestStatus.RUNNING:
+                self.kv.register_computed(req.request_id, req.tokens, after)
+        if step.sample is None:
             return []
-        out = self.sampler(logits, sampling)
-        for req, token, lp in zip(sampling, out.tokens, out.logprobs):
+        out = step.sample.result()
+        advanced = []
+        for req, token, lp in zip(step.sampling, out.tokens, out.logprobs):
+            if req.status is not RequestStatus.RUNNING:  # ended while this step was in flight
+                continue
             req.tokens.append(token)
             if lp is not None:
                 req.logprobs.append(lp)
@@ -65,7 +154,8 @@ class Executor:
             reason = self._stop_reason(req, token)
             if reason:
                 self.finish(req, reason)
-        return sampling
+            advanced.append(req)
+        return advanced
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params

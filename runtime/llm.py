@@ -47,8 +47,11 @@ class LLM:
     (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of free memory after the
     weights, less a reserve for activations). enable_prefix_caching: reuse the KV blocks of
     prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
-    cuda_graphs: on CUDA, replay captured graphs for decode steps (on by default). seed: seeds
-    the sampler's generator for requests without their own SamplingParams.seed.
+    cuda_graphs: on CUDA, replay captured graphs for decode steps (on by default).
+    overlap_scheduling: launch the next step before reading the current one's tokens, so the
+    host's per-step work runs while the GPU computes (runtime/executor.py); default: on for one
+    GPU, off on CPU (nothing to overlap there) and under tensor parallelism (not supported).
+    seed: seeds the sampler's generator for requests without their own SamplingParams.seed.
 
     Requests: `generate` (blocking, a batch), or `add_request` then `step()` (each step returns
     cumulative outputs of the requests that advanced) and `abort_request`. Streaming as an
@@ -65,8 +68,8 @@ class LLM:
         device: str | None = None, build_config: BuildConfig | None = None,
         kv_cache_tokens: int | None = None, free_gpu_memory_fraction: float = 0.9,
         max_batch_size: int | None = None, max_num_tokens: int | None = None,
-        enable_prefix_caching: bool = True, cuda_graphs: bool = True, seed: int = 0,
-        progress: bool = True, tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True, cuda_graphs: bool = True, overlap_scheduling: bool | None = None,
+        seed: int = 0, progress: bool = True, tensor_parallel_size: int = 1,
     ):
         self._tp = None
         if tensor_parallel_size != 1:  # ranks 1..N-1 in their own processes (runtime/distributed.py)
@@ -99,6 +102,8 @@ class LLM:
             model_, self.kv, max_batch_size=max_batch_size or build.max_batch_size,
             max_num_tokens=max_num_tokens or build.max_num_tokens, max_seq_len=self.max_seq_len,
             eos_token_ids=eos, seed=seed,
+            overlap=(model_.device.type == "cuda" and self._tp is None) if overlap_scheduling is None
+            else overlap_scheduling,
         )
         if model_.device.type == "cuda":
             sched = self.executor.scheduler
@@ -107,7 +112,8 @@ class LLM:
                 self.executor.runner.capture_decode_graphs(sched.max_batch_size, self.max_seq_len)
         if progress:
             print(f"KV cache: {self.kv.capacity_tokens} tokens ({num_blocks} blocks of {build.page_size}, "
-                  f"{cache_dtype}); decode CUDA graphs: {sorted(self.executor.runner.graphs) or 'off'}")
+                  f"{cache_dtype}); decode CUDA graphs: {sorted(self.executor.runner.graphs) or 'off'}; "
+                  f"overlap scheduling: {'on' if self.executor.overlap else 'off'}")
         self._ids = itertools.count()
         self._requests: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}  # sequence id -> its request

@@ -95,14 +95,19 @@ class ModelRunner:
         N requests whose new tokens reach their end and so sample a next token)."""
         if self.graphs and batch.num_decodes == len(batch) <= max(self.graphs):
             header, payload = self._pack_decode(batch)
-            return self._dispatch(header, payload)[: len(batch)], list(range(len(batch)))
+            return self._dispatch(header, payload, batch.next_ids)[: len(batch)], list(range(len(batch)))
         header, payload, samplers = self._pack_eager(batch)
-        return self._dispatch(header, payload), samplers
+        return self._dispatch(header, payload, batch.next_ids), samplers
 
-    def _dispatch(self, header: list[int], payload: torch.Tensor) -> torch.Tensor:
+    def _dispatch(self, header: list[int], payload: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.comm is not None:  # the other ranks run the same step on the same inputs
+            assert ids is None, "ids on the device reach no other rank"
             return self.execute(header, self.comm.send_step(header, payload))
-        return self.execute(header, payload.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            # From pinned memory the copy is truly asynchronous: a large pageable one can make
+            # the host wait for the step still running on the GPU (overlap, executor.py).
+            payload = payload.pin_memory()
+        return self.execute(header, payload.to(self.device, non_blocking=True), ids)
 
     # Packing works on numpy arrays: a step has a few thousand ints (tens of thousands with long
     # block tables), too many for per-element Python lists and torch.tensor(list).
@@ -110,13 +115,16 @@ class ModelRunner:
     def _pack_eager(self, batch: ScheduledBatch):
         page = self.kv.page_size
         reqs, counts = batch.requests, batch.num_tokens
-        ids, computed, samplers = [], [], []
-        for i, (req, n) in enumerate(zip(reqs, counts)):
-            c = req.num_computed
-            ids += req.tokens[c:c + n]
-            computed.append(c)
-            if c + n == len(req.tokens):
-                samplers.append(i)
+        if batch.next_ids is not None:  # one token each, its id on the device: every row samples
+            ids, computed, samplers = [0] * len(reqs), [req.num_computed for req in reqs], list(range(len(reqs)))
+        else:
+            ids, computed, samplers = [], [], []
+            for i, (req, n) in enumerate(zip(reqs, counts)):
+                c = req.num_computed
+                ids += req.tokens[c:c + n]
+                computed.append(c)
+                if c + n == len(req.tokens):
+                    samplers.append(i)
         tables = self.kv.block_table_array([req.request_id for req in reqs])
         header, payload = eager_payload(ids, computed, counts, tables, samplers, batch.num_decodes, page)
         return header, payload, samplers
@@ -132,7 +140,8 @@ class ModelRunner:
         # Rows n..b-1 pad the batch: token 0, position 0, slot -1 (writes nowhere), seq_len 0.
         payload = np.zeros(4 * b + b * width, dtype=np.int64)
         ids, positions, slots, seq_lens = payload[:4 * b].reshape(4, b)
-        ids[:n] = [req.tokens[req.num_computed] for req in reqs]
+        if batch.next_ids is None:  # else they are on the device already
+            ids[:n] = [req.tokens[req.num_computed] for req in reqs]
         positions[:n] = pos
         slots[:n] = tables[np.arange(n), pos // page] * page + pos % page
         slots[n:] = -1
@@ -169,13 +178,16 @@ class ModelRunner:
     # -- every rank: run a step ----------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, header: list[int], payload: torch.Tensor) -> torch.Tensor:
+    def execute(self, header: list[int], payload: torch.Tensor, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Unpack a step's payload (on this rank's device) and run the model: float32 logits of
-        the sampled rows (eager) or of the graph's whole padded batch (graph replay)."""
+        the sampled rows (eager) or of the graph's whole padded batch (graph replay).
+        next_ids: the tokens' ids, already on the device (then the payload's are placeholders)."""
         cmd, t, s, w, num_decodes, n_samp, b = header[:7]
         if cmd == CMD_GRAPH:
-            return self._replay(payload, b, w)
+            return self._replay(payload, b, w, next_ids)
         ids, positions, slots, seq_lens, starts, last, tables = payload.split([t, t, t, s, s + 1, n_samp, s * w])
+        if next_ids is not None:
+            ids = next_ids
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables.view(s, w).to(torch.int32),
@@ -242,12 +254,14 @@ class ModelRunner:
         hidden = self.model.forward(buf["ids"][:b], buf["positions"][:b], meta, self.kv.layer_caches, self.kv_scales)
         return self.model.compute_logits(hidden)
 
-    def _replay(self, payload: torch.Tensor, b: int, width: int) -> torch.Tensor:
+    def _replay(self, payload: torch.Tensor, b: int, width: int, next_ids: torch.Tensor | None) -> torch.Tensor:
         """Copy a packed decode step (batch padded to graph size b) into the graph's input
         buffers and replay. Table columns past `width` keep stale ids: no row reads them."""
         buf = self._buf
         ids, positions, slots, seq_lens, tables = payload.split([b, b, b, b, b * width])
         buf["ids"][:b].copy_(ids)
+        if next_ids is not None:
+            buf["ids"][:len(next_ids)].copy_(next_ids)
         buf["positions"][:b].copy_(positions)
         buf["slots"][:b].copy_(slots)
         buf["seq_lens"][:b].copy_(seq_lens)

@@ -301,7 +301,7 @@ class Sampler:
                 requests[i].num_draws += 1
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not lp_rows:
-            return PendingSample(tokens, n, [], 0, [])
+            return PendingSample.start(tokens, tokens, n, [], 0, [])
         rows = _index(lp_rows, n, dev)
         lp = logits[rows].log_softmax(dim=-1)
         k = max(params[i].logprobs for i in lp_rows)
@@ -310,20 +310,36 @@ class Sampler:
             top = lp.topk(k, dim=-1)
             parts += [top.values.double().flatten(), top.indices.double().flatten()]
         # One tensor, so one transfer (token ids and indices < 2**53 are exact in float64).
-        return PendingSample(torch.cat(parts), n, lp_rows, k, [params[i].logprobs for i in lp_rows])
+        return PendingSample.start(tokens, torch.cat(parts), n, lp_rows, k, [params[i].logprobs for i in lp_rows])
 
 
 @dataclass
 class PendingSample:
     """A step's sampling, queued on the device; result() waits for it."""
 
-    packed: torch.Tensor  # tokens [N], then with logprobs: sampled [M], top values [M*k], top ids [M*k]
+    tokens: torch.Tensor  # [N] int64 on the device: the next step's input ids (overlap, executor.py)
+    packed: torch.Tensor  # on the host once `ready`: tokens [N], then with logprobs: sampled [M], top values [M*k], top ids [M*k]
+    ready: torch.cuda.Event | None  # None: packed is on the CPU already
     n: int
     lp_rows: list[int]
     k: int
     lp_counts: list[int]
 
+    @classmethod
+    def start(cls, tokens: torch.Tensor, packed: torch.Tensor, *rest) -> "PendingSample":
+        """Queue packed's copy to the host. Into pinned memory and with an event, not a
+        blocking copy: that would also wait for work queued after this step (the next one)."""
+        ready = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            packed = host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return cls(tokens, packed, ready, *rest)
+
     def result(self) -> SamplerOutput:
+        if self.ready is not None:
+            self.ready.synchronize()
         host = self.packed.tolist()
         n, m, k = self.n, len(self.lp_rows), self.k
         toks = [int(t) for t in host[:n]]

@@ -13,16 +13,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 
 
 @dataclass
 class ScheduledBatch:
-    """Requests of one step with the number of new tokens each, decodes (1 token) first."""
+    """Requests of one step with the number of new tokens each, decodes (1 token) first.
+    next_ids: set for a step launched before the previous one's tokens were read (executor.py):
+    every request decodes one token, not yet in its `tokens`: next_ids [len] on the device."""
 
     requests: list[Request]
     num_tokens: list[int]
+    next_ids: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:

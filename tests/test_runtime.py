@@ -29,15 +29,17 @@ def tiny_model(seed=0):
 
 
 def run(prompts, *, num_blocks=128, page=4, max_num_tokens=512, max_batch=64, max_tokens=10, model=None,
-        prefix_caching=False, kv_out=None):
+        prefix_caching=False, kv_out=None, overlap=False, eos=(), max_seq_len=256, params=None, ex_out=None):
     model = model or tiny_model()
     kv = KVCacheManager(TINY, num_blocks, page, torch.float32, torch.device("cpu"), prefix_caching)
     if kv_out is not None:
         kv_out.append(kv)
     ex = Executor(model, kv, max_batch_size=max_batch, max_num_tokens=max_num_tokens,
-                  max_seq_len=256, eos_token_ids=set())
-    reqs = [Request(str(i), None, p, SamplingParams(max_tokens=max_tokens, temperature=0), i)
-            for i, p in enumerate(prompts)]
+                  max_seq_len=max_seq_len, eos_token_ids=set(eos), overlap=overlap)
+    params = params or [SamplingParams(max_tokens=max_tokens, temperature=0)] * len(prompts)
+    reqs = [Request(str(i), None, p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
+    if ex_out is not None:
+        ex_out.append(ex)
     for r in reqs:
         ex.add(r)
     steps = 0
@@ -122,6 +124,57 @@ def test_chunked_prefill_and_preemption_keep_outputs():
     tight, sched, _ = run(prompts, num_blocks=20, max_num_tokens=16)
     assert sched.num_preemptions > 0
     assert tight == expect
+
+
+OVERLAP_CASES = {  # run() settings: batched; chunked prefill; preemption; prefix cache evictions
+    "batched": dict(), "chunked": dict(max_num_tokens=16), "preempt": dict(num_blocks=20, max_num_tokens=16),
+    "prefix": dict(num_blocks=30, max_num_tokens=16, prefix_caching=True), "max_batch": dict(max_batch=3),
+}
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_overlap_scheduling_keeps_outputs(case):
+    """Launching step N+1 before reading step N's tokens changes no output, with requests that
+    end early (end-of-sequence, a short max_tokens, max_seq_len) beside ones that run long."""
+    prompts = prompts_of(LENGTHS) * (2 if case == "prefix" else 1)
+    plain, _, _ = run(prompts, max_tokens=12)
+    eos = {plain[0][9]}  # a token the model emits late in some outputs: those stop early
+    kw = dict(OVERLAP_CASES[case], max_tokens=12, eos=eos, max_seq_len=70)
+    params = [SamplingParams(max_tokens=[12, 3, 12, 7][i % 4], temperature=0) for i in range(len(prompts))]
+    expect, _, steps = run(prompts, params=params, **kw)
+    ex_out = []
+    got, sched, overlapped_steps = run(prompts, params=params, overlap=True, ex_out=ex_out, **kw)
+    assert got == expect
+    assert any(len(e) < p.max_tokens for e, p in zip(expect, params))  # eos or max_seq_len ended some
+    assert ex_out[0].num_launched_ahead > 0
+    assert overlapped_steps <= steps
+    if case == "preempt":
+        assert sched.num_preemptions > 0
+
+
+def test_overlap_launches_the_next_step_before_reading_tokens(monkeypatch):
+    """In a run of decodes, each step is launched before the previous one's tokens are read;
+    a step whose next one is not certain (a request waits to join) is read first."""
+    from trtllm_kernels.runtime import sampler as sampler_mod
+
+    events = []
+    kv = KVCacheManager(TINY, 64, 4, torch.float32, torch.device("cpu"))
+    ex = Executor(tiny_model(), kv, max_batch_size=2, max_num_tokens=64, max_seq_len=256, eos_token_ids=set(),
+                  overlap=True)
+    run_model, result = ex.runner.run, sampler_mod.PendingSample.result
+    monkeypatch.setattr(ex.runner, "run", lambda batch: events.append(("run", len(batch))) or run_model(batch))
+    monkeypatch.setattr(sampler_mod.PendingSample, "result", lambda self: events.append(("read",)) or result(self))
+    for i, p in enumerate(prompts_of([5, 6, 7])):  # the third waits for a free row
+        ex.add(Request(str(i), None, p, SamplingParams(max_tokens=[3, 4, 2][i], temperature=0), i))
+    while ex.has_unfinished():
+        ex.step()
+    assert events == [
+        ("run", 2), ("run", 2), ("read",),  # prompts 0 and 1, then their first decode before reading
+        ("run", 2), ("read",),  # the second decode, launched before the first's tokens are read
+        ("read",),  # 0 ends with that (max_tokens 3, known ahead) and 2 can join: nothing launched ahead
+        ("run", 2), ("run", 1), ("read",),  # 1's last decode beside prompt 2, then 2 alone, launched ahead
+        ("read",),  # 2's last token: nothing follows
+    ]
 
 
 def test_mixed_step_runs_decodes_and_prefills_together():

@@ -20,18 +20,55 @@ def test_graphs_chunking_preemption_prefix_caching_keep_greedy_tokens():
     prompts += [shared + torch.randint(0, 49152, (n,), generator=g).tolist() for n in (1, 9, 30)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
-    plain = LLM(engine, cuda_graphs=False, enable_prefix_caching=False, kv_cache_tokens=8192, progress=False)
+    plain = LLM(engine, cuda_graphs=False, enable_prefix_caching=False, overlap_scheduling=False,
+                kv_cache_tokens=8192, progress=False)
     expect = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     del plain
 
     # 40 pages of 16 tokens cannot hold all ten requests: they queue and are preempted.
     fast = LLM(engine, kv_cache_tokens=40 * 16, max_num_tokens=64, progress=False)
     assert fast.executor.runner.graphs, "decode graphs were not captured"
+    assert fast.executor.overlap  # the default on one GPU
     got = [o.token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
     assert got == expect
     assert fast.executor.scheduler.num_preemptions > 0
     assert fast.kv.prefix_hit_tokens > 0
     assert fast.kv.num_free_blocks == fast.kv.num_blocks
+    assert fast.executor.num_launched_ahead > 0
     # Graph replays and eager steps agree on a second, all-decode-heavy batch too.
     again = [o.token_ids for o in fast.generate(prompts[:4], params, use_tqdm=False)]
     assert again == expect[:4]
+
+
+def test_overlap_decode_steps_do_not_synchronize():
+    """In steady decoding each step() launches the next graph replay and then waits only for
+    the current step's tokens (an event): no stream or device synchronisation, no blocking
+    copy; and the tokens equal those of overlap off."""
+    engine = random_engine("smollm2-135m", BuildConfig(max_seq_len=256, max_batch_size=8),
+                           device="cuda", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (3, 30, 64, 100, 5)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = LLM(engine, kv_cache_tokens=4096, overlap_scheduling=False, progress=False)
+    expect = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    del plain
+    llm = LLM(engine, kv_cache_tokens=4096, progress=False)
+    ids = [llm.add_request(p, params) for p in prompts]
+    done = {}
+
+    def step():
+        done.update({o.request_id: o.token_ids for o in llm.step() if o.finished})
+
+    for _ in range(3):  # the prefill step, then decodes
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            step()
+            assert llm.executor._inflight is not None  # the next step is on the GPU already
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while llm.has_unfinished_requests():
+        step()
+    assert [done[i] for i in ids] == expect

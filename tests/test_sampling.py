@@ -433,8 +433,9 @@ def test_llm_logprobs_and_penalties():
     assert not llm.executor.sampler._penalties.slot  # their rows were released
 
 
-def test_stop_strings_in_the_llm_core(tokenizer):
-    llm = small_llm(tokenizer)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_strings_in_the_llm_core(tokenizer, overlap):
+    llm = small_llm(tokenizer, overlap_scheduling=overlap)
     base = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
     assert base.text == tokenizer.decode(base.token_ids, skip_special_tokens=True)
     # A stop string spanning a token boundary: the text ends before its first occurrence.
@@ -455,6 +456,31 @@ def test_stop_strings_in_the_llm_core(tokenizer):
     assert llm.kv.num_free_blocks == llm.kv.num_blocks
 
 
+def test_overlap_scheduling_keeps_every_kind_of_sampled_output():
+    """Overlap on (the next step launched before the tokens are read) gives what overlap off
+    gives, token for token and logprob for logprob, for greedy, seeded, n > 1, logprobs,
+    penalties and min_tokens (both of which need the host's tokens: no step launched ahead),
+    stop tokens and logit_bias, in a batch small enough that requests queue."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (3, 40, 17, 25, 9, 60, 33)]
+    stop = small_llm().generate(prompts[4], SamplingParams(temperature=0, max_tokens=9), use_tqdm=False)[0].token_ids[2]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=7, n=3, max_tokens=12, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=8, max_tokens=15, ignore_eos=True),
+              SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.5, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, min_tokens=6, max_tokens=9, stop_token_ids=[stop]),
+              SamplingParams(temperature=0.7, seed=9, logit_bias={5: 3.0}, max_tokens=18, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop], logprobs=0)]
+    runs = {}
+    for overlap in (False, True):
+        llm = small_llm(max_batch_size=4, overlap_scheduling=overlap)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[overlap] = [(o.token_ids, o.finish_reason, o.logprobs) for out in outs for o in out.outputs]
+        assert llm.kv.num_free_blocks == llm.kv.num_blocks
+        assert llm.executor.num_launched_ahead > 0 if overlap else llm.executor.num_launched_ahead == 0
+    assert runs[True] == runs[False]
+
+
 def test_incremental_detokenization_equals_a_full_decode(tokenizer):
     g = torch.Generator().manual_seed(0)
     text = "Grüße aus Köln — 東京 🙂 naïve café\n\tdef f(x):  return x**2  # ✓"
@@ -471,8 +497,9 @@ def test_incremental_detokenization_equals_a_full_decode(tokenizer):
     assert pieces[True] and pieces[False]
 
 
-def test_abort_frees_every_block_of_every_sequence():
-    llm = small_llm(max_num_tokens=32)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_frees_every_block_of_every_sequence(overlap):
+    llm = small_llm(max_num_tokens=32, overlap_scheduling=overlap)
     free = llm.kv.num_free_blocks
     rid = llm.add_request(PROMPT, SamplingParams(n=3, temperature=1.0, max_tokens=50, presence_penalty=0.5))
     other = llm.add_request([1, 2, 3], SamplingParams(max_tokens=50))
@@ -487,13 +514,14 @@ def test_abort_frees_every_block_of_every_sequence():
     assert not llm.executor.sampler._penalties.slot
 
 
-def test_streaming_through_async_llm_with_core_stop_strings_and_abort(tokenizer):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streaming_through_async_llm_with_core_stop_strings_and_abort(tokenizer, overlap):
     # AsyncLLM (runtime/async_llm.py) is the LLM's async generator of incremental outputs.
     import asyncio
 
     from trtllm_kernels.runtime.async_llm import AsyncLLM
 
-    llm = small_llm(tokenizer)
+    llm = small_llm(tokenizer, overlap_scheduling=overlap)
     base = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
     stop = base.text[len(base.text) // 2:len(base.text) // 2 + 3]
     engine = AsyncLLM(llm)
