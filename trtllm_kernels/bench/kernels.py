@@ -504,6 +504,11 @@ def fused_mlp_fp8_case(m: int, h: int, inter: int, dtype: torch.dtype) -> Kernel
         "unfused: _scaled_mm, silu*mul, quant, _scaled_mm",
         m * h + 3 * h * inter + m * h * _es(dtype), 6 * m * h * inter,
         {"M": m, "hidden": h, "intermediate": inter}, outputs=outputs, matmul_peak_factor=2.0,
+        # h is quantized to e4m3 inside: where the kernel's and the reference's fp32 sums of an
+        # element differ in the last bits across a rounding boundary, that element moves one
+        # e4m3 step, and such moves add up over the down projection (max 0.047 seen at M =
+        # 4096 on H100 and H200, outputs of order 1; a wrong kernel is off by order 1)
+        tolerance=0.0625,
     )
 
 
