@@ -47,7 +47,8 @@ class LLM:
     (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of free memory after the
     weights, less a reserve for activations). enable_prefix_caching: reuse the KV blocks of
     prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
-    cuda_graphs: on CUDA, replay captured graphs for decode steps (on by default).
+    cuda_graphs: on CUDA, replay captured graphs for decode steps and for steps that prefill
+    one sequence of up to 2048 tokens (on by default).
     overlap_scheduling: launch the next step before reading the current one's tokens, so the
     host's per-step work runs while the GPU computes (runtime/executor.py); default: on for one
     GPU, off on CPU (nothing to overlap there) and under tensor parallelism (not supported).
@@ -110,10 +111,13 @@ class LLM:
             self.executor.runner.warmup(sched.max_num_tokens, sched.max_batch_size, self.max_seq_len)
             if cuda_graphs:
                 self.executor.runner.capture_decode_graphs(sched.max_batch_size, self.max_seq_len)
+                self.executor.runner.capture_prefill_graphs(sched.max_num_tokens, self.max_seq_len)
         if progress:
+            runner = self.executor.runner
             print(f"KV cache: {self.kv.capacity_tokens} tokens ({num_blocks} blocks of {build.page_size}, "
-                  f"{cache_dtype}); decode CUDA graphs: {sorted(self.executor.runner.graphs) or 'off'}; "
-                  f"overlap scheduling: {'on' if self.executor.overlap else 'off'}")
+                  f"{cache_dtype}); CUDA graphs: decode {sorted(runner.graphs) or 'off'}, one-sequence "
+                  f"prefill {list(runner.prefill_graphs) or 'off'}; overlap scheduling: "
+                  f"{'on' if self.executor.overlap else 'off'}")
         self._ids = itertools.count()
         self._requests: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}  # sequence id -> its request

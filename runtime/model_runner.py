@@ -3,7 +3,11 @@
 On CUDA, decode-only steps replay CUDA graphs: one graph per batch size of a ladder
 (1, 2, 4, 8, then multiples of 16), the batch padded up to the next size. Graph inputs live in
 persistent buffers that each step overwrites; padding rows have seq_len 0 and slot -1, so
-they read nothing and write nothing. Steps with prefill tokens run eagerly.
+they read nothing and write nothing. A step that prefills one sequence (a prompt or a chunk of
+one, on one rank) replays a graph too, one per token count of PREFILL_GRAPH_TOKENS, its tokens
+padded up to the next: padding tokens have slot -1 and lie past the sequence's query range, so
+they write nothing and attention leaves their rows alone (every other op is row-wise). Other
+steps with prefill tokens run eagerly.
 
 A step is two halves: rank 0 packs the batch into a command header (a few ints) and one int64
 payload on the host (`_pack_eager`, `_pack_decode`); `execute` unpacks it on the device and
@@ -30,16 +34,22 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
-CMD_EAGER, CMD_GRAPH, CMD_CAPTURE, CMD_STOP = 1, 2, 3, 4
-# header: [command, T tokens, S sequences, block-table width, num_decodes, num_samplers, graph batch]
+CMD_EAGER, CMD_GRAPH, CMD_CAPTURE, CMD_STOP, CMD_PREFILL_GRAPH = 1, 2, 3, 4, 5
+# header: [command, T tokens, S sequences, block-table width, num_decodes, num_samplers, graph batch
+#          (CMD_GRAPH) or graph tokens (CMD_PREFILL_GRAPH)]
+
+# Token counts of the one-sequence prefill graphs. Eagerly, the host launches ~300 kernels a
+# step: 22 ms for a 128-token prompt at Llama-3.1-8B shape on an H100, whose GPU work takes a
+# few ms (benchmarks/prefill_host_profile.py), so a short prompt's first token waited on Python.
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def payload_size(header: list[int]) -> int:
-    """int64 count of a step's payload. Eager: ids, positions, slots [T]; seq_lens [S];
+    """int64 count of a step's payload. Eager (and prefill graph): ids, positions, slots [T]; seq_lens [S];
     query starts [S+1]; sampled rows [num_samplers]; block tables [S, width]. Graph replay of
     batch b: ids, positions, slots, seq_lens [b]; block tables [b, width]."""
     cmd, t, s, w, _, n_samp, b = header[:7]
-    if cmd == CMD_EAGER:
+    if cmd in (CMD_EAGER, CMD_PREFILL_GRAPH):
         return 3 * t + 2 * s + 1 + n_samp + s * w
     if cmd == CMD_GRAPH:
         return 4 * b + b * w
@@ -84,6 +94,9 @@ class ModelRunner:
         self.kv_scales = kv_scales
         self.device = model.device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # token count -> graph, ascending
+        self.num_prefill_replays = 0
+        self._pool = None  # the graphs' shared memory pool: they replay one at a time on one stream
         # A tensor-parallel rank's collectives (engine/parallel.py); None on one rank.
         self.comm = getattr(model, "comm", None)
 
@@ -97,6 +110,12 @@ class ModelRunner:
             header, payload = self._pack_decode(batch)
             return self._dispatch(header, payload, batch.next_ids)[: len(batch)], list(range(len(batch)))
         header, payload, samplers = self._pack_eager(batch)
+        if len(batch) == 1 and batch.num_tokens[0] > 1:
+            size = next((n for n in self.prefill_graphs if n >= batch.num_tokens[0]), None)
+            if size is not None:
+                header[0], header[6] = CMD_PREFILL_GRAPH, size
+                self.num_prefill_replays += 1
+                return self._dispatch(header, payload)[: len(samplers)], samplers
         return self._dispatch(header, payload, batch.next_ids), samplers
 
     def _dispatch(self, header: list[int], payload: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,6 +204,8 @@ class ModelRunner:
         cmd, t, s, w, num_decodes, n_samp, b = header[:7]
         if cmd == CMD_GRAPH:
             return self._replay(payload, b, w, next_ids)
+        if cmd == CMD_PREFILL_GRAPH:
+            return self._replay_prefill(payload, t, w, n_samp, b)
         ids, positions, slots, seq_lens, starts, last, tables = payload.split([t, t, t, s, s + 1, n_samp, s * w])
         if next_ids is not None:
             ids = next_ids
@@ -211,7 +232,7 @@ class ModelRunner:
             self.comm.send_step([CMD_CAPTURE, max_batch_size, max_seq_len], None)
         sizes = graph_batch_sizes(max_batch_size)
         self._alloc_graph_inputs(sizes[-1], self.kv.blocks_for(max_seq_len))
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._graph_pool()
         # Other threads (NCCL's watchdog) keep using CUDA during capture: only this thread's
         # calls must be capture-safe.
         mode = "thread_local" if self.comm is not None else "global"
@@ -234,6 +255,78 @@ class ModelRunner:
             self.graphs.clear()
             self._logits.clear()
         return ok
+
+    def _graph_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def capture_prefill_graphs(self, max_num_tokens: int, max_seq_len: int) -> bool:
+        """Capture the one-sequence prefill graphs whose token counts fit the step and sequence
+        budgets. One rank only (the other ranks' steps come as broadcast payloads). Returns
+        False (prefill steps stay eager) if capture fails."""
+        sizes = [n for n in PREFILL_GRAPH_TOKENS if n <= min(max_num_tokens, max_seq_len - 1)]
+        if self.device.type != "cuda" or self.comm is not None or not sizes:
+            return False
+        self._alloc_prefill_inputs(sizes[-1], self.kv.blocks_for(max_seq_len))
+        buf = self._pbuf
+        try:
+            with torch.inference_mode():
+                for n in reversed(sizes):  # largest first: later graphs reuse its memory
+                    # The capture-time run reads n tokens' worth of block 0 and writes nothing.
+                    buf["seq_lens"].fill_(n)
+                    buf["starts"][1] = n
+                    buf["last"].fill_(n - 1)
+                    self._forward_prefill(n)  # warm-up: compiles kernels outside capture
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._graph_pool()):
+                        self._prefill_logits[n] = self._forward_prefill(n)
+                    self.prefill_graphs[n] = graph
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture of prefill failed, prefilling eagerly: {str(e).splitlines()[0]}")
+            self.prefill_graphs.clear()
+            self._prefill_logits.clear()
+        torch.cuda.synchronize()
+        self.prefill_graphs = dict(sorted(self.prefill_graphs.items()))
+        return bool(self.prefill_graphs)
+
+    def _alloc_prefill_inputs(self, n: int, width: int) -> None:
+        """The prefill graphs' persistent inputs: one sequence of up to n new tokens."""
+        dev = self.device
+        self._pbuf = {
+            "ids": torch.zeros(n, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
+            "slots": torch.full((n,), -1, dtype=torch.int64, device=dev),
+            "tables": torch.zeros(1, width, dtype=torch.int32, device=dev),
+            "seq_lens": torch.full((1,), n, dtype=torch.int32, device=dev),
+            "starts": torch.tensor([0, n], dtype=torch.int32, device=dev),
+            "last": torch.full((1,), n - 1, dtype=torch.int64, device=dev),
+        }
+        self._prefill_logits: dict[int, torch.Tensor] = {}
+
+    def _forward_prefill(self, n: int) -> torch.Tensor:
+        buf = self._pbuf
+        meta = AttentionMetadata(buf["slots"][:n], buf["tables"], buf["seq_lens"], buf["starts"], num_decodes=0)
+        hidden = self.model.forward(buf["ids"][:n], buf["positions"][:n], meta, self.kv.layer_caches, self.kv_scales)
+        return self.model.compute_logits(hidden[buf["last"]])
+
+    def _replay_prefill(self, payload: torch.Tensor, t: int, width: int, n_samp: int, n: int) -> torch.Tensor:
+        """Copy a one-sequence eager payload of t tokens into the inputs of the graph of n >= t
+        tokens and replay: tokens t..n-1 get slot -1 (their ids and positions are stale, and
+        harmless). Returns the logits of the last token (read only when it samples)."""
+        buf = self._pbuf
+        ids, positions, slots, seq_lens, starts, last, tables = payload.split([t, t, t, 1, 2, n_samp, width])
+        buf["ids"][:t].copy_(ids)
+        buf["positions"][:t].copy_(positions)
+        buf["slots"][t:n].fill_(-1)
+        buf["slots"][:t].copy_(slots)
+        buf["seq_lens"].copy_(seq_lens)
+        buf["starts"].copy_(starts)
+        if n_samp:
+            buf["last"].copy_(last)
+        buf["tables"][:, :width].copy_(tables.view(1, width))
+        self.prefill_graphs[n].replay()
+        return self._prefill_logits[n]
 
     def _alloc_graph_inputs(self, n: int, width: int) -> None:
         """The persistent input buffers that graphs read, for batches up to n."""

@@ -29,7 +29,8 @@ def tiny_model(seed=0):
 
 
 def run(prompts, *, num_blocks=128, page=4, max_num_tokens=512, max_batch=64, max_tokens=10, model=None,
-        prefix_caching=False, kv_out=None, overlap=False, eos=(), max_seq_len=256, params=None, ex_out=None):
+        prefix_caching=False, kv_out=None, overlap=False, eos=(), max_seq_len=256, params=None, ex_out=None,
+        prepare=None):
     model = model or tiny_model()
     kv = KVCacheManager(TINY, num_blocks, page, torch.float32, torch.device("cpu"), prefix_caching)
     if kv_out is not None:
@@ -40,6 +41,8 @@ def run(prompts, *, num_blocks=128, page=4, max_num_tokens=512, max_batch=64, ma
     reqs = [Request(str(i), None, p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
     if ex_out is not None:
         ex_out.append(ex)
+    if prepare is not None:
+        prepare(ex)
     for r in reqs:
         ex.add(r)
     steps = 0
@@ -175,6 +178,37 @@ def test_overlap_launches_the_next_step_before_reading_tokens(monkeypatch):
         ("run", 2), ("run", 1), ("read",),  # 1's last decode beside prompt 2, then 2 alone, launched ahead
         ("read",),  # 2's last token: nothing follows
     ]
+
+
+def _eager_prefill_graphs(ex, sizes=(16, 32)):
+    """The one-sequence prefill graph path on CPU: its inputs and padding as on the GPU, each
+    "graph" replaced by an eager call of the function a graph would capture."""
+    runner = ex.runner
+    runner._alloc_prefill_inputs(max(sizes), ex.kv.blocks_for(ex.max_seq_len))
+    for n in sizes:
+        runner._prefill_logits[n] = torch.empty(1, TINY.vocab_size)
+
+        class Eager:
+            replay = staticmethod(lambda n=n: runner._prefill_logits[n].copy_(runner._forward_prefill(n)))
+        runner.prefill_graphs[n] = Eager()
+
+
+@pytest.mark.parametrize("case", ["alone", "chunked", "prefix"])
+def test_prefill_graph_path_pads_and_keeps_outputs(case):
+    """Prompts prefilled alone through the prefill graphs' padded inputs (CPU stand-in) give the
+    eager path's tokens: prompts shorter than, equal to and longer than a graph's token count,
+    chunks of a long prompt (a middle chunk samples nothing), prefix-cache hits (the chunk
+    starts past position 0), and prompts too long for any graph (eager)."""
+    prompts = prompts_of([1, 5, 16, 17, 33, 40, 9, 70])
+    kw = {"alone": dict(max_batch=1), "chunked": dict(max_batch=1, max_num_tokens=12),
+          "prefix": dict(max_batch=1, prefix_caching=True)}[case]
+    if case == "prefix":
+        prompts = [prompts[5] + p for p in prompts]
+    expect, _, _ = run(prompts, **kw)
+    ex_out = []
+    got, _, _ = run(prompts, ex_out=ex_out, prepare=_eager_prefill_graphs, **kw)
+    assert got == expect
+    assert ex_out[0].runner.num_prefill_replays >= 3  # the graphs served most prefill steps
 
 
 def test_mixed_step_runs_decodes_and_prefills_together():

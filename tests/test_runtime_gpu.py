@@ -72,3 +72,25 @@ def test_overlap_decode_steps_do_not_synchronize():
     while llm.has_unfinished_requests():
         step()
     assert [done[i] for i in ids] == expect
+
+
+def test_prefill_graphs_keep_greedy_tokens():
+    """Prompts prefilled alone replay the one-sequence prefill graphs (padded to the next token
+    count), prefix-cache hits and chunks included, and give the eager path's greedy tokens."""
+    engine = random_engine("smollm2-135m", BuildConfig(max_seq_len=1024, max_batch_size=4),
+                           device="cuda", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (7, 16, 17, 100, 128, 250, 600, 1000)]
+    prompts += [prompts[6] + torch.randint(0, 49152, (n,), generator=g).tolist() for n in (5, 40)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    plain = LLM(engine, cuda_graphs=False, enable_prefix_caching=False, kv_cache_tokens=16384, progress=False)
+    expect = [plain.generate(p, params, use_tqdm=False)[0].token_ids for p in prompts]
+    del plain
+    for max_num_tokens in (None, 96):  # whole prompts; 96-token chunks
+        llm = LLM(engine, kv_cache_tokens=16384, max_num_tokens=max_num_tokens, progress=False)
+        runner = llm.executor.runner
+        assert list(runner.prefill_graphs) == [n for n in (16, 32, 64, 128, 256, 512) if n <= (max_num_tokens or 8192)]
+        got = [llm.generate(p, params, use_tqdm=False)[0].token_ids for p in prompts]
+        assert got == expect
+        assert runner.num_prefill_replays >= 8
+        del llm
