@@ -162,8 +162,8 @@ def _make_llm(args, max_batch_size: int | None = None) -> LLM:
         model = args.model
     return LLM(model, device=args.device, max_batch_size=max_batch_size or args.max_batch_size,
                max_num_tokens=args.max_num_tokens, cuda_graphs=not args.no_cuda_graphs,
-               overlap_scheduling=False if args.no_overlap else None, progress=False, tensor_parallel_size=tp,
-               dtype=dtype, build_config=build)
+               overlap_scheduling=False if args.no_overlap else None, prefill_graph_tokens=args.prefill_graph_tokens,
+               progress=False, tensor_parallel_size=tp, dtype=dtype, build_config=build)
 
 
 def _write(out_dir: str | None, stem: str, result: dict, echo: bool = True) -> None:
@@ -266,6 +266,8 @@ def add_parsers(sub) -> None:
         p.add_argument("--max-num-tokens", type=int, default=8192)
         p.add_argument("--max-seq-len", type=int, default=4096)
         p.add_argument("--no-cuda-graphs", action="store_true")
+        p.add_argument("--prefill-graph-tokens", type=int, default=2048,
+                       help="one-sequence prefill steps up to this many tokens replay CUDA graphs (0: eager)")
         p.add_argument("--no-overlap", action="store_true",
                        help="read each step's tokens before launching the next (overlap scheduling off)")
         p.add_argument("--tensor-parallel-size", type=int, default=1,

@@ -34,6 +34,12 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def prefill_graph_sizes(max_tokens: int, max_num_tokens: int, max_seq_len: int) -> list[int]:
+    """Token counts of the prefill graphs: PREFILL_GRAPH_TOKENS within max_tokens, the step
+    budget and the longest prompt (max_seq_len - 1)."""
+    return [n for n in PREFILL_GRAPH_TOKENS if n <= min(max_tokens, max_num_tokens, max_seq_len - 1)]
+
+
 CMD_EAGER, CMD_GRAPH, CMD_CAPTURE, CMD_STOP, CMD_PREFILL_GRAPH = 1, 2, 3, 4, 5
 # header: [command, T tokens, S sequences, block-table width, num_decodes, num_samplers, graph batch
 #          (CMD_GRAPH) or graph tokens (CMD_PREFILL_GRAPH)]
@@ -41,6 +47,10 @@ CMD_EAGER, CMD_GRAPH, CMD_CAPTURE, CMD_STOP, CMD_PREFILL_GRAPH = 1, 2, 3, 4, 5
 # Token counts of the one-sequence prefill graphs. Eagerly, the host launches ~300 kernels a
 # step: 22 ms for a 128-token prompt at Llama-3.1-8B shape on an H100, whose GPU work takes a
 # few ms (benchmarks/prefill_host_profile.py), so a short prompt's first token waited on Python.
+# Past ~1-2K tokens the GPU work outlasts the launches and a graph gains little. Their cost,
+# measured but not understood: with them captured, batch-1 decode steps ran 3% slower on an
+# H100 (benchmarks/results/h100-2026-11-27/prefill_graphs/README.md); LLM(prefill_graph_tokens=0)
+# turns them off.
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -261,11 +271,11 @@ class ModelRunner:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
-    def capture_prefill_graphs(self, max_num_tokens: int, max_seq_len: int) -> bool:
-        """Capture the one-sequence prefill graphs whose token counts fit the step and sequence
-        budgets. One rank only (the other ranks' steps come as broadcast payloads). Returns
-        False (prefill steps stay eager) if capture fails."""
-        sizes = [n for n in PREFILL_GRAPH_TOKENS if n <= min(max_num_tokens, max_seq_len - 1)]
+    def capture_prefill_graphs(self, max_num_tokens: int, max_seq_len: int, max_tokens: int = 2048) -> bool:
+        """Capture the one-sequence prefill graphs of up to max_tokens tokens that fit the step
+        and sequence budgets. One rank only (the other ranks' steps come as broadcast
+        payloads). Returns False (prefill steps stay eager) if there are none or capture fails."""
+        sizes = prefill_graph_sizes(max_tokens, max_num_tokens, max_seq_len)
         if self.device.type != "cuda" or self.comm is not None or not sizes:
             return False
         self._alloc_prefill_inputs(sizes[-1], self.kv.blocks_for(max_seq_len))

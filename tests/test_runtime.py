@@ -193,6 +193,16 @@ def _eager_prefill_graphs(ex, sizes=(16, 32)):
         runner.prefill_graphs[n] = Eager()
 
 
+def test_prefill_graph_sizes_fit_the_budgets():
+    from trtllm_kernels.runtime.model_runner import prefill_graph_sizes
+
+    assert prefill_graph_sizes(2048, 8192, 4096) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert prefill_graph_sizes(2048, 96, 4096) == [16, 32, 64]
+    assert prefill_graph_sizes(2048, 8192, 257) == [16, 32, 64, 128, 256]  # prompts < max_seq_len
+    assert prefill_graph_sizes(300, 8192, 4096) == [16, 32, 64, 128, 256]
+    assert prefill_graph_sizes(0, 8192, 4096) == []
+
+
 @pytest.mark.parametrize("case", ["alone", "chunked", "prefix"])
 def test_prefill_graph_path_pads_and_keeps_outputs(case):
     """Prompts prefilled alone through the prefill graphs' padded inputs (CPU stand-in) give the
@@ -365,6 +375,8 @@ def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
 
     engine = random_engine(TINY, BuildConfig(max_seq_len=128), device="cpu", dtype=torch.float32)
     assert {n: tuple(w.shape) for n, w in engine.model.weights.items()} == weight_shapes(TINY)
+    with pytest.raises(ValueError, match="prefill_graph_tokens"):
+        LLM(engine, kv_cache_tokens=1024, prefill_graph_tokens=-1, progress=False)
     llm = LLM(engine, kv_cache_tokens=1024, progress=False)
     out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
     assert [len(o.token_ids) for o in out] == [5, 5] and out[0].text == ""
