@@ -3,7 +3,7 @@
 #   tests        pytest -m gpu, then kernel benchmarks under CUDA graphs ($BENCH_FILTER, a regex
 #                of case names; default all 108, longer than a call: split it, or BENCH_SECONDS)
 #   throughput   offline throughput at Llama-3.1-8B shape, in/out 128/128, 1000 requests: bf16
-#                beside transformers generate (batch 32), FP8 at max batch 256 and 512
+#                beside transformers generate (batch 32), FP8 at max batch 256, 512 and 1024
 #   latency      batch-1 TTFT / TPOT (bf16, FP8), prefix-caching TTFT, FP8 in/out 1000/1000
 #   serve        the HTTP server load test on the default model (needs the wheels, below)
 #   profile      profile_step.py on the FP8 8B throughput run (phases, mid-run compiles, kernel
@@ -63,7 +63,7 @@ for stage in $stages; do
       ;;
     throughput|e2e)
       timeout 150 $B throughput $S --stem throughput_bf16_128 --num-requests 1000 --baseline-hf --baseline-batch 32 >> "$OUT/e2e.log" 2>&1
-      timeout 150 $B throughput $S --stem throughput_fp8_128 --num-requests 1000 --quantization fp8 --batch-sizes 256,512 >> "$OUT/e2e.log" 2>&1
+      timeout 200 $B throughput $S --stem throughput_fp8_128 --num-requests 1000 --quantization fp8 --batch-sizes 256,512,1024 >> "$OUT/e2e.log" 2>&1
       ;;&
     latency|e2e)
       timeout 40 $B latency $S --stem latency_bf16 >> "$OUT/e2e.log" 2>&1

@@ -39,6 +39,8 @@ def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int) -> 
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(random_prompts(min(num_requests, 8), input_len, vocab, seed=1), params, use_tqdm=False)  # warm-up
     prompts = random_prompts(num_requests, input_len, vocab)
+    ex = llm.executor
+    counts = (ex.scheduler.num_preemptions, ex.num_launched_ahead)
     _sync(llm)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -46,10 +48,13 @@ def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int) -> 
     seconds = time.perf_counter() - start
     generated = sum(len(o.token_ids) for o in outs)
     return {"num_requests": num_requests, "input_len": input_len, "output_len": output_len,
-            "max_batch_size": llm.executor.scheduler.max_batch_size, "seconds": seconds,
+            "max_batch_size": ex.scheduler.max_batch_size, "seconds": seconds,
             "output_tokens": generated, "output_tok_s": generated / seconds,
             "total_tok_s": (generated + num_requests * input_len) / seconds,
-            "requests_s": num_requests / seconds}
+            "requests_s": num_requests / seconds,
+            # how the run went: requests preempted (recomputed later), steps launched ahead
+            "preemptions": ex.scheduler.num_preemptions - counts[0],
+            "steps_launched_ahead": ex.num_launched_ahead - counts[1]}
 
 
 def _time_request(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, float]:

@@ -383,7 +383,8 @@ def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("text", use_tqdm=False)
     t = throughput(llm, num_requests=6, input_len=7, output_len=4)
-    assert t["output_tokens"] == 24 and t["output_tok_s"] > 0
+    assert t["output_tokens"] == 24 and t["output_tok_s"] > 0 and t["preemptions"] == 0
+    assert t["steps_launched_ahead"] == 0  # CPU: overlap off by default
     lat = latency(llm, input_len=5, output_len=4, repeats=1)
     assert lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
     pre = prefix_ttft(llm, input_len=100, shared_fraction=0.9, repeats=1)
