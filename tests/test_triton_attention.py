@@ -214,6 +214,14 @@ def test_prefill_tma_descriptors(cache_dtype):
                 use_tma=True)
 
 
+@pytest.mark.parametrize("page,use_tma", [(16, False), (32, True), (64, False)])
+def test_prefill_software_pipelined(page, use_tma):
+    # PIPE: tile j + 1's scores before tile j's softmax; prefixes of 0, 1, 2 and many full
+    # tiles before the diagonal (the prologue / epilogue), NaN past each sequence's end
+    run_prefill([17, 1, 30, 5, 40], [17, 40, 97, 70, 200], hkv=2, group=2, head_dim=64, page=page,
+                dtype=torch.float16, block_m=16, block_n=32, use_tma=use_tma, pipeline=True)
+
+
 def test_prefill_fp8_cache():
     run_prefill([20, 1], [45, 9], hkv=1, group=3, head_dim=64, page=16, dtype=torch.float16,
                 cache_dtype=FP8, k_scale=0.05, v_scale=0.03, block_m=16, block_n=32)

@@ -261,10 +261,9 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
-def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, q_pos, tok,
-                 MASK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over a [BLOCK_N, D] K/V tile (exp2 domain); MASK: causal."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+def _softmax_pv(s, v, acc, l_i, m_i, qk_scale, q_pos, tok, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The online-softmax step for scores s = q @ k^T of one [BLOCK_N, D] K/V tile (exp2
+    domain): rescale acc, add p @ v. MASK: causal."""
     if MASK:
         s = tl.where(tok[None, :] <= q_pos[:, None], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -279,6 +278,37 @@ def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, q_pos, tok,
     return acc, l_i, m_new
 
 
+@triton.jit
+def _prefill_tile(desc, head, bt_row, start, end, kvh, offs_n, off, stride_b, stride_t,
+                  NUM_KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  USE_TMA: tl.constexpr, MASKED: tl.constexpr, ZERO: tl.constexpr):
+    """The [BLOCK_N, D] K or V rows of keys start + offs_n of kv head kvh, gathered through the
+    block table. MASKED (a tile crossing `end`): rows at and past `end` are never read by the
+    pointer paths (their block-table entries may not exist) and, with ZERO, are zeros on the
+    TMA path too (slots past a sequence's end may hold anything, NaN included: V needs it)."""
+    if USE_TMA:  # the tile is BLOCK_N consecutive rows of one page: one bulk copy
+        page = tl.load(bt_row + start // PAGE)
+        x = desc.load([(page * NUM_KV_HEADS + kvh) * PAGE + start % PAGE, 0])
+        if MASKED and ZERO:
+            x = tl.where((start + offs_n < end)[:, None], x, 0.0)
+    elif PAGE % BLOCK_N == 0:  # one page: one scalar lookup
+        page = tl.load(bt_row + start // PAGE).to(tl.int64)
+        ptr = head + page * stride_b + (start % PAGE) * stride_t + off
+        if MASKED:
+            x = tl.load(ptr, mask=(start + offs_n < end)[:, None], other=0.0)
+        else:
+            x = tl.load(ptr)
+    else:  # a lookup per row
+        tok = start + offs_n
+        if MASKED:
+            page = tl.load(bt_row + tok // PAGE, mask=tok < end, other=0).to(tl.int64)
+            x = tl.load(head + (page * stride_b)[:, None] + off, mask=(tok < end)[:, None], other=0.0)
+        else:
+            page = tl.load(bt_row + tok // PAGE).to(tl.int64)
+            x = tl.load(head + (page * stride_b)[:, None] + off)
+    return x
+
+
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt", "BT", "SL", "QSL"])
 def _paged_prefill_kernel(
     Q, K, V, KD, VD, BT, SL, QSL, Out,
@@ -291,6 +321,7 @@ def _paged_prefill_kernel(
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_ITERS: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, PACK: tl.constexpr = 1,
+    PIPE: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     # PACK query heads of one kv head share the program (GQA packing): row r of the tile is
     # position r // PACK of head h0 + r % PACK, so a tile covers BLOCK_Q = BLOCK_M // PACK
@@ -345,48 +376,45 @@ def _paged_prefill_kernel(
     v_off = ((offs_n % PAGE) * stride_vt)[:, None] + offs_d[None, :]
 
     # 1) key tiles visible to every query in the tile: no masks at all
-    for start in range(0, full_end, BLOCK_N):
-        tok = start + offs_n
-        if USE_TMA:  # the tile is BLOCK_N consecutive rows of one page: one bulk copy each
-            page = tl.load(bt_row + start // PAGE)
-            row = (page * NUM_KV_HEADS + kvh) * PAGE + start % PAGE
-            k = KD.load([row, 0])
-            v = VD.load([row, 0])
-        else:
-            if PAGE % BLOCK_N == 0:
-                page = tl.load(bt_row + start // PAGE).to(tl.int64)
-                k = tl.load(k_head + page * stride_kb + (start % PAGE) * stride_kt + k_off)
-                v = tl.load(v_head + page * stride_vb + (start % PAGE) * stride_vt + v_off)
-            else:
-                page = tl.load(bt_row + tok // PAGE).to(tl.int64)
-                k = tl.load(k_head + (page * stride_kb)[:, None] + k_off)
-                v = tl.load(v_head + (page * stride_vb)[:, None] + v_off)
-        acc, l_i, m_i = _attend_tile(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, qk_scale,
-                                     q_pos, tok, False, DOT_PREC)
+    if PIPE:
+        # Software pipelined: the scores of tile j + 1 are issued (an asynchronous wgmma)
+        # before tile j's softmax, so the tensor cores work while the softmax runs.
+        if full_end > 0:
+            k = _prefill_tile(KD, k_head, bt_row, 0, end, kvh, offs_n, k_off, stride_kb, stride_kt,
+                              NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+            for start in range(BLOCK_N, full_end, BLOCK_N):
+                k = _prefill_tile(KD, k_head, bt_row, start, end, kvh, offs_n, k_off, stride_kb, stride_kt,
+                                  NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
+                s_next = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+                v = _prefill_tile(VD, v_head, bt_row, start - BLOCK_N, end, kvh, offs_n, v_off, stride_vb,
+                                  stride_vt, NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
+                acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, offs_n,
+                                            False, DOT_PREC)
+                s = s_next
+            v = _prefill_tile(VD, v_head, bt_row, full_end - BLOCK_N, end, kvh, offs_n, v_off, stride_vb,
+                              stride_vt, NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
+            acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, offs_n,
+                                        False, DOT_PREC)
+    else:
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
+            k = _prefill_tile(KD, k_head, bt_row, start, end, kvh, offs_n, k_off, stride_kb, stride_kt,
+                              NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
+            v = _prefill_tile(VD, v_head, bt_row, start, end, kvh, offs_n, v_off, stride_vb, stride_vt,
+                              NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+            acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, offs_n,
+                                        False, DOT_PREC)
 
     # 2) tiles that cross the diagonal: causal mask, and never past `end`
     for start in range(full_end, end, BLOCK_N):
-        tok = start + offs_n
-        mask_n = tok < end
-        if USE_TMA:
-            page = tl.load(bt_row + start // PAGE)
-            row = (page * NUM_KV_HEADS + kvh) * PAGE + start % PAGE
-            k = KD.load([row, 0])
-            # slots past the end may hold anything (NaN): zero them, as p = 0 there
-            v = tl.where(mask_n[:, None], VD.load([row, 0]), 0.0)
-        else:
-            if PAGE % BLOCK_N == 0:
-                page = tl.load(bt_row + start // PAGE).to(tl.int64)
-                k = tl.load(k_head + page * stride_kb + (start % PAGE) * stride_kt + k_off,
-                            mask=mask_n[:, None], other=0.0)
-                v = tl.load(v_head + page * stride_vb + (start % PAGE) * stride_vt + v_off,
-                            mask=mask_n[:, None], other=0.0)
-            else:
-                page = tl.load(bt_row + tok // PAGE, mask=mask_n, other=0).to(tl.int64)
-                k = tl.load(k_head + (page * stride_kb)[:, None] + k_off, mask=mask_n[:, None], other=0.0)
-                v = tl.load(v_head + (page * stride_vb)[:, None] + v_off, mask=mask_n[:, None], other=0.0)
-        acc, l_i, m_i = _attend_tile(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, qk_scale,
-                                     q_pos, tok, True, DOT_PREC)
+        k = _prefill_tile(KD, k_head, bt_row, start, end, kvh, offs_n, k_off, stride_kb, stride_kt,
+                          NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, True, False)
+        v = _prefill_tile(VD, v_head, bt_row, start, end, kvh, offs_n, v_off, stride_vb, stride_vt,
+                          NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, True, True)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+        acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, start + offs_n,
+                                    True, DOT_PREC)
 
     out = acc * (v_scale / l_i)[:, None]
     o_off = q_rows * stride_ot + heads * stride_oh
@@ -462,7 +490,7 @@ def prefill_config(head_dim: int, q_dtype: torch.dtype, page: int = 16,
     return cfg
 
 
-_PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "PACK")
+_PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "PACK", "PIPE", "WS")
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int,
@@ -615,7 +643,7 @@ def triton_paged_prefill(
     k_scale: float = 1.0, v_scale: float = 1.0, *, out: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, use_tma: bool | None = None, maxnreg: int | None = None,
-    pack: int | None = None,
+    pack: int | None = None, pipeline: bool | None = None, warp_specialize: bool | None = None,
 ) -> torch.Tensor:
     """Paged causal prefill attention (see `trtllm_kernels.attention.paged_attention_prefill`).
 
@@ -625,7 +653,9 @@ def triton_paged_prefill(
     tiles with TMA descriptors instead of gathered pointer loads. `pack` (GQA packing, a
     divisor of Hq // Hkv with BLOCK_M // pack >= 16): query heads of one kv head that share a
     tile, so K/V tiles are loaded once for them (default: the config's PACK where it divides
-    the group, else 1).
+    the group, else 1). `pipeline`: issue the next tile's scores before the current tile's
+    softmax (PIPE); `warp_specialize`: Triton's automatic warp specialization of the main loop
+    (WS). Both default to the config's.
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -645,6 +675,8 @@ def triton_paged_prefill(
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     maxnreg = maxnreg or cfg.get("maxnreg")
+    pipeline = cfg.get("PIPE", False) if pipeline is None else pipeline
+    warp_specialize = cfg.get("WS", False) if warp_specialize is None else warp_specialize
     group = num_heads // num_kv_heads
     if pack is None:
         pack = cfg.get("PACK", 1)
@@ -672,6 +704,7 @@ def triton_paged_prefill(
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, SEARCH_ITERS=search_iters,
         DOT_PREC=_dot_prec(q.dtype), USE_TMA=descs is not None, PACK=pack,
+        PIPE=bool(pipeline), WS=bool(warp_specialize) and not _interpreting(),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
@@ -728,14 +761,29 @@ def paged_attention_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, sca
     return triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
+def prefill_backend(q, k_cache, v_cache) -> str:
+    """'gluon' (kernels/gluon_attention.py: TMA + asynchronous wgmma, Hopper, bf16/fp16 caches)
+    wherever it takes the inputs, else 'triton'. TRTLLM_KERNELS_PREFILL_BACKEND = auto (default),
+    triton or gluon (still Triton where Gluon does not take the inputs)."""
+    if os.environ.get("TRTLLM_KERNELS_PREFILL_BACKEND", "auto") == "triton":
+        return "triton"
+    from . import gluon_attention
+
+    return "gluon" if gluon_attention.supported(q, k_cache, v_cache) else "triton"
+
+
 def paged_attention_prefill_cuda(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                  scale, k_scale, v_scale):
     if not supported(q, k_cache) or v_cache.stride(-1) != 1:
         return _prefill_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                             scale, k_scale, v_scale)
-    out = triton_paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                               scale, k_scale, v_scale)
-    return out
+    if prefill_backend(q, k_cache, v_cache) == "gluon":
+        from .gluon_attention import gluon_paged_prefill
+
+        return gluon_paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                   scale, k_scale, v_scale)
+    return triton_paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                scale, k_scale, v_scale)
 
 
 def register() -> None:
@@ -803,6 +851,15 @@ SWEEP_CHUNK = [_P(128, 64, 8, 3, mr=128, pk=4), _P(128, 64, 8, 3, mr=128, pk=1)]
 # (the first sweep, .device/F-1: variants 0 / 1 lost to Triton everywhere, so variant 2 is new)
 SWEEP_CUDA_DECODE = [dict(variant=0), dict(variant=2, num_splits=2), dict(variant=2, num_splits=3)]
 SWEEP_CUDA_DECODE_LONG = [dict(variant=2, num_splits=16), dict(variant=2, num_splits=32), dict(variant=2, num_splits=64)]
+
+
+def _prefill_fn(q, kc, vc, bt, sl, qsl, kw):
+    """The prefill launch a bench candidate names: Triton with knobs, or {"backend": "gluon"}."""
+    if kw.get("backend") == "gluon":
+        from .gluon_attention import gluon_paged_prefill
+
+        return lambda: gluon_paged_prefill(q, kc, vc, bt, sl, qsl)
+    return lambda: triton_paged_prefill(q, kc, vc, bt, sl, qsl, **kw)
 
 
 def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU only
@@ -966,16 +1023,17 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
         best = None
         for page in (16, 64, 128):
             for cache_dtype in (bf16, fp8):
-                if (page != 16 or cache_dtype == fp8) and not args.sweep:
+                if (page == 128 or cache_dtype == fp8) and not args.sweep:
                     continue
                 if page != 16 and cache_dtype == fp8:
                     continue
                 kc, vc, bt, sl = _paged_copy(k, v, page, cache_dtype)
                 cands = [dict()] + (SWEEP_PREFILL.get(page, []) if args.sweep and cache_dtype == bf16 else [])
+                cands += [dict(backend="gluon")] if cache_dtype == bf16 else []
                 for kw in cands:
                     if over_budget():
                         break
-                    fn = lambda: triton_paged_prefill(qt, kc, vc, bt, sl, qsl, **kw)
+                    fn = _prefill_fn(qt, kc, vc, bt, sl, qsl, kw)
                     t = timed(fn)
                     r = dict(what="prefill", batch=b, seq=s, page=page, kv=str(cache_dtype)[6:],
                              cfg={k_: v_ for k_, v_ in kw.items() if v_ is not None})
@@ -986,7 +1044,8 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
                         r.update(us=t * 1e6, TFLOPs=flops / t / 1e12, rel_err=err, ok=ok)
                         if isinstance(base, float):
                             r.update(sdpa_us=base * 1e6, vs_sdpa=base / t)
-                        if ok and page == 16 and cache_dtype == bf16 and (best is None or t < best[0]):
+                        if (ok and page == 16 and cache_dtype == bf16 and "backend" not in kw
+                                and (best is None or t < best[0])):
                             best = (t, kw)
                     else:
                         r.update(error=t)
@@ -1044,10 +1103,10 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
         qt = q.transpose(1, 2).reshape(b * new, hq, d).contiguous()
         qsl = torch.arange(0, b * new + 1, new, dtype=torch.int32, device=dev)
         kc, vc, bt, sl = _paged_copy(k, v, 16, bf16)
-        for kw in [dict()] + (SWEEP_CHUNK if args.sweep else []):
+        for kw in [dict()] + (SWEEP_CHUNK if args.sweep else []) + [dict(backend="gluon")]:
             if over_budget():
                 break
-            t = timed(lambda: triton_paged_prefill(qt, kc, vc, bt, sl, qsl, **kw))
+            t = timed(_prefill_fn(qt, kc, vc, bt, sl, qsl, kw))
             r = dict(what="chunk", batch=b, new=new, cached=cached, page=16,
                      cfg={k_: v_ for k_, v_ in kw.items() if v_ is not None})
             r.update(dict(us=t * 1e6, TFLOPs=flops / t / 1e12) if isinstance(t, float) else dict(error=t))

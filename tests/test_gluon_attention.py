@@ -1,0 +1,145 @@
+"""The Gluon (Hopper) paged prefill kernel against the reference.
+
+CPU: the kernel lowers for sm_90a at the page sizes that take one and several TMA copies per
+tile. GPU (Hopper): ragged batches, chunked prefill / prefix reuse, GQA, pages of 8 to 128,
+NaN in every unused cache slot (see tests/test_triton_attention.make_cache), CUDA-graph replay
+and the op's dispatch.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from trtllm_kernels.attention import _prefill_ref
+from trtllm_kernels.kernels import triton_attention as ta
+
+from test_triton_attention import DEV, make_cache, assert_close
+
+BF16, FP16 = torch.bfloat16, torch.float16
+IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _inputs(q_lens, seq_lens, hkv, group, head_dim, page, dtype):
+    kc, vc, bt, sl = make_cache(seq_lens, hkv, head_dim, page, dtype)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32, device=DEV)
+    qsl[1:] = torch.tensor(q_lens, device=DEV).cumsum(0)
+    q = torch.randn(sum(q_lens), hkv * group, head_dim, device=DEV).to(dtype)
+    return q, kc, vc, bt, sl, qsl
+
+
+COMPILE = textwrap.dedent(
+    """
+    import re, sys, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon import language as gl
+    from trtllm_kernels.kernels import gluon_attention as ga
+
+    page, d = int(sys.argv[1]), int(sys.argv[2])
+    fn = ga._paged_prefill_kernel
+    layout = gl.NVMMASharedLayout.get_default_for([ga.BLOCK_N, d], gl.bfloat16)
+    desc = f"tensordesc<bf16[{min(page, ga.BLOCK_N)},{d}],{layout!r}>"
+    types = dict(Q="*bf16", KD=desc, VD=desc, BT="*i32", SL="*i32", QSL="*i32", Out="*bf16",
+                 qk_scale="fp32", v_scale="fp32")
+    const = dict(NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=d, PAGE=page, BLOCK_M=ga.BLOCK_M, BLOCK_N=ga.BLOCK_N,
+                 STAGES=ga.STAGES, SEARCH_ITERS=4, SPLIT=ga.SPLIT, PINGPONG=ga.PINGPONG,
+                 COMPUTE_REGS=ga.COMPUTE_REGS,
+                 num_warps=ga.NUM_WARPS)
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ga.NUM_WARPS, maxnreg=ga.MAXNREG))
+    ptx = re.sub(r"\\s+", " ", k.asm["ptx"])
+    # the loader's TMA copies, asynchronous wgmma with a wait that leaves one group in flight,
+    # and the register split between the partitions
+    assert "cp.async.bulk.tensor" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx, "no async pipeline"
+    assert "setmaxnreg.dec.sync.aligned.u32 24;" in ptx and "u32 240;" in ptx, "no loader partition"
+    # ptxas keeps the wgmmas asynchronous only while nothing touches an in-flight one's
+    # registers; otherwise it serializes them all (warning C7514) and the overlap is gone
+    import subprocess, tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        open(f"{tmp}/k.ptx", "w").write(k.asm["ptx"])
+        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
+                             capture_output=True, text=True)
+    assert log.returncode == 0 and "C7514" not in log.stdout + log.stderr, log.stdout + log.stderr
+    assert " 0 bytes spill stores" in log.stdout + log.stderr, log.stdout + log.stderr
+    print("ok", k.metadata.shared)
+    """
+)
+
+
+@pytest.mark.parametrize("page,head_dim", [(16, 128), (64, 128), (128, 64)])
+def test_lowers_for_sm90(page, head_dim):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE, str(page), str(head_dim)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# q_lens, seq_lens, hkv, group, head_dim, page, dtype
+GPU_CASES = [
+    ([4096] * 4, [4096] * 4, 2, 4, 128, 16, BF16),                       # the benchmark shape, 2 kv heads
+    ([1000, 1, 517, 0, 64], [3000, 300, 517, 7, 64], 2, 3, 128, 32, FP16),  # chunked / prefix / empty
+    ([129, 129] + [1] * 30, [2000, 129] + list(range(1, 31)), 8, 1, 64, 64, BF16),
+    ([1024], [32768], 1, 8, 128, 64, BF16),                               # long cached prefix
+    ([4095, 1, 300], [4095, 4000, 1000], 2, 4, 128, 128, BF16),           # pages larger than a tile
+    ([333, 7, 64, 1], [1000, 70, 64, 9], 2, 4, 128, 8, BF16),             # eight copies per tile
+    ([17, 200], [17, 263], 4, 2, 64, 16, FP16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("q_lens,seq_lens,hkv,group,head_dim,page,dtype", GPU_CASES)
+def test_gpu_prefill(q_lens, seq_lens, hkv, group, head_dim, page, dtype):
+    from trtllm_kernels.kernels.gluon_attention import gluon_paged_prefill, supported
+
+    q, kc, vc, bt, sl, qsl = _inputs(q_lens, seq_lens, hkv, group, head_dim, page, dtype)
+    assert supported(q, kc, vc)
+    out = torch.full_like(q, float("nan"))
+    gluon_paged_prefill(q, kc, vc, bt, sl, qsl, head_dim ** -0.5, out=out)
+    ref = _prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, qsl, head_dim ** -0.5, 1.0, 1.0)
+    rows = int(qsl[-1])
+    assert_close(out[:rows], ref[:rows], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+def test_gpu_op_dispatch_and_cuda_graph():
+    q, kc, vc, bt, sl, qsl = _inputs([300, 1, 77], [900, 40, 77], 2, 4, 128, 16, BF16)
+    assert ta.prefill_backend(q, kc, vc) == "gluon"
+    op = torch.ops.trtllm_kernels.paged_attention_prefill
+    eager = op(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)
+    ref = _prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)
+    assert_close(eager, ref, BF16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = op(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)
+    q.copy_(torch.randn_like(q))  # new inputs, same buffers
+    g.replay()
+    ref = _prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)
+    assert_close(out, ref, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("block_m,block_n,stages,num_warps,maxnreg,split,pingpong", [
+    (128, 64, 3, 4, 168, 2, False), (128, 128, 2, 4, 168, 2, True), (128, 128, 3, 4, 168, 2, True),
+    (64, 64, 2, 4, 128, 1, False), (128, 128, 2, 8, 168, 1, False)])
+def test_gpu_prefill_other_tiles(block_m, block_n, stages, num_warps, maxnreg, split, pingpong):
+    from trtllm_kernels.kernels.gluon_attention import gluon_paged_prefill
+
+    for q_lens, seq_lens, page in [([1000, 1, 517, 0, 64, 129], [3000, 300, 517, 7, 64, 1000], 16),
+                                   ([4095, 1, 300], [4095, 4000, 1000], 64)]:
+        q, kc, vc, bt, sl, qsl = _inputs(q_lens, seq_lens, 2, 4, 128, page, BF16)
+        out = torch.full_like(q, float("nan"))
+        gluon_paged_prefill(q, kc, vc, bt, sl, qsl, 128 ** -0.5, out=out, block_m=block_m, block_n=block_n,
+                            stages=stages, num_warps=num_warps, maxnreg=maxnreg, split=split, pingpong=pingpong)
+        ref = _prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)
+        rows = int(qsl[-1])
+        assert_close(out[:rows], ref[:rows], BF16)
