@@ -6,7 +6,7 @@ the Triton kernel's. Prints a line per config and writes JSON:
 
     python benchmarks/prefill_sweep.py --out prefill_sweep.json [--configs 128,64,3,8,168 ...]
 
-A config is BLOCK_M,BLOCK_N,STAGES,num_warps,maxnreg,split,pingpong.
+A config is grid,pack: persistent programs (0: one per SM), query heads per work item.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from triton.testing import do_bench_cudagraph
 from trtllm_kernels.kernels.gluon_attention import gluon_paged_prefill
 from trtllm_kernels.kernels.triton_attention import _paged_copy, triton_paged_prefill
 
-DEFAULT_CONFIGS = ["128,128,2,4,168,2,0", "128,128,2,4,168,2,1", "128,128,3,4,168,2,0", "128,128,3,4,168,2,1",
-                   "128,64,3,4,168,2,1"]
+DEFAULT_CONFIGS = ["0,4", "0,2", "0,1"]
 
 
 def main() -> None:
@@ -55,8 +54,8 @@ def main() -> None:
             rows.append(base)
             print(json.dumps(base), flush=True)
             for cfg in args.configs:
-                bm, bn, st, nw, mr, sp, pp = (int(x) for x in cfg.split(","))
-                kw = dict(block_m=bm, block_n=bn, stages=st, num_warps=nw, maxnreg=mr, split=sp, pingpong=bool(pp))
+                grid, pack = (int(x) for x in cfg.split(","))
+                kw = dict(grid=grid or None, pack=pack)
                 r = dict(what=what, page=page, kernel="gluon", cfg=cfg)
                 try:
                     fn = lambda: gluon_paged_prefill(q, kc, vc, bt, sl, qsl, **kw)
