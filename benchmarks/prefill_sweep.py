@@ -1,12 +1,12 @@
-"""Tile sweep of the Gluon paged prefill kernel beside the Triton one (GPU, one process).
+"""The Gluon paged prefill kernel beside the Triton one at several configs and shapes (GPU, one process).
 
-4 x 4096 causal, 32/8 heads, D 128, bf16, pages of 16 and 64 (the issue-3 prefill shape), and
-the chunked prefill (512 new over 3584 cached). Each Gluon config's output is checked against
-the Triton kernel's. Prints a line per config and writes JSON:
+4 x 4096 causal, 32/8 heads, D 128, bf16, pages of 16 and 64 (the issue-3 prefill shape), the
+chunked prefill (512 new over 3584 cached) and serving-sized prefills (pages of 16). Each Gluon
+config's output is checked against the Triton kernel's. Prints a line per config and writes JSON:
 
-    python benchmarks/prefill_sweep.py --out prefill_sweep.json [--configs 128,64,3,8,168 ...]
+    python benchmarks/prefill_sweep.py --out prefill_sweep.json [--configs 4,3,2 1,2,2 ...]
 
-A config is grid,pack: persistent programs (0: one per SM), query heads per work item.
+A config is pack,k_stages,v_stages: query heads per work item, K and V ring depths.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from triton.testing import do_bench_cudagraph
 from trtllm_kernels.kernels.gluon_attention import gluon_paged_prefill
 from trtllm_kernels.kernels.triton_attention import _paged_copy, triton_paged_prefill
 
-DEFAULT_CONFIGS = ["0,4", "0,2", "0,1"]
+DEFAULT_CONFIGS = ["4,3,2"]
 
 
 def main() -> None:
@@ -36,7 +36,10 @@ def main() -> None:
         fn()
         return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3  # us
 
-    shapes = [("prefill", 4, 4096, 0), ("chunk", 4, 512, 3584)]
+    # (what, batch, new tokens, cached tokens): the issue's two shapes, then serving-sized ones
+    shapes = [("prefill", 4, 4096, 0), ("chunk", 4, 512, 3584), ("short", 1, 16, 0), ("short", 1, 128, 0),
+              ("short", 1, 512, 0), ("short", 1, 1024, 0), ("short", 1, 2048, 0), ("batch", 4, 256, 0),
+              ("batch", 16, 256, 0), ("chunk", 8, 256, 1024), ("chunk", 1, 512, 8192)]
     for what, b, new, cached in shapes:
         total = new + cached
         flops = 4 * b * hq * d * sum(cached + i + 1 for i in range(new))
@@ -45,18 +48,19 @@ def main() -> None:
         q = torch.randn(b * new, hq, d, device=dev, dtype=bf16)
         qsl = torch.arange(0, b * new + 1, new, dtype=torch.int32, device=dev)
         for page in (int(p) for p in args.pages.split(",")):
-            if what == "chunk" and page != 16:
+            if what != "prefill" and page != 16:
                 continue
             kc, vc, bt, sl = _paged_copy(k, v, page, bf16)
             ref = triton_paged_prefill(q, kc, vc, bt, sl, qsl).float()
             t = timed(lambda: triton_paged_prefill(q, kc, vc, bt, sl, qsl))
-            base = dict(what=what, page=page, kernel="triton", us=t, TFLOPs=flops / t / 1e6)
+            base = dict(what=what, batch=b, new=new, cached=cached, page=page, kernel="triton", us=t,
+                        TFLOPs=flops / t / 1e6)
             rows.append(base)
             print(json.dumps(base), flush=True)
             for cfg in args.configs:
-                grid, pack = (int(x) for x in cfg.split(","))
-                kw = dict(grid=grid or None, pack=pack)
-                r = dict(what=what, page=page, kernel="gluon", cfg=cfg)
+                pack, k_stages, v_stages = (int(x) for x in cfg.split(","))
+                kw = dict(pack=pack, k_stages=k_stages, v_stages=v_stages)
+                r = dict(what=what, batch=b, new=new, cached=cached, page=page, kernel="gluon", cfg=cfg)
                 try:
                     fn = lambda: gluon_paged_prefill(q, kc, vc, bt, sl, qsl, **kw)
                     out = fn().float()

@@ -50,7 +50,7 @@ COMPILE = textwrap.dedent(
                  VD=desc(min(page, ga.BLOCK_N), ga.BLOCK_N), BT="*i32", SL="*i32", QSL="*i32", Sched="*i32", Out="*bf16",
                  qk_scale="fp32", v_scale="fp32")
     const = dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=d, PAGE=page, BLOCK_M=ga.BLOCK_M, BLOCK_N=ga.BLOCK_N,
-                 STAGES=ga.STAGES, ROWS=ga.ROWS, PACK=pack, SEARCH_ITERS=4, COMPUTE_REGS=ga.COMPUTE_REGS, LOADER_REGS=ga.LOADER_REGS,
+                 K_STAGES=ga.K_STAGES, V_STAGES=ga.V_STAGES, ROWS=ga.ROWS, PACK=pack, SEARCH_ITERS=4, COMPUTE_REGS=ga.COMPUTE_REGS, LOADER_REGS=ga.LOADER_REGS,
                  num_warps=ga.NUM_WARPS)
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const),
@@ -93,6 +93,7 @@ GPU_CASES = [
     ([4095, 1, 300], [4095, 4000, 1000], 2, 4, 128, 128, BF16),           # pages larger than a tile
     ([333, 7, 64, 1], [1000, 70, 64, 9], 2, 4, 128, 8, BF16),             # eight copies per tile
     ([17, 200], [17, 263], 4, 2, 64, 16, FP16),
+    ([40, 3, 500], [40, 90, 700], 3, 3, 64, 16, BF16),                   # the default model's heads
 ]
 
 
@@ -115,7 +116,10 @@ def test_gpu_prefill(q_lens, seq_lens, hkv, group, head_dim, page, dtype):
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
 def test_gpu_op_dispatch_and_cuda_graph():
     q, kc, vc, bt, sl, qsl = _inputs([300, 1, 77], [900, 40, 77], 2, 4, 128, 16, BF16)
+    assert ta.prefill_backend(q, kc, vc) == "triton"  # 378 tokens: below GLUON_PREFILL_MIN_TOKENS
+    q, kc, vc, bt, sl, qsl = _inputs([1000, 1, 77], [1900, 40, 77], 2, 4, 128, 16, BF16)
     assert ta.prefill_backend(q, kc, vc) == "gluon"
+    assert ta.prefill_backend(q.float(), kc.float(), vc.float()) == "triton"
     op = torch.ops.trtllm_kernels.paged_attention_prefill
     eager = op(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)
     ref = _prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, qsl, 128 ** -0.5, 1.0, 1.0)

@@ -2,21 +2,22 @@
 
 Same contract as `triton_paged_prefill` (see `trtllm_kernels.kernels.triton_attention`): q
 [T, Hq, D], caches [num_blocks, Hkv, page, D], block_tables, seq_lens, query_start_loc; the
-queries of a sequence are its last q_len positions. Same work items too: BLOCK_M queries of one
-sequence and one query head (the sequence found by binary search over query_start_loc),
-heaviest first, the heads of a tile next to each other (they share K/V in L2).
+queries of a sequence are its last q_len positions. A work item is BLOCK_M query rows: BLOCK_M /
+PACK positions of one sequence x PACK query heads of one kv head (GQA packing: each K/V tile
+serves them all). Items run heaviest tile of a sequence first, head groups next to each other.
 
 What Triton's compiler does not do, written out here (the FlashAttention-3 design):
-- Persistent programs, one per SM, each walking the work items pid, pid + grid, ... so the
-  next item's loads start while the current one finishes (a program per item paid its start,
-  its first loads and its epilogue unhidden: ~15% of the time at 4 x 4096).
-- Warp roles (`gl.warp_specialize`). A loader warp (24 registers) copies each item's Q tile
-  (two buffers) and its K and V tiles (a ring of STAGES slots) with TMA, one copy per page
-  piece (pages of 16 rows included: a BLOCK_N tile is gathered into one slot by BLOCK_N / page
+- Persistent programs, one per SM, taking items from a global counter (items cost from one
+  to hundreds of K/V tiles), so the next item's loads start while the current one finishes.
+- Warp roles (`gl.warp_specialize`). A loader warp (24 registers) takes the items, skips the
+  empty ones, publishes each to the compute warps (its id in global scratch, released by an
+  mbarrier) and copies with TMA its Q tile (a [positions, heads, D] box; two buffers) and its
+  K and V tiles (rings of K_STAGES and V_STAGES slots, K a tile ahead), one copy per page piece
+  (pages of 16 rows included: a BLOCK_N tile is gathered into one slot by BLOCK_N / page
   copies), signalling `ready` mbarriers; the compute warps hand buffers back through `empty`
-  mbarriers. Two compute partitions of one warpgroup each (240 registers) take 64 query rows
-  of the item; having no program counter in common, one's softmax runs while the other's
-  matrix products do.
+  mbarriers. Two compute partitions of one warpgroup each (240 registers) take 64 rows of
+  the item; having no program counter in common, one's softmax runs while the other's matrix
+  products do.
 - Within a compute partition, for tile j + 1: issue S_{j+1} = Q K_{j+1}^T (asynchronous
   wgmma), rescale O by tile j's factor, issue O += P_j V_j, wait for S only, run softmax_{j+1}
   while P_j V_j runs, then wait for it. While a wgmma is in flight nothing reads or writes its
@@ -28,10 +29,17 @@ What Triton's compiler does not do, written out here (the FlashAttention-3 desig
 Rows of V past a sequence's end (slots that may hold anything, NaN included) are zeroed in
 shared memory before P @ V; scores past the end or the diagonal are masked to -inf.
 
-Measured on H100 (4 x 4096 causal, 32/8 heads, D 128, bf16, `benchmarks/prefill_sweep.py`):
-before persistence, BLOCK_N 128 beat 64 (1089 against 1146 us at page 16), two compute
-partitions beat one of two warpgroups (1146 against 1283 us), forcing the partitions to take
-turns (FA3's ping-pong) changed nothing, a third K/V stage neither.
+Measured on H100 (4 x 4096 causal, 32/8 heads, D 128, bf16, page 16, `benchmarks/prefill_sweep.py`,
+results in benchmarks/results/h100-2026-11-27/gluon_prefill/), each step against the last: one
+program per item with one compute partition of two warpgroups, 64-key tiles: 1581 us, ptxas
+having serialized every wgmma (C7514: the softmax read S_j while S_{j+1} was in flight); the loop
+reordered as above: 1283; two compute partitions: 1146; 128-key tiles: 1089 (a third K/V stage,
+or making the partitions take turns issuing (FA3's ping-pong): no change); persistent programs
+taking items round-robin: 1110 (12% load imbalance over 132 programs), from a work counter:
+1041; Q through TMA and GQA packing: 1012 (packing itself: within noise, so L2 bandwidth is not
+the limit); K one tile ahead of V in the ring: within noise. Carrying the pipeline across items
+(no drain per item) ran slower (1060: its extra live state spilled) and was dropped. ncu: tensor
+pipe active 67% of cycles, issue slots 34% busy.
 
 bf16 / fp16 queries and caches of the same dtype, head dim 64 or 128, pages of 8 or more rows
 (a TMA box per page); other inputs stay on the Triton kernel (`supported`).
@@ -59,7 +67,7 @@ LOG2E = 1.4426950408889634
 # Q 2 x 32 KB + 2 x (K 32 KB + V 32 KB) = 192 KB. The kernel's 12 warps at MAXNREG registers
 # fill the register file (168 x 384 threads); the loader's warpgroup keeps 24 a thread, the
 # compute warpgroups grow to COMPUTE_REGS.
-BLOCK_M, BLOCK_N, STAGES = 128, 128, 2
+BLOCK_M, BLOCK_N, K_STAGES, V_STAGES = 128, 128, 3, 2
 ROWS, NUM_WARPS, MAXNREG, COMPUTE_REGS, LOADER_REGS = 64, 4, 168, 240, 24
 
 
@@ -106,7 +114,7 @@ def _load_partition(qd, kd, vd, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_read
                     BT, SL, QSL, Sched, stride_bt, num_seqs, num_tiles, num_items,
                     NUM_HEADS: gl.constexpr, NUM_KV_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr,
                     PAGE: gl.constexpr, PACK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, SEARCH_ITERS: gl.constexpr):
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, SEARCH_ITERS: gl.constexpr):
     """Takes work items from the global counter Sched[0] (a program that finishes early takes
     more: the items' costs differ by up to the context length), skips the empty ones, and per
     item: publishes its id in Sched[1 + 2 * pid + qi % 2] for the compute warps, copies its Q
@@ -134,13 +142,17 @@ def _load_partition(qd, kd, vd, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_read
                                             q_bufs.index(qb))
             bt_row = BT + seq.to(gl.int64) * stride_bt
             kvh = h0 // (NUM_HEADS // NUM_KV_HEADS)
-            for j in range(n_tiles):
-                slot = (kv + j) % STAGES
-                phase = ((kv + j) // STAGES) & 1
-                _load_tile(kd, k_bufs.index(slot), k_ready.index(slot), k_empty.index(slot), phase, j * BLOCK_N,
-                           end, bt_row, kvh, NUM_KV_HEADS, PAGE, BLOCK_N)
-                _load_tile(vd, v_bufs.index(slot), v_ready.index(slot), v_empty.index(slot), phase, j * BLOCK_N,
-                           end, bt_row, kvh, NUM_KV_HEADS, PAGE, BLOCK_N)
+            # K runs a tile ahead of V: S_{j+1} needs K_{j+1} before P_j V_j needs V_j
+            for j in range(n_tiles + 1):
+                if j < n_tiles:
+                    slot = (kv + j) % K_STAGES
+                    _load_tile(kd, k_bufs.index(slot), k_ready.index(slot), k_empty.index(slot),
+                               ((kv + j) // K_STAGES) & 1, j * BLOCK_N, end, bt_row, kvh, NUM_KV_HEADS, PAGE, BLOCK_N)
+                if j > 0:
+                    slot = (kv + j - 1) % V_STAGES
+                    _load_tile(vd, v_bufs.index(slot), v_ready.index(slot), v_empty.index(slot),
+                               ((kv + j - 1) // V_STAGES) & 1, (j - 1) * BLOCK_N, end, bt_row, kvh, NUM_KV_HEADS,
+                               PAGE, BLOCK_N)
             kv += n_tiles
             qi += 1
         w = gl.atomic_add(Sched, 1)
@@ -196,7 +208,7 @@ def _issue_pv(o, p_op, v_buf, start, seq_len, BLOCK_N: gl.constexpr, num_warps: 
 @gluon.jit
 def _attend(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, kv, n_tiles, first_pos, seq_len, qk_scale,
             HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, PACK: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, num_warps: gl.constexpr):
+            K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Rows at positions first_pos + r // PACK over the item's n_tiles K/V tiles (ring tiles
     kv ...): the unnormalised O and the softmax sums."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -212,35 +224,35 @@ def _attend(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, kv, n_ti
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
-    slot = kv % STAGES
-    mbarrier.wait(k_ready.index(slot), (kv // STAGES) & 1)
+    slot = kv % K_STAGES
+    mbarrier.wait(k_ready.index(slot), (kv // K_STAGES) & 1)
     s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
     mbarrier.arrive(k_empty.index(slot), count=1)
     p, alpha, m_i, l_i = _tile_softmax(s, m_i, l_i, q_pos, 0, first_pos, qk_scale, BLOCK_N, col_layout)
     p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     for j in range(n_tiles - 1):
-        slot = (kv + j) % STAGES
-        nxt = (kv + j + 1) % STAGES
-        mbarrier.wait(k_ready.index(nxt), ((kv + j + 1) // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        vs = (kv + j) % V_STAGES
+        ks = (kv + j + 1) % K_STAGES
+        mbarrier.wait(k_ready.index(ks), ((kv + j + 1) // K_STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_bufs.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        mbarrier.wait(v_ready.index(slot), ((kv + j) // STAGES) & 1)
-        o = _issue_pv(o, p_op, v_bufs.index(slot), j * BLOCK_N, seq_len, BLOCK_N, num_warps)
+        mbarrier.wait(v_ready.index(vs), ((kv + j) // V_STAGES) & 1)
+        o = _issue_pv(o, p_op, v_bufs.index(vs), j * BLOCK_N, seq_len, BLOCK_N, num_warps)
         s = warpgroup_mma_wait(1, deps=(s,))  # the groups complete in issue order: S_{j+1} is done
-        mbarrier.arrive(k_empty.index(nxt), count=1)
+        mbarrier.arrive(k_empty.index(ks), count=1)
         p, alpha, m_i, l_i = _tile_softmax(s, m_i, l_i, q_pos, (j + 1) * BLOCK_N, first_pos, qk_scale, BLOCK_N,
                                            col_layout)
         o = warpgroup_mma_wait(0, deps=(o,))
-        mbarrier.arrive(v_empty.index(slot), count=1)
+        mbarrier.arrive(v_empty.index(vs), count=1)
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     j = n_tiles - 1
-    slot = (kv + j) % STAGES
+    vs = (kv + j) % V_STAGES
     o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    mbarrier.wait(v_ready.index(slot), ((kv + j) // STAGES) & 1)
-    o = _issue_pv(o, p_op, v_bufs.index(slot), j * BLOCK_N, seq_len, BLOCK_N, num_warps)
+    mbarrier.wait(v_ready.index(vs), ((kv + j) // V_STAGES) & 1)
+    o = _issue_pv(o, p_op, v_bufs.index(vs), j * BLOCK_N, seq_len, BLOCK_N, num_warps)
     o = warpgroup_mma_wait(0, deps=(o,))
-    mbarrier.arrive(v_empty.index(slot), count=1)
+    mbarrier.arrive(v_empty.index(vs), count=1)
     return o, l_i
 
 
@@ -248,8 +260,8 @@ def _attend(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, kv, n_ti
 def _compute_partition(q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out,
                        SL, QSL, Sched, num_seqs, num_tiles, num_items, stride_ot, stride_oh, qk_scale, v_scale,
                        HALF: gl.constexpr, NUM_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
-                       PACK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       SEARCH_ITERS: gl.constexpr, num_warps: gl.constexpr):
+                       PACK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                       V_STAGES: gl.constexpr, SEARCH_ITERS: gl.constexpr, num_warps: gl.constexpr):
     """Rows HALF * ROWS ... of each item the loader publishes (row r: position r // PACK of the
     item, head h0 + r % PACK): attention over its tiles, then the output rows."""
     BLOCK_Q: gl.constexpr = BLOCK_M // PACK
@@ -272,7 +284,7 @@ def _compute_partition(q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_read
         pos0 = local * BLOCK_Q + HALF * (ROWS // PACK)  # the partition's first query position
         q_smem = q_bufs.index(qb).reshape([BLOCK_M, HEAD_DIM]).slice(HALF * ROWS, ROWS)
         o, l_i = _attend(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, kv, n_tiles, ctx + pos0,
-                         seq_len, qk_scale, HEAD_DIM, ROWS, PACK, BLOCK_N, STAGES, num_warps)
+                         seq_len, qk_scale, HEAD_DIM, ROWS, PACK, BLOCK_N, K_STAGES, V_STAGES, num_warps)
         mbarrier.arrive(q_empty.index(qb), count=1)
         o = o * gl.convert_layout(v_scale / l_i, gl.SliceLayout(1, o_layout))[:, None]
         r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -291,39 +303,43 @@ def _paged_prefill_kernel(
     QD, KD, VD, BT, SL, QSL, Sched, Out, qk_scale, v_scale,
     stride_bt, stride_ot, stride_oh, num_seqs, num_tiles, num_items,
     NUM_HEADS: gl.constexpr, NUM_KV_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, PACK: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+    ROWS: gl.constexpr, PACK: gl.constexpr,
     SEARCH_ITERS: gl.constexpr, COMPUTE_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     gl.static_assert(BLOCK_M == 2 * ROWS, "two compute partitions of ROWS query rows")
     q_bufs = gl.allocate_shared_memory(QD.dtype, [2, BLOCK_M // PACK, PACK, HEAD_DIM], QD.layout)
-    k_bufs = gl.allocate_shared_memory(KD.dtype, [STAGES, BLOCK_N, HEAD_DIM], KD.layout)
-    v_bufs = gl.allocate_shared_memory(VD.dtype, [STAGES, BLOCK_N, HEAD_DIM], VD.layout)
+    k_bufs = gl.allocate_shared_memory(KD.dtype, [K_STAGES, BLOCK_N, HEAD_DIM], KD.layout)
+    v_bufs = gl.allocate_shared_memory(VD.dtype, [V_STAGES, BLOCK_N, HEAD_DIM], VD.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # both compute partitions
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(K_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()  # the barriers' init, before the async proxy uses them
 
     gl.warp_specialize([
         (_compute_partition, (q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out,
                               SL, QSL, Sched, num_seqs, num_tiles, num_items, stride_ot, stride_oh, qk_scale, v_scale, 0,
-                              NUM_HEADS, HEAD_DIM, ROWS, PACK, BLOCK_M, BLOCK_N, STAGES, SEARCH_ITERS, num_warps)),
+                              NUM_HEADS, HEAD_DIM, ROWS, PACK, BLOCK_M, BLOCK_N, K_STAGES, V_STAGES, SEARCH_ITERS,
+                              num_warps)),
         (_compute_partition, (q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out,
                               SL, QSL, Sched, num_seqs, num_tiles, num_items, stride_ot, stride_oh, qk_scale, v_scale, 1,
-                              NUM_HEADS, HEAD_DIM, ROWS, PACK, BLOCK_M, BLOCK_N, STAGES, SEARCH_ITERS, num_warps)),
+                              NUM_HEADS, HEAD_DIM, ROWS, PACK, BLOCK_M, BLOCK_N, K_STAGES, V_STAGES, SEARCH_ITERS,
+                              num_warps)),
         (_load_partition, (QD, KD, VD, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                            BT, SL, QSL, Sched, stride_bt, num_seqs, num_tiles, num_items, NUM_HEADS, NUM_KV_HEADS,
-                           HEAD_DIM, PAGE, PACK, BLOCK_M, BLOCK_N, STAGES, SEARCH_ITERS)),
+                           HEAD_DIM, PAGE, PACK, BLOCK_M, BLOCK_N, K_STAGES, V_STAGES, SEARCH_ITERS)),
     ], [num_warps, 1], [COMPUTE_REGS, LOADER_REGS])
 
 
@@ -373,7 +389,8 @@ def default_pack(num_heads: int, num_kv_heads: int) -> int:
 
 def gluon_paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=None,
                         k_scale: float = 1.0, v_scale: float = 1.0, *, out=None,
-                        grid: int | None = None, pack: int | None = None) -> torch.Tensor:
+                        grid: int | None = None, pack: int | None = None, k_stages: int = K_STAGES,
+                        v_stages: int = V_STAGES) -> torch.Tensor:
     """Paged causal prefill (the contract of `trtllm_kernels.attention.paged_attention_prefill`)
     for inputs `supported` accepts. `grid`: persistent programs (default: one per SM); `pack`:
     query heads per work item (a divisor of the GQA group; default `default_pack`)."""
@@ -405,7 +422,7 @@ def gluon_paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start
         block_tables, seq_lens, query_start_loc, sched, out, float(scale) * LOG2E * float(k_scale), float(v_scale),
         block_tables.stride(0), out.stride(0), out.stride(1), num_seqs, num_tiles, num_items,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, ROWS=ROWS, PACK=pack, SEARCH_ITERS=search_iters,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=v_stages, ROWS=ROWS, PACK=pack, SEARCH_ITERS=search_iters,
         COMPUTE_REGS=COMPUTE_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return out

@@ -54,6 +54,16 @@ once for them and a tile covers BLOCK_M // PACK positions. Measured on H100 (4 x
 heads, .device/F-1): page 16 1280 us -> 1253 (PACK 2) / 1259 (PACK 4); pages of 64 with TMA
 1168 -> 1157; chunked prefill 303 -> 310. Within noise, so the default stays PACK 1.
 
+Prefill dispatch: on Hopper, trtllm_kernels::paged_attention_prefill runs the Gluon kernel of
+kernels/gluon_attention.py (TMA loader warp, asynchronous wgmma overlapped with the softmax,
+persistent programs: H100 4 x 4096 causal 1044 us against this kernel's 1302, chunked 227 against
+312) for bf16 / fp16 caches and calls of 512+ query tokens, and this kernel for smaller calls,
+FP8 caches, fp32 and other GPUs (`prefill_backend`, override with
+TRTLLM_KERNELS_PREFILL_BACKEND=triton|gluon). Triton 3.6 cannot
+express the Gluon kernel's overlap: its pipeliner keeps a wgmma in flight only when the result
+feeds another wgmma's accumulator (a software-pipelined variant here waited at once), and its
+automatic warp specialization did not apply to this loop on sm_90.
+
 Decode dispatch: trtllm_kernels::paged_attention_decode runs this Triton kernel or the CUDA C++
 one of csrc/paged_decode.cu (`decode_backend`, rule in `cuda_decode_preferred`, override with
 TRTLLM_KERNELS_DECODE_BACKEND=triton|cuda|auto): CUDA only for FP8 pages with few long
@@ -261,9 +271,10 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
-def _softmax_pv(s, v, acc, l_i, m_i, qk_scale, q_pos, tok, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The online-softmax step for scores s = q @ k^T of one [BLOCK_N, D] K/V tile (exp2
-    domain): rescale acc, add p @ v. MASK: causal."""
+def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, q_pos, tok,
+                 MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, D] K/V tile (exp2 domain); MASK: causal."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASK:
         s = tl.where(tok[None, :] <= q_pos[:, None], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -278,37 +289,6 @@ def _softmax_pv(s, v, acc, l_i, m_i, qk_scale, q_pos, tok, MASK: tl.constexpr, D
     return acc, l_i, m_new
 
 
-@triton.jit
-def _prefill_tile(desc, head, bt_row, start, end, kvh, offs_n, off, stride_b, stride_t,
-                  NUM_KV_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  USE_TMA: tl.constexpr, MASKED: tl.constexpr, ZERO: tl.constexpr):
-    """The [BLOCK_N, D] K or V rows of keys start + offs_n of kv head kvh, gathered through the
-    block table. MASKED (a tile crossing `end`): rows at and past `end` are never read by the
-    pointer paths (their block-table entries may not exist) and, with ZERO, are zeros on the
-    TMA path too (slots past a sequence's end may hold anything, NaN included: V needs it)."""
-    if USE_TMA:  # the tile is BLOCK_N consecutive rows of one page: one bulk copy
-        page = tl.load(bt_row + start // PAGE)
-        x = desc.load([(page * NUM_KV_HEADS + kvh) * PAGE + start % PAGE, 0])
-        if MASKED and ZERO:
-            x = tl.where((start + offs_n < end)[:, None], x, 0.0)
-    elif PAGE % BLOCK_N == 0:  # one page: one scalar lookup
-        page = tl.load(bt_row + start // PAGE).to(tl.int64)
-        ptr = head + page * stride_b + (start % PAGE) * stride_t + off
-        if MASKED:
-            x = tl.load(ptr, mask=(start + offs_n < end)[:, None], other=0.0)
-        else:
-            x = tl.load(ptr)
-    else:  # a lookup per row
-        tok = start + offs_n
-        if MASKED:
-            page = tl.load(bt_row + tok // PAGE, mask=tok < end, other=0).to(tl.int64)
-            x = tl.load(head + (page * stride_b)[:, None] + off, mask=(tok < end)[:, None], other=0.0)
-        else:
-            page = tl.load(bt_row + tok // PAGE).to(tl.int64)
-            x = tl.load(head + (page * stride_b)[:, None] + off)
-    return x
-
-
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt", "BT", "SL", "QSL"])
 def _paged_prefill_kernel(
     Q, K, V, KD, VD, BT, SL, QSL, Out,
@@ -321,7 +301,6 @@ def _paged_prefill_kernel(
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_ITERS: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, PACK: tl.constexpr = 1,
-    PIPE: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     # PACK query heads of one kv head share the program (GQA packing): row r of the tile is
     # position r // PACK of head h0 + r % PACK, so a tile covers BLOCK_Q = BLOCK_M // PACK
@@ -376,45 +355,48 @@ def _paged_prefill_kernel(
     v_off = ((offs_n % PAGE) * stride_vt)[:, None] + offs_d[None, :]
 
     # 1) key tiles visible to every query in the tile: no masks at all
-    if PIPE:
-        # Software pipelined: the scores of tile j + 1 are issued (an asynchronous wgmma)
-        # before tile j's softmax, so the tensor cores work while the softmax runs.
-        if full_end > 0:
-            k = _prefill_tile(KD, k_head, bt_row, 0, end, kvh, offs_n, k_off, stride_kb, stride_kt,
-                              NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
-            for start in range(BLOCK_N, full_end, BLOCK_N):
-                k = _prefill_tile(KD, k_head, bt_row, start, end, kvh, offs_n, k_off, stride_kb, stride_kt,
-                                  NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
-                s_next = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
-                v = _prefill_tile(VD, v_head, bt_row, start - BLOCK_N, end, kvh, offs_n, v_off, stride_vb,
-                                  stride_vt, NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
-                acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, offs_n,
-                                            False, DOT_PREC)
-                s = s_next
-            v = _prefill_tile(VD, v_head, bt_row, full_end - BLOCK_N, end, kvh, offs_n, v_off, stride_vb,
-                              stride_vt, NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
-            acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, offs_n,
-                                        False, DOT_PREC)
-    else:
-        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
-            k = _prefill_tile(KD, k_head, bt_row, start, end, kvh, offs_n, k_off, stride_kb, stride_kt,
-                              NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
-            v = _prefill_tile(VD, v_head, bt_row, start, end, kvh, offs_n, v_off, stride_vb, stride_vt,
-                              NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, False, False)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
-            acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, offs_n,
-                                        False, DOT_PREC)
+    for start in range(0, full_end, BLOCK_N):
+        tok = start + offs_n
+        if USE_TMA:  # the tile is BLOCK_N consecutive rows of one page: one bulk copy each
+            page = tl.load(bt_row + start // PAGE)
+            row = (page * NUM_KV_HEADS + kvh) * PAGE + start % PAGE
+            k = KD.load([row, 0])
+            v = VD.load([row, 0])
+        else:
+            if PAGE % BLOCK_N == 0:
+                page = tl.load(bt_row + start // PAGE).to(tl.int64)
+                k = tl.load(k_head + page * stride_kb + (start % PAGE) * stride_kt + k_off)
+                v = tl.load(v_head + page * stride_vb + (start % PAGE) * stride_vt + v_off)
+            else:
+                page = tl.load(bt_row + tok // PAGE).to(tl.int64)
+                k = tl.load(k_head + (page * stride_kb)[:, None] + k_off)
+                v = tl.load(v_head + (page * stride_vb)[:, None] + v_off)
+        acc, l_i, m_i = _attend_tile(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, qk_scale,
+                                     q_pos, tok, False, DOT_PREC)
 
     # 2) tiles that cross the diagonal: causal mask, and never past `end`
     for start in range(full_end, end, BLOCK_N):
-        k = _prefill_tile(KD, k_head, bt_row, start, end, kvh, offs_n, k_off, stride_kb, stride_kt,
-                          NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, True, False)
-        v = _prefill_tile(VD, v_head, bt_row, start, end, kvh, offs_n, v_off, stride_vb, stride_vt,
-                          NUM_KV_HEADS, PAGE, BLOCK_N, USE_TMA, True, True)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
-        acc, l_i, m_i = _softmax_pv(s, v.to(q.dtype), acc, l_i, m_i, qk_scale, q_pos, start + offs_n,
-                                    True, DOT_PREC)
+        tok = start + offs_n
+        mask_n = tok < end
+        if USE_TMA:
+            page = tl.load(bt_row + start // PAGE)
+            row = (page * NUM_KV_HEADS + kvh) * PAGE + start % PAGE
+            k = KD.load([row, 0])
+            # slots past the end may hold anything (NaN): zero them, as p = 0 there
+            v = tl.where(mask_n[:, None], VD.load([row, 0]), 0.0)
+        else:
+            if PAGE % BLOCK_N == 0:
+                page = tl.load(bt_row + start // PAGE).to(tl.int64)
+                k = tl.load(k_head + page * stride_kb + (start % PAGE) * stride_kt + k_off,
+                            mask=mask_n[:, None], other=0.0)
+                v = tl.load(v_head + page * stride_vb + (start % PAGE) * stride_vt + v_off,
+                            mask=mask_n[:, None], other=0.0)
+            else:
+                page = tl.load(bt_row + tok // PAGE, mask=mask_n, other=0).to(tl.int64)
+                k = tl.load(k_head + (page * stride_kb)[:, None] + k_off, mask=mask_n[:, None], other=0.0)
+                v = tl.load(v_head + (page * stride_vb)[:, None] + v_off, mask=mask_n[:, None], other=0.0)
+        acc, l_i, m_i = _attend_tile(q, k.to(q.dtype), v.to(q.dtype), acc, l_i, m_i, qk_scale,
+                                     q_pos, tok, True, DOT_PREC)
 
     out = acc * (v_scale / l_i)[:, None]
     o_off = q_rows * stride_ot + heads * stride_oh
@@ -490,7 +472,7 @@ def prefill_config(head_dim: int, q_dtype: torch.dtype, page: int = 16,
     return cfg
 
 
-_PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "PACK", "PIPE", "WS")
+_PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "PACK")
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int,
@@ -643,7 +625,7 @@ def triton_paged_prefill(
     k_scale: float = 1.0, v_scale: float = 1.0, *, out: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, use_tma: bool | None = None, maxnreg: int | None = None,
-    pack: int | None = None, pipeline: bool | None = None, warp_specialize: bool | None = None,
+    pack: int | None = None,
 ) -> torch.Tensor:
     """Paged causal prefill attention (see `trtllm_kernels.attention.paged_attention_prefill`).
 
@@ -653,9 +635,7 @@ def triton_paged_prefill(
     tiles with TMA descriptors instead of gathered pointer loads. `pack` (GQA packing, a
     divisor of Hq // Hkv with BLOCK_M // pack >= 16): query heads of one kv head that share a
     tile, so K/V tiles are loaded once for them (default: the config's PACK where it divides
-    the group, else 1). `pipeline`: issue the next tile's scores before the current tile's
-    softmax (PIPE); `warp_specialize`: Triton's automatic warp specialization of the main loop
-    (WS). Both default to the config's.
+    the group, else 1).
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -675,8 +655,6 @@ def triton_paged_prefill(
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     maxnreg = maxnreg or cfg.get("maxnreg")
-    pipeline = cfg.get("PIPE", False) if pipeline is None else pipeline
-    warp_specialize = cfg.get("WS", False) if warp_specialize is None else warp_specialize
     group = num_heads // num_kv_heads
     if pack is None:
         pack = cfg.get("PACK", 1)
@@ -704,7 +682,6 @@ def triton_paged_prefill(
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, SEARCH_ITERS=search_iters,
         DOT_PREC=_dot_prec(q.dtype), USE_TMA=descs is not None, PACK=pack,
-        PIPE=bool(pipeline), WS=bool(warp_specialize) and not _interpreting(),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
@@ -761,11 +738,24 @@ def paged_attention_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, sca
     return triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
+# Below this many query tokens in a call the Triton prefill kernel stays: the Gluon kernel's
+# fixed cost (its work counter's memset, 12-warp persistent programs, a pipeline drained per
+# item) is a few microseconds. H100, 32/8 heads, D 128, pages of 16, Triton / Gluon us
+# (benchmarks/prefill_sweep.py, gluon_prefill/sweeps/sweep_call17.json): 1 x 16 tokens 5.3 / 9.5,
+# 1 x 128 7.8 / 10.0, 1 x 512 20.0 / 15.3, 1 x 1024 35.5 / 28.9, 4 x 256 17.8 / 22.3,
+# 16 x 256 63.3 / 65.2, 8 x 256 over 1024 cached 109 / 93, 1 x 512 over 8192 294 / 130,
+# 4 x 4096 1293 / 1071. A few microseconds lost on batches of short prompts, against up to
+# 2.3x on chunks of long prompts.
+GLUON_PREFILL_MIN_TOKENS = 512
+
+
 def prefill_backend(q, k_cache, v_cache) -> str:
     """'gluon' (kernels/gluon_attention.py: TMA + asynchronous wgmma, Hopper, bf16/fp16 caches)
-    wherever it takes the inputs, else 'triton'. TRTLLM_KERNELS_PREFILL_BACKEND = auto (default),
-    triton or gluon (still Triton where Gluon does not take the inputs)."""
-    if os.environ.get("TRTLLM_KERNELS_PREFILL_BACKEND", "auto") == "triton":
+    for calls of GLUON_PREFILL_MIN_TOKENS query tokens or more that it takes, else 'triton' (a
+    static rule: CUDA-graph safe). TRTLLM_KERNELS_PREFILL_BACKEND = auto (default), triton or
+    gluon (Gluon at any size, still Triton where Gluon does not take the inputs)."""
+    choice = os.environ.get("TRTLLM_KERNELS_PREFILL_BACKEND", "auto")
+    if choice == "triton" or (choice != "gluon" and q.shape[0] < GLUON_PREFILL_MIN_TOKENS):
         return "triton"
     from . import gluon_attention
 
