@@ -63,10 +63,10 @@ from .triton_tiles import num_sms
 
 LOG2E = 1.4426950408889634
 
-# 128 queries per item (64 per compute warpgroup), 128-key tiles, two K/V stages: shared memory
-# Q 2 x 32 KB + 2 x (K 32 KB + V 32 KB) = 192 KB. The kernel's 12 warps at MAXNREG registers
-# fill the register file (168 x 384 threads); the loader's warpgroup keeps 24 a thread, the
-# compute warpgroups grow to COMPUTE_REGS.
+# 128 query rows per item (64 per compute warpgroup), 128-key tiles, a K ring of 3 and a V ring
+# of 2: shared memory Q 2 x 32 KB + K 3 x 32 KB + V 2 x 32 KB = 224 KB (of 227). The kernel's
+# 12 warps at MAXNREG registers fill the register file (168 x 384 threads); the loader's
+# warpgroup keeps LOADER_REGS a thread, the compute warpgroups grow to COMPUTE_REGS.
 BLOCK_M, BLOCK_N, K_STAGES, V_STAGES = 128, 128, 3, 2
 ROWS, NUM_WARPS, MAXNREG, COMPUTE_REGS, LOADER_REGS = 64, 4, 168, 240, 24
 
