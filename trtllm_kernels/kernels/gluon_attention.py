@@ -16,8 +16,8 @@ What Triton's compiler does not do, written out here (the FlashAttention-3 desig
   (pages of 16 rows included: a BLOCK_N tile is gathered into one slot by BLOCK_N / page
   copies), signalling `ready` mbarriers; the compute warps hand buffers back through `empty`
   mbarriers. Two compute partitions of one warpgroup each (240 registers) take 64 rows of
-  the item; having no program counter in common, one's softmax runs while the other's matrix
-  products do.
+  the item; having no program counter in common, one's softmax can run while the other's
+  matrix products do (measured: mostly it does not yet, see below).
 - Within a compute partition, for tile j + 1: issue S_{j+1} = Q K_{j+1}^T (asynchronous
   wgmma), rescale O by tile j's factor, issue O += P_j V_j, wait for S only, run softmax_{j+1}
   while P_j V_j runs, then wait for it. While a wgmma is in flight nothing reads or writes its
@@ -39,7 +39,9 @@ taking items round-robin: 1110 (12% load imbalance over 132 programs), from a wo
 1041; Q through TMA and GQA packing: 1012 (packing itself: within noise, so L2 bandwidth is not
 the limit); K one tile ahead of V in the ring: within noise. Carrying the pipeline across items
 (no drain per item) ran slower (1060: its extra live state spilled) and was dropped. ncu: tensor
-pipe active 67% of cycles, issue slots 34% busy.
+pipe active 67% of cycles, issue slots 34% busy. The limit: a build without the softmax (timing
+only) ran 688 us, so the softmax is mostly not overlapped with the tensor cores; not the
+exponentials' throughput nor the row reductions' chains (each replaced in a build: no change).
 
 bf16 / fp16 queries and caches of the same dtype, head dim 64 or 128, pages of 8 or more rows
 (a TMA box per page); other inputs stay on the Triton kernel (`supported`).
