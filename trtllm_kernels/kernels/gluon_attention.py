@@ -48,8 +48,6 @@ bf16 / fp16 queries and caches of the same dtype, head dim 64 or 128, pages of 8
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -61,6 +59,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .triton_attention import prefill_search_iters
 from .triton_tiles import num_sms
 
 LOG2E = 1.4426950408889634
@@ -415,7 +414,7 @@ def gluon_paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start
     block_q = BLOCK_M // pack  # positions per work item
     num_tiles = total // block_q + num_seqs  # an upper bound on the sequences' query tiles (static)
     num_items = num_heads // pack * num_tiles
-    search_iters = 4 * math.ceil(math.log2(num_seqs) / 4) if num_seqs > 1 else 0
+    search_iters = prefill_search_iters(num_seqs)
     box = min(page, BLOCK_N)
     grid = min(num_items, grid or num_sms(q.device))
     sched = torch.zeros(1 + 2 * grid, dtype=torch.int32, device=q.device)  # item counter, published ids

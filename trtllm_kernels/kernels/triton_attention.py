@@ -619,6 +619,13 @@ def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: in
     return descs
 
 
+def prefill_search_iters(num_seqs: int) -> int:
+    """Steps of the prefill kernels' binary search for a tile's sequence: ceil(log2(num_seqs))
+    rounded up to a multiple of 4 (extra steps keep the answer), so a new batch size rarely
+    means a new compile (Triton's JIT costs seconds a variant, mid-run)."""
+    return 4 * math.ceil(math.log2(num_seqs) / 4) if num_seqs > 1 else 0
+
+
 def triton_paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float | None = None,
@@ -662,9 +669,7 @@ def triton_paged_prefill(
     if group % pack or block_m % pack or block_m // pack < 1:
         raise ValueError(f"pack={pack} must divide the group ({group}) and BLOCK_M ({block_m})")
     num_tiles = total // (block_m // pack) + num_seqs
-    # Rounded up to a multiple of 4 (extra iterations keep lo where it is): a new batch size
-    # then rarely means a new compile (Triton's JIT costs seconds a variant, mid-run).
-    search_iters = 4 * math.ceil(math.log2(num_seqs) / 4) if num_seqs > 1 else 0
+    search_iters = prefill_search_iters(num_seqs)
     if use_tma is None:
         use_tma = (page % block_n == 0 and q.is_cuda and not _interpreting()
                    and torch.cuda.get_device_capability(q.device)[0] >= 9)
