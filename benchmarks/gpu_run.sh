@@ -13,6 +13,8 @@
 #   overlap      overlap scheduling (issue 6) at Llama-3.1-8B shape, on against off (--no-overlap)
 #                in one call: batch-1 latency (FP8, bf16) and FP8 throughput 128/128; then FP8
 #                with an FP8 KV cache, and FP8 1000/1000 (its GPU tests: the tests stage)
+#   sizing       KV-cache sizing (issue 6): runtime GPU tests, FP8 throughput at max batch 1024
+#                (128/128) and 512 (1000/1000) with an FP8 KV cache, the profile at batch 1024
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -110,6 +112,19 @@ for stage in $stages; do
       # 1000/1000 at batch 256 needs 512k tokens of KV cache: an H100 holds 388k in bf16, 777k in FP8
       timeout 150 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
         --stem throughput_fp8_fp8kv_1000 --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 >> "$OUT/e2e.log" 2>&1
+      ;;
+    sizing)
+      # KV-cache sizing from measured activation and graph memory (issue 6): its GPU tests, then
+      # the largest-batch FP8 runs, whose start-up line shows the plan (e2e.log), and a profile.
+      timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/test_runtime_gpu.py \
+        tests/test_sampling.py tests/test_llm.py 2>&1 | tail -30 > "$OUT/pytest_sizing.txt"
+      timeout 90 $B throughput $S --stem throughput_fp8_fp8kv_128_1024 --num-requests 1000 --quantization fp8 \
+        --kv-cache-dtype fp8 --max-batch-size 1024 >> "$OUT/e2e.log" 2>&1
+      timeout 120 python3 benchmarks/profile_step.py --shape llama-3.1-8b --quantization fp8 --kv-cache-dtype fp8 \
+        --max-batch-size 1024 --out "$OUT" > "$OUT/profile.log" 2>&1
+      timeout 150 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
+        --stem throughput_fp8_fp8kv_1000_512 --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
+        --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;

@@ -263,15 +263,15 @@ class TensorParallelLlamaModel(LlamaModel):
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         import trtllm_kernels as tk
 
         if hidden.shape[0] == 0:  # a step that samples nothing (mid-prompt chunk): same on every rank
             return hidden.new_empty(0, self.full_config.vocab_size, dtype=torch.float32)
         local = tk.linear(hidden, self.lm_head)  # [N, vocab_shard], in the activation dtype
         gathered = self.comm.all_gather(local)  # [size, N, vocab_shard]
-        logits = gathered.permute(1, 0, 2).reshape(hidden.shape[0], -1)
-        return logits[:, : self.full_config.vocab_size].float()
+        logits = gathered.permute(1, 0, 2).reshape(hidden.shape[0], -1)[:, : self.full_config.vocab_size]
+        return logits.float() if out is None else out.copy_(logits)
 
 
 class TensorParallelFp8LlamaModel(TensorParallelLlamaModel, Fp8LlamaModel):

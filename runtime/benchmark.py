@@ -200,6 +200,7 @@ def cmd_throughput(args) -> int:
         runs.append(throughput(llm, args.num_requests, args.input_len, args.output_len))
         runs[-1]["tensor_parallel_size"] = args.tensor_parallel_size
         runs[-1]["kv_cache_tokens"] = llm.kv_cache_capacity_tokens
+        runs[-1]["memory_plan_bytes"] = llm.memory_plan  # what the cache was sized from (None: given or CPU)
         runs[-1]["overlap_scheduling"] = llm.executor.overlap
         print(f"max_batch_size {bs}: {runs[-1]['output_tok_s']:.0f} output tok/s", flush=True)
         if args.out:  # written before shutdown, so a run's numbers survive a stuck teardown

@@ -228,18 +228,18 @@ def model_spec(model, build_config: BuildConfig | None, progress: bool) -> dict:
 
 def kv_blocks_fit(model, build: BuildConfig, kv_cache_tokens: int | None, fraction: float,
                   max_seq_len: int, cache_dtype: torch.dtype) -> int:
-    """Blocks this rank's KV cache can hold; the same rule as LLM._num_blocks, over this
-    rank's own head count and free memory."""
-    from .llm import CPU_DEFAULT_KV_TOKENS, GPU_MEMORY_RESERVE
+    """Blocks this rank's KV cache can hold, over this rank's own head count and free memory:
+    kv_cache_tokens if given; else on CUDA `fraction` of the free memory less a fixed reserve
+    (one rank measures its activations instead: runtime/kv_sizing.py says why not here)."""
+    from . import kv_sizing
 
-    c = model.config
+    if kv_cache_tokens is None and model.device.type == "cuda":
+        kv_sizing.check_fraction(fraction)
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return kv_sizing.fit_blocks(model.config, cache_dtype, build.page_size, free, fraction,
+                                    kv_sizing.TP_MEMORY_RESERVE)
     if kv_cache_tokens is None:
-        if model.device.type == "cuda":
-            per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * cache_dtype.itemsize
-            free, _ = torch.cuda.mem_get_info(model.device)
-            kv_cache_tokens = int((free * fraction - GPU_MEMORY_RESERVE) // per_token)
-        else:
-            kv_cache_tokens = max(CPU_DEFAULT_KV_TOKENS, max_seq_len)
+        kv_cache_tokens = kv_sizing.default_cpu_tokens(max_seq_len)
     return max(kv_cache_tokens // build.page_size, 0)
 
 

@@ -16,14 +16,12 @@ from trtllm_kernels.engine.builder import ENGINE_CONFIG
 from trtllm_kernels.engine.checkpoint import CheckpointError
 
 from .detokenizer import IncrementalDetokenizer
+from . import kv_sizing
 from .executor import Executor
 from .kv_cache_manager import KVCacheManager
 from .request import CompletionOutput, Request, RequestOutput, RequestStatus
 from .sampler import seeded_child
 from .sampling_params import SamplingParams
-
-CPU_DEFAULT_KV_TOKENS = 16384
-GPU_MEMORY_RESERVE = 4 << 30  # activations and workspaces, kept out of the KV cache
 
 
 def resolve_engine_dir(model: str | os.PathLike | None, build_config: BuildConfig | None, progress: bool) -> Path:
@@ -44,8 +42,8 @@ class LLM:
 
     model: None (the embedded SmolLM2-135M-Instruct), an engine directory, a Hugging Face
     checkpoint directory, a GGUF file, or an `Engine` already in memory. kv_cache_tokens: KV-cache capacity in tokens
-    (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of free memory after the
-    weights, less a reserve for activations). enable_prefix_caching: reuse the KV blocks of
+    (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of the memory left free by the
+    weights, the activations and the CUDA graphs, measured at start-up: runtime/kv_sizing.py). enable_prefix_caching: reuse the KV blocks of
     prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
     cuda_graphs: on CUDA, replay captured graphs for decode steps and for steps that prefill
     one sequence of up to prefill_graph_tokens tokens (on by default; prefill_graph_tokens=0
@@ -96,8 +94,14 @@ class LLM:
         self.max_seq_len = build.max_seq_len
         model_ = self.engine.model
         cache_dtype = torch.float8_e4m3fn if build.kv_cache_dtype == "fp8" else model_.dtype
-        num_blocks = self._tp.num_blocks if self._tp else \
-            self._num_blocks(kv_cache_tokens, free_gpu_memory_fraction, build.page_size, cache_dtype)
+        max_batch_size, max_num_tokens = max_batch_size or build.max_batch_size, max_num_tokens or build.max_num_tokens
+        # On CUDA without kv_cache_tokens: the bytes the cache was sized from (free, eager, graphs).
+        self.memory_plan: dict[str, int] | None = None
+        if self._tp:
+            num_blocks = self._tp.num_blocks
+        else:
+            num_blocks = self._num_blocks(kv_cache_tokens, free_gpu_memory_fraction, build.page_size, cache_dtype,
+                                          max_batch_size, max_num_tokens, cuda_graphs, prefill_graph_tokens)
         # model_.config: under tensor parallelism, this rank's share of the KV heads.
         self.kv = KVCacheManager(model_.config, num_blocks, build.page_size, cache_dtype, model_.device,
                                  enable_prefix_caching)
@@ -105,8 +109,8 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.executor = Executor(
-            model_, self.kv, max_batch_size=max_batch_size or build.max_batch_size,
-            max_num_tokens=max_num_tokens or build.max_num_tokens, max_seq_len=self.max_seq_len,
+            model_, self.kv, max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens, max_seq_len=self.max_seq_len,
             eos_token_ids=eos, seed=seed,
             overlap=(model_.device.type == "cuda" and self._tp is None) if overlap_scheduling is None
             else overlap_scheduling,
@@ -120,8 +124,9 @@ class LLM:
                                                             prefill_graph_tokens)
         if progress:
             runner = self.executor.runner
+            sized = f", sized {self._memory_text(free_gpu_memory_fraction)}" if self.memory_plan else ""
             print(f"KV cache: {self.kv.capacity_tokens} tokens ({num_blocks} blocks of {build.page_size}, "
-                  f"{cache_dtype}); CUDA graphs: decode {sorted(runner.graphs) or 'off'}, one-sequence "
+                  f"{cache_dtype}{sized}); CUDA graphs: decode {sorted(runner.graphs) or 'off'}, one-sequence "
                   f"prefill {list(runner.prefill_graphs) or 'off'}; overlap scheduling: "
                   f"{'on' if self.executor.overlap else 'off'}")
         self._ids = itertools.count()
@@ -130,21 +135,33 @@ class LLM:
         self._arrivals = itertools.count()
         self._pieces: dict[bool, dict[int, str]] = {}  # skip_special_tokens -> the detokenizers' token texts
 
-    def _num_blocks(self, kv_tokens, fraction, page, cache_dtype) -> int:
-        c = self.engine.model_config
+    def _num_blocks(self, kv_tokens, fraction, page, cache_dtype, max_batch_size, max_num_tokens,
+                    cuda_graphs, prefill_graph_tokens) -> int:
+        """Blocks of the cache: kv_cache_tokens if given, else on CUDA sized from free memory
+        after the weights and the measured activation and graph memory (runtime/kv_sizing.py)."""
+        model = self.engine.model
+        if kv_tokens is None and model.device.type == "cuda":
+            kv_sizing.check_fraction(fraction)
+            eager, graphs = kv_sizing.activation_bytes(
+                model, page, cache_dtype, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
+                max_seq_len=self.max_seq_len, cuda_graphs=cuda_graphs, prefill_graph_tokens=prefill_graph_tokens)
+            free, _ = torch.cuda.mem_get_info(model.device)
+            self.memory_plan = {"free": free, "eager": eager, "graphs": graphs}
+            blocks = kv_sizing.fit_blocks(model.config, cache_dtype, page, free, fraction, eager + graphs)
+            if blocks < 1:
+                raise ValueError(f"no GPU memory left for the KV cache ({self._memory_text(fraction)}); lower "
+                                 f"max_batch_size or max_num_tokens, or raise free_gpu_memory_fraction")
+            return blocks
         if kv_tokens is None:
-            device = self.engine.model.device
-            if device.type == "cuda":
-                if not 0 < fraction <= 1:
-                    raise ValueError(f"free_gpu_memory_fraction must be in (0, 1], got {fraction}")
-                per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * cache_dtype.itemsize
-                free, _ = torch.cuda.mem_get_info(device)
-                kv_tokens = int((free * fraction - GPU_MEMORY_RESERVE) // per_token)
-            else:
-                kv_tokens = max(CPU_DEFAULT_KV_TOKENS, self.max_seq_len)
+            kv_tokens = kv_sizing.default_cpu_tokens(self.max_seq_len)
         if kv_tokens < page:
             raise ValueError(f"KV cache of {kv_tokens} tokens is smaller than one page ({page} tokens)")
         return kv_tokens // page
+
+    def _memory_text(self, fraction: float) -> str:
+        m = {k: v / 2**30 for k, v in self.memory_plan.items()}
+        return (f"{fraction:g} x ({m['free']:.1f} GiB free after the weights - {m['eager']:.2f} GiB eager "
+                f"activations - {m['graphs']:.2f} GiB CUDA graphs)")
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do on one rank); the LLM

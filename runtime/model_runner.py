@@ -348,6 +348,12 @@ class ModelRunner:
             "seq_lens": torch.zeros(n, dtype=torch.int32, device=self.device),
             "starts": torch.arange(n + 1, dtype=torch.int32, device=self.device),
         }
+        # Every decode graph writes its logits into the head of this one buffer: kept per
+        # graph, they would hold 17 GB at max batch 1024 with a 128K vocabulary (the sum of
+        # the ladder's sizes). Sharing is safe: graphs replay one at a time on one stream,
+        # and a step's sampling is queued before the next step's replay.
+        vocab = getattr(self.model, "full_config", self.model.config).vocab_size
+        self._logits_buf = torch.empty(n, vocab, dtype=torch.float32, device=self.device)
         self._logits: dict[int, torch.Tensor] = {}
 
     def _forward_decode(self, b: int) -> torch.Tensor:
@@ -355,7 +361,7 @@ class ModelRunner:
         meta = AttentionMetadata(buf["slots"][:b], buf["tables"][:b], buf["seq_lens"][:b],
                                  buf["starts"][: b + 1], num_decodes=b)
         hidden = self.model.forward(buf["ids"][:b], buf["positions"][:b], meta, self.kv.layer_caches, self.kv_scales)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self._logits_buf[:b])
 
     def _replay(self, payload: torch.Tensor, b: int, width: int, next_ids: torch.Tensor | None) -> torch.Tensor:
         """Copy a packed decode step (batch padded to graph size b) into the graph's input

@@ -258,6 +258,36 @@ def test_warmup_steps_fit_the_budgets_and_write_nothing(budgets):
     assert all(torch.equal(a, c) for a, c in zip(before, (c for cache in kv.layer_caches for c in cache)))
 
 
+def test_kv_sizing_arithmetic_and_the_probe_inputs():
+    """The pieces of runtime/kv_sizing.py that run anywhere: the block count, the fraction
+    check, the stand-in cache of one block being enough for the warm-up's steps (their
+    tables point at block 0 only), and the probe's requests taking every sampler path."""
+    from trtllm_kernels.runtime import kv_sizing
+    from trtllm_kernels.runtime.model_runner import ModelRunner, warmup_steps
+    from trtllm_kernels.runtime.sampler import Sampler
+
+    per_token = kv_sizing.bytes_per_token(TINY, torch.bfloat16)
+    assert per_token == 2 * 2 * 2 * 16 * 2
+    assert kv_sizing.fit_blocks(TINY, torch.bfloat16, 4, 10_000 * per_token, 0.5, 2_000 * per_token) == 1000
+    assert kv_sizing.fit_blocks(TINY, torch.bfloat16, 4, 100, 0.9, 200) == 0
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="free_gpu_memory_fraction"):
+            kv_sizing.check_fraction(bad)
+
+    runner = ModelRunner(tiny_model(), KVCacheManager(TINY, 1, 4, torch.float32, torch.device("cpu"), False))
+    for decodes, prompts in warmup_steps(64, 16, 200):
+        header, payload = runner._dummy_step(decodes, prompts, context=150)
+        s, w = header[2], header[3]
+        assert not payload[-s * w:].any()  # block tables: block 0 everywhere
+        assert runner.execute(header, payload).isfinite().all()
+
+    reqs = kv_sizing.probe_sampling_requests(3)
+    out = Sampler(seed=0)(torch.randn(3, TINY.vocab_size), reqs)
+    assert len(out.tokens) == 3 and all(len(lp) >= 20 for lp in out.logprobs)
+    p = reqs[0].params
+    assert p.has_penalties and p.top_k and p.top_p < 1 and p.min_p > 0 and p.temperature > 0
+
+
 def _req(params, i=0):
     return Request(str(i), None, [1], params, i, generator=torch.Generator().manual_seed(params.seed or 0))
 

@@ -7,6 +7,7 @@ import torch
 from trtllm_kernels.engine import BuildConfig
 from trtllm_kernels.engine.random_weights import random_engine
 from trtllm_kernels.runtime import LLM, SamplingParams
+from trtllm_kernels.runtime.model_runner import graph_batch_sizes
 
 pytestmark = pytest.mark.gpu
 
@@ -94,3 +95,56 @@ def test_prefill_graphs_keep_greedy_tokens():
         assert got == expect
         assert runner.num_prefill_replays >= 8
         del llm
+
+
+def test_kv_cache_sized_from_measured_activations_and_graphs():
+    """Default sizing on CUDA: the cache gets `fraction` of what the weights, the probed eager
+    peak and the graphs leave free; the decode graphs share one logits buffer (kept per graph,
+    the ladder to 128 would hold 4.6x the largest); and a full batch sampling with every feature on
+    peaks within what the probe set aside."""
+    import gc
+
+    engine = random_engine("smollm2-135m", BuildConfig(max_seq_len=512, max_batch_size=128, max_num_tokens=1024),
+                           device="cuda", dtype=torch.bfloat16, seed=0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    llm = LLM(engine, free_gpu_memory_fraction=0.5, progress=False)
+    plan = llm.memory_plan
+    runner = llm.executor.runner
+    kv_bytes = llm.kv.k_cache.nbytes + llm.kv.v_cache.nbytes
+    block = kv_bytes // llm.kv.num_blocks
+    assert abs(kv_bytes - 0.5 * (plan["free"] - plan["eager"] - plan["graphs"])) < block
+    logits_bytes = 128 * engine.model_config.vocab_size * 4
+    assert plan["eager"] > logits_bytes  # the sampler's sort alone is larger than the logits
+    assert plan["graphs"] >= logits_bytes  # the shared logits buffer is part of what graphs hold
+    assert sorted(runner.graphs) == graph_batch_sizes(128)
+    assert len({t.data_ptr() for t in runner._logits.values()}) == 1
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in range(1, 129)]
+    params = SamplingParams(max_tokens=6, temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                            presence_penalty=0.5, frequency_penalty=0.5, logprobs=20, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [6] * 128
+    assert torch.cuda.max_memory_allocated() - before <= plan["eager"] * 1.1
+    del llm, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_lm_head_writes_float32_logits():
+    """A bf16 LM head on CUDA returns float32 logits from cuBLAS's fp32 accumulators (not
+    bf16 logits widened), into `out` when given; the CPU path and the shapes agree."""
+    engine = random_engine("smollm2-135m", BuildConfig(max_seq_len=64), device="cuda", dtype=torch.bfloat16, seed=0)
+    model = engine.model
+    hidden = torch.randn(37, engine.model_config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    want = hidden.double() @ model.lm_head.double().t()
+    got = model.compute_logits(hidden)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-4)  # bf16-rounded logits miss this
+    out = torch.empty(64, engine.model_config.vocab_size, device="cuda")
+    res = model.compute_logits(hidden, out=out[:37])
+    assert res.data_ptr() == out.data_ptr() and torch.equal(res, got)
