@@ -7,7 +7,7 @@ torch._scaled_mm (FP8, per-token x per-channel) and torch.matmul (bf16 parts), t
 each configuration under CUDA graphs with enough input sets rotated to defeat the L2.
 The kernel-selection rules in those two modules were set from this sweep's output.
 
-    python benchmarks/sweep_fp8_mlp.py --out DIR [--jobs 8] [--set main|extra|decode|split|prefill|gate_up]
+    python benchmarks/sweep_fp8_mlp.py --out DIR [--jobs 8] [--set main|extra|decode|split|prefill|gate_up|batch]
 """
 from __future__ import annotations
 
@@ -113,6 +113,25 @@ PREFILL = {  # --set prefill: the fused MLP's two GEMMs at prefill sizes (the fi
     "fp8down": [(False, 128, 128, 128, 8, 8, 4), (False, 128, 128, 128, 8, 8, 3, T), (False, 128, 128, 128, 8, 8, 4, T),
                 (False, 128, 256, 128, 8, 8, 3, T), (False, 64, 256, 128, 8, 8, 4, T)],
 }
+
+
+BATCH = {  # --set batch: the four GEMMs at the largest decode batches (the first: the rule before)
+    "fp8": [(False, 128, 256, 128, 8, 8, 4, T), (False, 64, 128, 128, 8, 4, 4, T), (False, 128, 128, 128, 8, 8, 4, T),
+            (False, 64, 256, 128, 8, 8, 3, T), (False, 128, 256, 128, 8, 8, 3, T), (False, 256, 128, 128, 8, 8, 3, T)],
+    "fp8glu": [(False, 128, 128, 128, 8, 8, 4, T), (False, 128, 128, 128, 8, 8, 3, T), (False, 64, 128, 128, 8, 4, 4, T),
+               (False, 128, 128, 64, 8, 8, 6, T), (False, 128, 128, 128, 8, 8, 5, T)],
+    "fp8down": [(False, 64, 256, 128, 8, 8, 4, T), (False, 128, 128, 128, 8, 8, 4, T), (False, 128, 128, 128, 8, 8, 3, T),
+                (False, 64, 128, 128, 8, 4, 4, T), (False, 128, 256, 128, 8, 8, 3, T), (False, 64, 256, 128, 8, 8, 3, T)],
+}
+
+
+def batch_tasks():
+    out = []
+    for m in (1024, 2048):
+        out += [("fp8", shape, m, c) for shape in ("qkv", "o") for c in BATCH["fp8"]]
+        out += [("fp8glu", "gate_up", m, c) for c in BATCH["fp8glu"]]
+        out += [("fp8down", "down", m, c) for c in BATCH["fp8down"]]
+    return out
 
 
 def prefill_tasks():
@@ -261,11 +280,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--jobs", type=int, default=8)
-    ap.add_argument("--set", default="main", choices=["main", "extra", "decode", "split", "prefill", "gate_up"])
+    ap.add_argument("--set", default="main", choices=["main", "extra", "decode", "split", "prefill", "gate_up", "batch"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     all_tasks = {"main": tasks, "extra": extra_tasks, "decode": decode_tasks, "split": split_tasks,
-                 "prefill": prefill_tasks, "gate_up": gate_up_tasks}[args.set]()
+                 "prefill": prefill_tasks, "gate_up": gate_up_tasks, "batch": batch_tasks}[args.set]()
     t0 = time.time()
     # compile once per distinct kernel specialization (m == 1 is its own), in parallel
     seen, uniq = set(), []
