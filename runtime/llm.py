@@ -15,8 +15,8 @@ from trtllm_kernels.engine import BuildConfig, Engine, cached_engine, default_ch
 from trtllm_kernels.engine.builder import ENGINE_CONFIG
 from trtllm_kernels.engine.checkpoint import CheckpointError
 
-from .detokenizer import IncrementalDetokenizer
 from . import kv_sizing
+from .detokenizer import IncrementalDetokenizer
 from .executor import Executor
 from .kv_cache_manager import KVCacheManager
 from .request import CompletionOutput, Request, RequestOutput, RequestStatus
@@ -43,8 +43,9 @@ class LLM:
     model: None (the embedded SmolLM2-135M-Instruct), an engine directory, a Hugging Face
     checkpoint directory, a GGUF file, or an `Engine` already in memory. kv_cache_tokens: KV-cache capacity in tokens
     (default: 16384 on CPU; on CUDA, free_gpu_memory_fraction of the memory left free by the
-    weights, the activations and the CUDA graphs, measured at start-up: runtime/kv_sizing.py). enable_prefix_caching: reuse the KV blocks of
-    prompt prefixes computed before (on by default; `llm.kv.prefix_hit_rate` counts hits).
+    weights, the activations and the CUDA graphs, measured at start-up: runtime/kv_sizing.py).
+    enable_prefix_caching: reuse the KV blocks of prompt prefixes computed before (on by
+    default; `llm.kv.prefix_hit_rate` counts hits).
     cuda_graphs: on CUDA, replay captured graphs for decode steps and for steps that prefill
     one sequence of up to prefill_graph_tokens tokens (on by default; prefill_graph_tokens=0
     keeps prefill eager: graphs cut batch-1 time to first token ~5x and, captured, cost ~3% of
