@@ -1,0 +1,199 @@
+"""FP8 GEMM with per-group activation scales for Hopper, in Gluon: the fused MLP's down GEMM.
+
+out[m, n] = b_scale[n] * sum_g a_scale[m, g] * (sum_{k in group g} a[m, k] * b[n, k])
+
+a: fp8 [M, K] with one fp32 scale per 1 x 128 group of each row (the gate_up epilogue's
+quantized output), b: fp8 [N, K] with one scale per output channel. The group scale changes
+every 128 of K, so each 128-wide K step's product is a separate wgmma chain (a fresh fp32
+accumulator) that is scaled and added into the running sum: in Triton (`tl.dot` then the
+multiply-add) every step waits for its wgmma before the next is issued, and the down GEMM ran
+at 0.63-0.70x of a per-token `torch._scaled_mm` at M = 1024-2048 on an H100
+(benchmarks/results/h100-2026-11-27/kv_sizing/call3/).
+
+Here (the DeepGEMM design, written from its description):
+- persistent programs (one per SM) walking output tiles in grouped order;
+- a loader warp copies A [128, 128] and B [BLOCK_N, 128] tiles with TMA into a ring of STAGES
+  slots (`ready` / `empty` mbarriers);
+- two compute warpgroups take 64 rows of the tile each. Each K step's product goes into a
+  fresh accumulator, is waited for, scaled by the rows' group scales and added to the running
+  sum (the promotion); while one warpgroup promotes, the other's wgmma runs. With PIPELINE,
+  K steps go in pairs: both products issued, the first promoted while the second runs. (Keeping
+  a product in flight across loop iterations instead made ptxas serialize every wgmma, warning
+  C7514, and spill; the lowering test checks for both.)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .triton_tiles import num_sms
+
+GROUP_K = 128  # K extent of one activation scale
+GROUP = gl.constexpr(GROUP_K)  # the same, readable inside the kernels
+BLOCK_M, ROWS, NUM_WARPS = 128, 64, 4  # two compute warpgroups of ROWS rows
+BLOCK_N, STAGES, GROUP_M = 128, 6, 8  # ring: 6 x (16 + 16) KB
+MAXNREG, COMPUTE_REGS, LOADER_REGS = 168, 240, 24
+
+
+@gluon.jit
+def _tile(t, tiles_m, tiles_n, GROUP_M: gl.constexpr):
+    """Output tile t -> (row tile, column tile), GROUP_M row tiles at a time (L2 reuse of B)."""
+    per_group = GROUP_M * tiles_n
+    first_m = t // per_group * GROUP_M
+    size_m = gl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + t % per_group % size_m, t % per_group // size_m
+
+
+@gluon.jit
+def _load_partition(ad, bd, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    """A and B tiles of every K step of this program's output tiles into the ring (running step
+    count `it`; the `empty` barriers start complete, so the first pass does not wait)."""
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pm, pn = _tile(t, tiles_m, tiles_n, GROUP_M)
+        for k in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), (BLOCK_M + BLOCK_N) * GROUP)
+            tma.async_copy_global_to_shared(ad, [pm * BLOCK_M, k * GROUP], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(bd, [pn * BLOCK_N, k * GROUP], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _issue(a_bufs, b_bufs, ready, it, zero, HALF: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for K step `it`'s tiles and issue this warpgroup's product of them (asynchronous)."""
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    a = a_bufs.index(s).slice(HALF * ROWS, ROWS)
+    return warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _promote(acc, part, empty, it, sa_ptr, k, rmask, STAGES: gl.constexpr):
+    """Step `it` is done: hand its slot back and add its product, times the rows' scales of
+    group k, into the running sum."""
+    mbarrier.arrive(empty.index(it % STAGES), count=1)
+    sa = gl.load(sa_ptr + k, mask=rmask, other=0.0)
+    return acc + part * sa[:, None]
+
+
+@gluon.jit
+def _compute_partition(a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_as, stride_om,
+                       num_tiles, tiles_m, tiles_n, k_tiles, HALF: gl.constexpr, ROWS: gl.constexpr,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                       PIPELINE: gl.constexpr, num_warps: gl.constexpr):
+    """Rows HALF * ROWS ... of each output tile of this program."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pm, pn = _tile(t, tiles_m, tiles_n, GROUP_M)
+        rows = pm * (2 * ROWS) + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+        rmask = rows < M
+        sa_ptr = AS + rows.to(gl.int64) * stride_as
+        acc = zero
+        if PIPELINE:  # k_tiles even: two steps issued, the first added while the second runs
+            for k in range(0, k_tiles, 2):
+                p0 = _issue(a_bufs, b_bufs, ready, it, zero, HALF, ROWS, STAGES)
+                p1 = _issue(a_bufs, b_bufs, ready, it + 1, zero, HALF, ROWS, STAGES)
+                p0 = warpgroup_mma_wait(1, deps=(p0,))
+                acc = _promote(acc, p0, empty, it, sa_ptr, k, rmask, STAGES)
+                p1 = warpgroup_mma_wait(0, deps=(p1,))
+                acc = _promote(acc, p1, empty, it + 1, sa_ptr, k + 1, rmask, STAGES)
+                it += 2
+        else:
+            for k in range(k_tiles):
+                part = _issue(a_bufs, b_bufs, ready, it, zero, HALF, ROWS, STAGES)
+                part = warpgroup_mma_wait(0, deps=(part,))
+                acc = _promote(acc, part, empty, it, sa_ptr, k, rmask, STAGES)
+                it += 1
+        cols = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+        cmask = cols < N
+        out = acc * gl.load(BS + cols, mask=cmask, other=0.0)[None, :]
+        offs = rows.to(gl.int64)[:, None] * stride_om + cols[None, :]
+        gl.store(Out + offs, out.to(Out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@gluon.jit(do_not_specialize=["M", "num_tiles", "tiles_m"])
+def _group_scaled_gemm_kernel(AD, BD, AS, BS, Out, M, N, stride_as, stride_om, num_tiles, tiles_m, tiles_n, k_tiles,
+                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+                              STAGES: gl.constexpr, GROUP_M: gl.constexpr, PIPELINE: gl.constexpr,
+                              COMPUTE_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(BLOCK_M == 2 * ROWS, "two compute warpgroups of ROWS rows")
+    a_bufs = gl.allocate_shared_memory(AD.dtype, [STAGES, BLOCK_M, GROUP], AD.layout)
+    b_bufs = gl.allocate_shared_memory(BD.dtype, [STAGES, BLOCK_N, GROUP], BD.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both compute warpgroups
+    fence_async_shared()
+    gl.warp_specialize([
+        (_compute_partition, (a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_as, stride_om, num_tiles,
+                              tiles_m, tiles_n, k_tiles, 0, ROWS, BLOCK_N, STAGES, GROUP_M, PIPELINE, num_warps)),
+        (_compute_partition, (a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_as, stride_om, num_tiles,
+                              tiles_m, tiles_n, k_tiles, 1, ROWS, BLOCK_N, STAGES, GROUP_M, PIPELINE, num_warps)),
+        (_load_partition, (AD, BD, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles,
+                           BLOCK_M, BLOCK_N, STAGES, GROUP_M)),
+    ], [num_warps, 1], [COMPUTE_REGS, LOADER_REGS])
+
+
+def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
+    """What this kernel takes: a Hopper GPU; fp8 a [M, K] and b [N, K], K a multiple of 128,
+    16-byte aligned rows; a_scale fp32 [M, K / 128]; b_scale fp32, one per output channel."""
+    m, k = a.shape
+    n = b.shape[0]
+    return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
+            and a.dtype == b.dtype == torch.float8_e4m3fn and k % GROUP_K == 0 and b.shape[1] == k
+            and a.stride(1) == b.stride(1) == 1 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            and a_scale.dtype == b_scale.dtype == torch.float32 and a_scale.shape == (m, k // GROUP_K)
+            and a_scale.stride(1) == 1 and b_scale.numel() == n and b_scale.is_contiguous())
+
+
+def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                            out_dtype: torch.dtype = torch.bfloat16, *, out: torch.Tensor | None = None,
+                            pipeline: bool | None = None, stages: int = STAGES, grid: int | None = None) -> torch.Tensor:
+    """(a * a_scale per 1 x 128 group) @ (b * b_scale per row)^T -> [M, N] of out_dtype, for
+    inputs `supported` accepts. pipeline: one product in flight while the last is added (needs
+    an even number of K steps; default: whenever K / 128 is even)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    m, k = a.shape
+    n = b.shape[0]
+    k_tiles = k // GROUP_K
+    if pipeline is None:
+        pipeline = k_tiles % 2 == 0
+    if pipeline and k_tiles % 2:
+        raise ValueError(f"pipeline needs an even number of 128-wide K steps, got {k_tiles}")
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, GROUP_K], gl.float8e4nv)
+    ad = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BLOCK_M, GROUP_K], a_layout)
+    bd = TensorDescriptor(b, [n, k], [b.stride(0), 1], [BLOCK_N, GROUP_K], b_layout)
+    tiles_m, tiles_n = triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
+    num_tiles = tiles_m * tiles_n
+    grid = min(num_tiles, grid or num_sms(a.device))
+    _group_scaled_gemm_kernel[(grid,)](
+        ad, bd, a_scale, b_scale.reshape(-1), out, m, n, a_scale.stride(0), out.stride(0),
+        num_tiles, tiles_m, tiles_n, k_tiles,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M, PIPELINE=pipeline,
+        COMPUTE_REGS=COMPUTE_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return out
+
