@@ -129,3 +129,32 @@ def test_gpu_cuda_graph_replay():
     sa.copy_(sa2)
     g.replay()
     _check(out, a, b, sa, sb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+def test_gpu_op_dispatch(monkeypatch):
+    """tk.fp8_gemm with group-scaled activations runs the Gluon kernel from
+    GLUON_GROUP_GEMM_MIN_M rows (and so does the fused MLP's down GEMM), Triton below it and
+    for other scale modes; the results match the reference either way."""
+    from trtllm_kernels.kernels import gluon_fp8_gemm as g
+    from trtllm_kernels.kernels import triton_fp8 as tf
+
+    calls = []
+    real = g.gluon_group_scaled_gemm
+    monkeypatch.setattr(g, "gluon_group_scaled_gemm", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    lo = tf.GLUON_GROUP_GEMM_MIN_M
+    for m, k in ((lo - 1, 1024), (lo, 1024), (lo + 100, 1152)):  # odd K steps at the last
+        a, b, sa, sb = _inputs(m, 512, k)
+        _check(tk.fp8_gemm(a, b, sa, sb, None, torch.bfloat16), a, b, sa, sb)
+        pa, psa = tk.quantize_fp8_per_token(tk.dequantize_fp8(a, sa).to(torch.bfloat16))
+        tk.fp8_gemm(pa, b, psa, sb, None, torch.bfloat16)  # per-token scales: Triton
+    assert calls == [lo, lo + 100]
+    x, xs = tk.quantize_fp8_per_token(torch.randn(lo, 256, device="cuda", dtype=torch.bfloat16))
+    wgu, sgu = tk.quantize_fp8_per_channel(torch.randn(512, 256, device="cuda") / 16)
+    wd, sd = tk.quantize_fp8_per_channel(torch.randn(256, 256, device="cuda") / 16)
+    got = tk.fused_mlp_fp8(x, xs, wgu, sgu, wd, sd)
+    from trtllm_kernels.fp8 import _fused_mlp_fp8_ref
+
+    ref = _fused_mlp_fp8_ref(x, xs, wgu, sgu, wd, sd, True, torch.bfloat16).float()
+    assert calls[-1] == lo and (got.float() - ref).abs().max() / ref.abs().max() < 2e-2

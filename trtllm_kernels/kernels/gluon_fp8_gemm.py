@@ -80,11 +80,10 @@ def _issue(a_bufs, b_bufs, ready, it, zero, HALF: gl.constexpr, ROWS: gl.constex
 
 
 @gluon.jit
-def _promote(acc, part, empty, it, sa_ptr, k, rmask, STAGES: gl.constexpr):
-    """Step `it` is done: hand its slot back and add its product, times the rows' scales of
-    group k, into the running sum."""
+def _promote(acc, part, sa, empty, it, STAGES: gl.constexpr):
+    """Step `it` is done: hand its slot back and add its product, times the rows' scales of its
+    group, into the running sum."""
     mbarrier.arrive(empty.index(it % STAGES), count=1)
-    sa = gl.load(sa_ptr + k, mask=rmask, other=0.0)
     return acc + part * sa[:, None]
 
 
@@ -104,20 +103,29 @@ def _compute_partition(a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_a
         rmask = rows < M
         sa_ptr = AS + rows.to(gl.int64) * stride_as
         acc = zero
+        # The row scales of each pair of steps are loaded a pair ahead: their latency (an L2
+        # round trip, longer than a step's wgmma) hides behind the previous pair's work.
         if PIPELINE:  # k_tiles even: two steps issued, the first added while the second runs
+            nsa0 = gl.load(sa_ptr, mask=rmask, other=0.0)
+            nsa1 = gl.load(sa_ptr + 1, mask=rmask, other=0.0)
             for k in range(0, k_tiles, 2):
+                sa0, sa1 = nsa0, nsa1
+                more = rmask & (k + 2 < k_tiles)
+                nsa0 = gl.load(sa_ptr + k + 2, mask=more, other=0.0)
+                nsa1 = gl.load(sa_ptr + k + 3, mask=more, other=0.0)
                 p0 = _issue(a_bufs, b_bufs, ready, it, zero, HALF, ROWS, STAGES)
                 p1 = _issue(a_bufs, b_bufs, ready, it + 1, zero, HALF, ROWS, STAGES)
                 p0 = warpgroup_mma_wait(1, deps=(p0,))
-                acc = _promote(acc, p0, empty, it, sa_ptr, k, rmask, STAGES)
+                acc = _promote(acc, p0, sa0, empty, it, STAGES)
                 p1 = warpgroup_mma_wait(0, deps=(p1,))
-                acc = _promote(acc, p1, empty, it + 1, sa_ptr, k + 1, rmask, STAGES)
+                acc = _promote(acc, p1, sa1, empty, it + 1, STAGES)
                 it += 2
         else:
             for k in range(k_tiles):
+                sa = gl.load(sa_ptr + k, mask=rmask, other=0.0)  # before the wait: its latency overlaps
                 part = _issue(a_bufs, b_bufs, ready, it, zero, HALF, ROWS, STAGES)
                 part = warpgroup_mma_wait(0, deps=(part,))
-                acc = _promote(acc, part, empty, it, sa_ptr, k, rmask, STAGES)
+                acc = _promote(acc, part, sa, empty, it, STAGES)
                 it += 1
         cols = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
         cmask = cols < N
@@ -160,7 +168,7 @@ def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
             and a.stride(1) == b.stride(1) == 1 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
             and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
             and a_scale.dtype == b_scale.dtype == torch.float32 and a_scale.shape == (m, k // GROUP_K)
-            and a_scale.stride(1) == 1 and b_scale.numel() == n and b_scale.is_contiguous())
+            and a_scale.stride(1) == 1 and tuple(b_scale.shape) in ((n,), (n, 1)) and b_scale.is_contiguous())
 
 
 def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
