@@ -1,5 +1,6 @@
 """The fused MLP's down GEMM (fp8, per-1x128-group activation scales, per-channel weight scales)
-on the GPU: the Gluon kernel (both variants) beside the Triton kernel the op runs today and
+on the GPU: the Gluon kernel (both variants) beside the Triton kernel (which the op runs below
+GLUON_GROUP_GEMM_MIN_M rows) and
 beside torch._scaled_mm with per-token activation scales (cuBLASLt; a cheaper scaling, the
 speed to reach), under CUDA graphs with rotated inputs, outputs checked against the op's
 reference. Llama-3.1-8B's down projection (N 4096, K 14336) unless --n/--k.
@@ -18,6 +19,7 @@ import trtllm_kernels as tk
 from trtllm_kernels.bench.timing import l2_cache_bytes, num_rotations, tensor_bytes, time_fn
 from trtllm_kernels.fp8 import _fp8_gemm_ref
 from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm
+from trtllm_kernels.kernels.triton_fp8 import triton_fp8_gemm
 
 
 def inputs(m, n, k):
@@ -29,7 +31,7 @@ def inputs(m, n, k):
 
 
 FNS = {
-    "triton": lambda i: tk.fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, torch.bfloat16),
+    "triton": lambda i: triton_fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, torch.bfloat16),
     "gluon": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=False),
     "gluon_pipelined": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True),
     "scaled_mm_per_token": lambda i: torch._scaled_mm(i["pa"], i["b"].t(), scale_a=i["psa"], scale_b=i["sb"].t(),

@@ -150,6 +150,13 @@ def test_gpu_op_dispatch(monkeypatch):
         pa, psa = tk.quantize_fp8_per_token(tk.dequantize_fp8(a, sa).to(torch.bfloat16))
         tk.fp8_gemm(pa, b, psa, sb, None, torch.bfloat16)  # per-token scales: Triton
     assert calls == [lo, lo + 100]
+    a, b, sa, sb = _inputs(lo, 512, 1024)
+    monkeypatch.setenv("TRTLLM_KERNELS_GROUP_GEMM_BACKEND", "triton")
+    assert tf.gemm_backend(a, b, sa, sb, None, torch.bfloat16) == "triton"
+    monkeypatch.setenv("TRTLLM_KERNELS_GROUP_GEMM_BACKEND", "gluon")
+    assert tf.gemm_backend(a[:3], b, sa[:3], sb, None, torch.bfloat16) == "gluon"
+    assert tf.gemm_backend(a, b, sa, sb, torch.zeros(512, device="cuda"), torch.bfloat16) == "triton"  # bias
+    monkeypatch.delenv("TRTLLM_KERNELS_GROUP_GEMM_BACKEND")
     x, xs = tk.quantize_fp8_per_token(torch.randn(lo, 256, device="cuda", dtype=torch.bfloat16))
     wgu, sgu = tk.quantize_fp8_per_channel(torch.randn(512, 256, device="cuda") / 16)
     wd, sd = tk.quantize_fp8_per_channel(torch.randn(256, 256, device="cuda") / 16)

@@ -32,6 +32,10 @@ wherever the operands allow it (16-byte aligned rows, no bias); else the pointer
 - GLU (the fused FP8 MLP's gate_up) at M <= 16: swapped, 128 gate + 128 up weight rows per
   program (so each token's 1 x 128 output group is in one tile: its scale is computed there),
   8 warps. 17-128 tokens: 64 x 128 tiles (pointer loads); more: 128 x 128, 8 warps, 4 stages.
+- Activations with per-1x128-group scales and weights with per-channel ones (the fused MLP's
+  down GEMM), from GLUON_GROUP_GEMM_MIN_M rows on Hopper: not this module's kernels but the
+  Gluon one of kernels/gluon_fp8_gemm.py (`gemm_backend`), which overlaps applying the scales
+  with the tensor cores' work.
 - 129-512 tokens (decode batches): 64 x 128 tiles (128 x 256 ones leave most SMs idle: o ran at
   0.6x). Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch order for L2 reuse; 64 x 256
   where scales are applied inside the K loop (the down GEMM at M = 4096: 552 us against 660 us
@@ -547,18 +551,34 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
 
 # From this many rows, a GEMM with per-1x128-group activation scales and per-channel weight
 # scales (the fused MLP's down GEMM) runs on the Gluon kernel, which keeps the tensor cores busy
-# while it applies the scales (kernels/gluon_fp8_gemm.py): on an H100 at N 4096, K 14336 it took
-# 0.81-0.86x of this module's time from 1024 rows, 1.03x at 256 (benchmarks/results/h100-2026-11-27/group_gemm/).
+# while it applies the scales (kernels/gluon_fp8_gemm.py; H100 measurements in
+# benchmarks/results/h100-2026-11-27/group_gemm/). Below it, this module's kernel.
 GLUON_GROUP_GEMM_MIN_M = 512
 
 
-def fp8_gemm_cuda(a, b, a_scale, b_scale, bias, out_dtype):
-    if bias is None and a.shape[0] >= GLUON_GROUP_GEMM_MIN_M and CONFIG_OVERRIDE is None \
-            and out_dtype in (torch.bfloat16, torch.float16):
-        from . import gluon_fp8_gemm
+def gemm_backend(a, b, a_scale, b_scale, bias, out_dtype) -> str:
+    """'gluon' or 'triton' for an FP8 GEMM (a static rule: CUDA-graph safe).
+    TRTLLM_KERNELS_GROUP_GEMM_BACKEND = auto (default), triton, or gluon (at any M, still
+    Triton where the Gluon kernel does not take the inputs)."""
+    choice = os.environ.get("TRTLLM_KERNELS_GROUP_GEMM_BACKEND", "auto")
+    if choice == "triton" or bias is not None or CONFIG_OVERRIDE is not None \
+            or out_dtype not in (torch.bfloat16, torch.float16) \
+            or (choice != "gluon" and a.shape[0] < GLUON_GROUP_GEMM_MIN_M):
+        return "triton"
+    from . import gluon_fp8_gemm
 
-        if gluon_fp8_gemm.supported(a, b, a_scale, b_scale):
-            return gluon_fp8_gemm.gluon_group_scaled_gemm(a, b, a_scale, b_scale, out_dtype)
+    return "gluon" if gluon_fp8_gemm.supported(a, b, a_scale, b_scale) else "triton"
+
+
+def fp8_gemm_cuda(a, b, a_scale, b_scale, bias, out_dtype):
+    if gemm_backend(a, b, a_scale, b_scale, bias, out_dtype) == "gluon":
+        from .gluon_fp8_gemm import gluon_group_scaled_gemm
+
+        return gluon_group_scaled_gemm(a, b, a_scale, b_scale, out_dtype)
+    return triton_fp8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+def triton_fp8_gemm(a, b, a_scale, b_scale, bias, out_dtype):
     out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     _launch_gemm(a, b, a_scale, b_scale, bias, out, None, glu=False)
     return out
