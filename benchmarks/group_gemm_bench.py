@@ -34,6 +34,7 @@ FNS = {
     "triton": lambda i: triton_fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, torch.bfloat16),
     "gluon": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=False),
     "gluon_pipelined": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True),
+    "gluon_stages4": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True, stages=4),
     "scaled_mm_per_token": lambda i: torch._scaled_mm(i["pa"], i["b"].t(), scale_a=i["psa"], scale_b=i["sb"].t(),
                                                       out_dtype=torch.bfloat16),
 }
@@ -58,7 +59,9 @@ def main():
             err = float((fn(first).float() - ref).abs().max() / ref.abs().max())
             us = time_fn(fn, sets, graph=True, warmup=5, iters=100, budget_s=0.5)["median_us"]
             row[name] = dict(us=round(us, 2), tflops=round(2 * m * args.n * args.k / us / 1e6, 1), rel_err=round(err, 4))
-        for name in ("gluon", "gluon_pipelined"):
+        for name in FNS:
+            if not name.startswith("gluon"):
+                continue
             row[name]["vs_triton"] = round(row["triton"]["us"] / row[name]["us"], 3)
             row[name]["vs_scaled_mm"] = round(row["scaled_mm_per_token"]["us"] / row[name]["us"], 3)
         rows.append(row)

@@ -20,6 +20,14 @@ Here (the DeepGEMM design, written from its description):
   K steps go in pairs: both products issued, the first promoted while the second runs. (Keeping
   a product in flight across loop iterations instead made ptxas serialize every wgmma, warning
   C7514, and spill; the lowering test checks for both.)
+- each step's row scales are loaded a pair of steps ahead (an L2 round trip is longer than a
+  step's wgmma; loaded after the wait, they had cost about as much as the math).
+
+Measured on an H100, N 4096, K 14336 (`benchmarks/group_gemm_bench.py`, results in
+benchmarks/results/h100-2026-11-27/group_gemm/): against the Triton kernel 0.98x at M = 256,
+1.21-1.26x at 512-4096, 1.12x at 8192; 0.82-0.88x of a per-token `torch._scaled_mm`, which
+skips the per-group scaling altogether. Tried and not kept: the second warpgroup running its
+pairs a step behind the first (no gain), 4 stages instead of 6 (within noise).
 """
 from __future__ import annotations
 
@@ -88,6 +96,17 @@ def _promote(acc, part, sa, empty, it, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _single(acc, a_bufs, b_bufs, ready, empty, it, sa_ptr, k, rmask, zero, HALF: gl.constexpr, ROWS: gl.constexpr,
+            STAGES: gl.constexpr):
+    """One K step on its own: issue, wait, promote (the scales loaded first: their latency
+    overlaps the product)."""
+    sa = gl.load(sa_ptr + k, mask=rmask, other=0.0)
+    part = _issue(a_bufs, b_bufs, ready, it, zero, HALF, ROWS, STAGES)
+    part = warpgroup_mma_wait(0, deps=(part,))
+    return _promote(acc, part, sa, empty, it, STAGES)
+
+
+@gluon.jit
 def _compute_partition(a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_as, stride_om,
                        num_tiles, tiles_m, tiles_n, k_tiles, HALF: gl.constexpr, ROWS: gl.constexpr,
                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
@@ -122,10 +141,7 @@ def _compute_partition(a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_a
                 it += 2
         else:
             for k in range(k_tiles):
-                sa = gl.load(sa_ptr + k, mask=rmask, other=0.0)  # before the wait: its latency overlaps
-                part = _issue(a_bufs, b_bufs, ready, it, zero, HALF, ROWS, STAGES)
-                part = warpgroup_mma_wait(0, deps=(part,))
-                acc = _promote(acc, part, sa, empty, it, STAGES)
+                acc = _single(acc, a_bufs, b_bufs, ready, empty, it, sa_ptr, k, rmask, zero, HALF, ROWS, STAGES)
                 it += 1
         cols = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
         cmask = cols < N
@@ -173,7 +189,8 @@ def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
 
 def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                             out_dtype: torch.dtype = torch.bfloat16, *, out: torch.Tensor | None = None,
-                            pipeline: bool | None = None, stages: int = STAGES, grid: int | None = None) -> torch.Tensor:
+                            pipeline: bool | None = None, stages: int = STAGES, grid: int | None = None
+                            ) -> torch.Tensor:
     """(a * a_scale per 1 x 128 group) @ (b * b_scale per row)^T -> [M, N] of out_dtype, for
     inputs `supported` accepts. pipeline: one product in flight while the last is added (needs
     an even number of K steps; default: whenever K / 128 is even)."""
