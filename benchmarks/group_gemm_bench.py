@@ -34,7 +34,8 @@ FNS = {
     "triton": lambda i: triton_fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, torch.bfloat16),
     "gluon": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=False),
     "gluon_pipelined": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True),
-    "gluon_stages4": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True, stages=4),
+    "gluon_n64": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True, block_n=64),
+    "gluon_n128": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True, block_n=128),
     "scaled_mm_per_token": lambda i: torch._scaled_mm(i["pa"], i["b"].t(), scale_a=i["psa"], scale_b=i["sb"].t(),
                                                       out_dtype=torch.bfloat16),
 }

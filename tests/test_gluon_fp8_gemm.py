@@ -33,8 +33,9 @@ COMPILE = textwrap.dedent(
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, g.GROUP_K], gl.float8e4nv)
         return f"tensordesc<fp8e4nv[{rows},{g.GROUP_K}],{layout!r}>"
-    types = dict(AD=desc(g.BLOCK_M), BD=desc(g.BLOCK_N), AS="*fp32", BS="*fp32", Out="*bf16")
-    const = dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, ROWS=g.ROWS, STAGES=g.STAGES, GROUP_M=g.GROUP_M,
+    block_n = int(sys.argv[2])
+    types = dict(AD=desc(g.BLOCK_M), BD=desc(block_n), AS="*fp32", BS="*fp32", Out="*bf16")
+    const = dict(BLOCK_M=g.BLOCK_M, BLOCK_N=block_n, ROWS=g.ROWS, STAGES=g.STAGES, GROUP_M=g.GROUP_M,
                  PIPELINE=sys.argv[1] == "1", COMPUTE_REGS=g.COMPUTE_REGS, LOADER_REGS=g.LOADER_REGS,
                  num_warps=g.NUM_WARPS)
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
@@ -57,11 +58,11 @@ COMPILE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("pipeline", [0, 1])
-def test_lowers_for_sm90(pipeline):
+@pytest.mark.parametrize("pipeline,block_n", [(0, 128), (1, 128), (1, 64)])
+def test_lowers_for_sm90(pipeline, block_n):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", COMPILE, str(pipeline)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run([sys.executable, "-c", COMPILE, str(pipeline), str(block_n)], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -88,8 +89,8 @@ GPU_CASES = [(1, 4096, 14336), (7, 1000, 384), (64, 4096, 1024), (129, 4096, 143
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
 @pytest.mark.parametrize("m,n,k", GPU_CASES)
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_gpu_matches_reference(m, n, k, pipeline):
+@pytest.mark.parametrize("pipeline,block_n", [(False, 128), (True, 128), (True, 64)])
+def test_gpu_matches_reference(m, n, k, pipeline, block_n):
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm, supported
 
     a, b, sa, sb = _inputs(m, n, k, zero_rows=(0,))
@@ -98,7 +99,7 @@ def test_gpu_matches_reference(m, n, k, pipeline):
         with pytest.raises(ValueError, match="even number"):
             gluon_group_scaled_gemm(a, b, sa, sb, pipeline=True)
         return
-    out = gluon_group_scaled_gemm(a, b, sa, sb, pipeline=pipeline)
+    out = gluon_group_scaled_gemm(a, b, sa, sb, pipeline=pipeline, block_n=block_n)
     _check(out, a, b, sa, sb)
     assert (out[0] == 0).all()
 

@@ -24,9 +24,10 @@ Here (the DeepGEMM design, written from its description):
   step's wgmma; loaded after the wait, they had cost about as much as the math).
 
 Measured on an H100, N 4096, K 14336 (`benchmarks/group_gemm_bench.py`, results in
-benchmarks/results/h100-2026-11-27/group_gemm/): against the Triton kernel 0.98x at M = 256,
-1.21-1.26x at 512-4096, 1.12x at 8192; 0.82-0.88x of a per-token `torch._scaled_mm`, which
-skips the per-group scaling altogether. Tried and not kept: the second warpgroup running its
+benchmarks/results/h100-2026-11-27/group_gemm/): against the Triton kernel 1.15x at M = 128 and
+1.26x at 256 (64-wide tiles: 128-wide ones would leave half the SMs idle), 1.20-1.28x at
+384-4096, 1.12x at 8192; 0.82-0.88x of a per-token `torch._scaled_mm` from 384 rows (it skips
+the per-group scaling), 1.05x at 256. Tried and not kept: the second warpgroup running its
 pairs a step behind the first (no gain), 4 stages instead of 6 (within noise).
 """
 from __future__ import annotations
@@ -189,11 +190,14 @@ def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
 
 def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                             out_dtype: torch.dtype = torch.bfloat16, *, out: torch.Tensor | None = None,
-                            pipeline: bool | None = None, stages: int = STAGES, grid: int | None = None
-                            ) -> torch.Tensor:
+                            pipeline: bool | None = None, block_n: int | None = None, stages: int = STAGES,
+                            grid: int | None = None) -> torch.Tensor:
     """(a * a_scale per 1 x 128 group) @ (b * b_scale per row)^T -> [M, N] of out_dtype, for
     inputs `supported` accepts. pipeline: one product in flight while the last is added (needs
-    an even number of K steps; default: whenever K / 128 is even)."""
+    an even number of K steps; default: whenever K / 128 is even). block_n: output columns per
+    tile, 128 or 64 (default: 64 where 128-wide tiles would fill at most half the SMs, as for
+    N 4096 up to 256 rows: there 1.15-1.26x the Triton kernel with 64, 0.84-0.98x with 128; at
+    384-512 rows 128 wins, 1.20-1.28x against 0.79-0.86x, H100)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     m, k = a.shape
@@ -207,17 +211,21 @@ def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Ten
         out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
+    if block_n is None:
+        block_n = 64 if triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N) <= num_sms(a.device) // 2 else BLOCK_N
+    if block_n not in (64, 128):
+        raise ValueError(f"block_n must be 64 or 128, got {block_n}")
     a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP_K], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, GROUP_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([block_n, GROUP_K], gl.float8e4nv)
     ad = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BLOCK_M, GROUP_K], a_layout)
-    bd = TensorDescriptor(b, [n, k], [b.stride(0), 1], [BLOCK_N, GROUP_K], b_layout)
-    tiles_m, tiles_n = triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
+    bd = TensorDescriptor(b, [n, k], [b.stride(0), 1], [block_n, GROUP_K], b_layout)
+    tiles_m, tiles_n = triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n)
     num_tiles = tiles_m * tiles_n
     grid = min(num_tiles, grid or num_sms(a.device))
     _group_scaled_gemm_kernel[(grid,)](
         ad, bd, a_scale, b_scale.reshape(-1), out, m, n, a_scale.stride(0), out.stride(0),
         num_tiles, tiles_m, tiles_n, k_tiles,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M, PIPELINE=pipeline,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M, PIPELINE=pipeline,
         COMPUTE_REGS=COMPUTE_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return out

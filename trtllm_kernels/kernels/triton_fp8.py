@@ -552,8 +552,9 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
 # From this many rows, a GEMM with per-1x128-group activation scales and per-channel weight
 # scales (the fused MLP's down GEMM) runs on the Gluon kernel, which keeps the tensor cores busy
 # while it applies the scales (kernels/gluon_fp8_gemm.py; H100 measurements in
-# benchmarks/results/h100-2026-11-27/group_gemm/). Below it, this module's kernel.
-GLUON_GROUP_GEMM_MIN_M = 512
+# benchmarks/results/h100-2026-11-27/group_gemm/: 1.15x this module's kernel at 128 rows,
+# 1.2-1.3x at 256-4096). Below it, this module's kernel.
+GLUON_GROUP_GEMM_MIN_M = 128
 
 
 def gemm_backend(a, b, a_scale, b_scale, bias, out_dtype) -> str:
