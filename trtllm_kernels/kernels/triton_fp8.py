@@ -552,9 +552,13 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
 # From this many rows, a GEMM with per-1x128-group activation scales and per-channel weight
 # scales (the fused MLP's down GEMM) runs on the Gluon kernel, which keeps the tensor cores busy
 # while it applies the scales (kernels/gluon_fp8_gemm.py; H100 measurements in
-# benchmarks/results/h100-2026-11-27/group_gemm/: 1.15x this module's kernel at 128 rows,
-# 1.2-1.3x at 256-4096). Below it, this module's kernel.
-GLUON_GROUP_GEMM_MIN_M = 128
+# benchmarks/results/h100-2026-11-27/group_gemm/). Below it, this module's kernel. The Gluon
+# kernel alone is faster from 128 rows (1.15x at 128, 1.26x at 256 on an H100), but with the
+# threshold at 128 an FP8 128/128 throughput run at max batch 256 went 13% slower end to end
+# (17,743 against 20,386 tok/s, same machine; not explained yet: the first suspect is the
+# Gluon launch's host cost in host-bound eager steps). At 512 the engine measured faster:
+# +3.2% at max batch 1024, +1.3% at 1000/1000.
+GLUON_GROUP_GEMM_MIN_M = 512
 
 
 def gemm_backend(a, b, a_scale, b_scale, bias, out_dtype) -> str:
