@@ -15,6 +15,9 @@
 #                with an FP8 KV cache, and FP8 1000/1000 (its GPU tests: the tests stage)
 #   sizing       KV-cache sizing (issue 6): runtime GPU tests, FP8 throughput at max batch 1024
 #                (128/128) and 512 (1000/1000) with an FP8 KV cache, the profile at batch 1024
+#   gemm         the Gluon FP8 GEMMs (issues 4, 6): their GPU tests and the FP8 ops' (which
+#                dispatch to them), then group_gemm_bench.py --mode token (qkv, o, gate_up, down
+#                shapes) and --mode glu (the fused MLP's gate_up) beside Triton and _scaled_mm
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -125,6 +128,14 @@ for stage in $stages; do
       timeout 150 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
         --stem throughput_fp8_fp8kv_1000_512 --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
         --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
+      ;;
+    gemm)
+      timeout 170 python3 benchmarks/group_gemm_bench.py --out "$OUT" --mode token --ms ${GEMM_MS:-128,256,512,1024,2048,4096,8192} \
+        --shapes 6144x4096,4096x4096,28672x4096,4096x14336 > "$OUT/token_gemm.log" 2>&1
+      timeout 80 python3 benchmarks/group_gemm_bench.py --out "$OUT" --mode glu --ms ${GEMM_MS:-128,256,512,1024,2048,4096,8192} \
+        > "$OUT/glu_gemm.log" 2>&1
+      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/test_gluon_fp8_gemm.py \
+        tests/test_fp8.py tests/test_mlp.py 2>&1 | tail -30 > "$OUT/pytest_gemm.txt"
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;

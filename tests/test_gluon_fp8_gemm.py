@@ -1,9 +1,10 @@
-"""The Gluon (Hopper) FP8 GEMM with per-group activation scales against the op's reference.
+"""The Gluon (Hopper) FP8 GEMMs, per-1x128-group and per-token activation scales (the latter
+also with the GLU epilogue), against the ops' references.
 
-CPU: the kernel lowers for sm_90a (TMA, asynchronous wgmma, the register split) without ptxas
-serializing the wgmmas (warning C7514) and without spills, both variants. GPU (Hopper): ragged
-M and N, K of odd and even step counts, few persistent programs, rows of every scale size
-(zeros included), CUDA-graph replay.
+CPU: the kernels lower for sm_90a (TMA, asynchronous wgmma, the register split) without ptxas
+serializing the wgmmas (warning C7514) and without spills, every variant. GPU (Hopper): ragged
+M and N, K of odd and even step counts (and not a multiple of 128), few persistent programs,
+rows of every scale size (zeros included), CUDA-graph replay, the ops' dispatch.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import trtllm_kernels as tk
+from trtllm_kernels import fp8 as f8
 from trtllm_kernels.fp8 import _fp8_gemm_ref
 
 from sm90_lowering import compile_ptx, ptxas_spill_bytes, squeeze
@@ -42,6 +44,46 @@ COMPILE = textwrap.dedent(
     open(sys.argv[3], "w").write(k.asm["ptx"])
     """
 )
+
+
+TOKEN_COMPILE = textwrap.dedent(
+    """
+    import sys, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon import language as gl
+    from trtllm_kernels.kernels import gluon_fp8_gemm as g
+
+    fn = g._token_scaled_gemm_kernel
+    def desc(shape, dtype, name):
+        layout = gl.NVMMASharedLayout.get_default_for(shape, dtype)
+        return f"tensordesc<{name}[{shape[0]},{shape[1]}],{layout!r}>"
+    block_n, glu, quant = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+    fp8 = (gl.float8e4nv, "fp8e4nv")
+    types = dict(AD=desc([g.BLOCK_M, g.GROUP_K], *fp8), BD=desc([block_n, g.GROUP_K], *fp8), AS="*fp32",
+                 BS="*fp32", OD=desc([g.ROWS, block_n], *(fp8 if quant else (gl.bfloat16, "bf16"))), OS="*fp32")
+    const = dict(BLOCK_M=g.BLOCK_M, BLOCK_N=block_n, ROWS=g.ROWS, GROUP_M=g.GROUP_M, GLU=glu, QUANT_OUT=quant,
+                 STAGES=g.TOKEN_STAGES[(2 * block_n if glu else block_n, glu)], COMPUTE_REGS=g.COMPUTE_REGS,
+                 LOADER_REGS=g.LOADER_REGS, num_warps=g.NUM_WARPS)
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=g.NUM_WARPS, maxnreg=g.MAXNREG))
+    assert k.metadata.shared <= 232448, k.metadata.shared  # H100's shared memory per block
+    open(sys.argv[4], "w").write(k.asm["ptx"])
+    """
+)
+
+
+@pytest.mark.parametrize("block_n,glu,quant", [(256, 0, 0), (128, 0, 0), (128, 1, 0), (128, 1, 1)])
+def test_token_kernel_lowers_for_sm90(block_n, glu, quant):
+    raw = compile_ptx(TOKEN_COMPILE, block_n, glu, quant)
+    ptx = squeeze(raw)
+    assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx, "no TMA loads"
+    assert "cp.async.bulk.tensor.2d.global.shared::cta" in ptx, "no TMA store of the output tile"
+    assert "setmaxnreg.dec.sync.aligned.u32 24;" in ptx and "u32 240;" in ptx, "no loader partition"
+    # one K step's product(s) left in flight while the next step's are issued
+    assert f"wgmma.wait_group.sync.aligned {2 if glu else 1};" in ptx
+    assert ptxas_spill_bytes(raw) == 0
 
 
 @pytest.mark.parametrize("pipeline,block_n", [(0, 128), (1, 128), (1, 64)])
@@ -121,37 +163,141 @@ def test_gpu_cuda_graph_replay():
     _check(out, a, b, sa, sb)
 
 
+def _token_inputs(m, n, k, zero_rows=()):
+    g = torch.Generator(device="cuda").manual_seed(m * 5 + n + k)
+    x = torch.randn(m, k, device="cuda", generator=g) * torch.rand(m, 1, device="cuda", generator=g).add(0.1) * 3
+    x[list(zero_rows)] = 0
+    a, sa = tk.quantize_fp8_per_token(x.to(torch.bfloat16))
+    b, sb = tk.quantize_fp8_per_channel(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
+    return a, b, sa, sb
+
+
+# m, n, k: the 8B qkv / o / gate_up shapes at decode and prefill sizes, ragged M and N, K not a
+# multiple of 128 (TMA fills the last step with zeros)
+TOKEN_CASES = [(1, 6144, 4096), (129, 4096, 4096), (1000, 6144, 4096), (4096, 28672, 4096), (300, 144, 640),
+               (517, 1008, 208), (2048, 4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("m,n,k", TOKEN_CASES)
+@pytest.mark.parametrize("block_n", [128, 256])
+def test_gpu_token_matches_reference(m, n, k, block_n):
+    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm, token_supported
+
+    a, b, sa, sb = _token_inputs(m, n, k, zero_rows=(0,))
+    assert token_supported(a, b, sa, sb)
+    out, scale = gluon_token_scaled_gemm(a, b, sa, sb, block_n=block_n)
+    assert scale is None
+    _check(out, a, b, sa, sb)
+    assert (out[0] == 0).all()
+
+
+# m, I, K: the 8B gate_up (I 14336) at decode and prefill sizes, ragged M and I
+GLU_CASES = [(1, 14336, 4096), (600, 14336, 4096), (4096, 14336, 4096), (333, 400, 272)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("m,inter,k", GLU_CASES)
+@pytest.mark.parametrize("quant", [True, False])
+def test_gpu_token_glu_matches_reference(m, inter, k, quant):
+    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm, token_supported
+
+    a, b, sa, sb = _token_inputs(m, 2 * inter, k, zero_rows=(0,))
+    assert token_supported(a, b, sa, sb, glu=True)
+    out = gluon_token_scaled_gemm(a, b, sa, sb, glu=True, quant_out=quant)
+    ref = f8._fp8_gemm_silu_mul_ref(a, b, sa, sb, quant, torch.bfloat16)
+    if quant:
+        assert out[0].dtype == f8.FP8 and out[1].shape == ref[1].shape
+        torch.testing.assert_close(out[1], ref[1], atol=1e-7, rtol=1e-5)
+        # a value may round to a neighbouring fp8 step when the summation order differs
+        assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 1e-6).all()
+        got, want = f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)
+    else:
+        assert out[1] is None
+        got, want = out[0].float(), ref[0].float()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    assert (got[0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("grid,block_n,glu", [(1, 256, False), (5, 128, False), (3, 128, True)])
+def test_gpu_token_few_programs_carry_the_ring(grid, block_n, glu):
+    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm
+
+    a, b, sa, sb = _token_inputs(517, 1024, 1280)
+    out = gluon_token_scaled_gemm(a, b, sa, sb, glu=glu, block_n=None if glu else block_n, grid=grid)[0]
+    if glu:
+        want = f8._fp8_gemm_silu_mul_ref(a, b, sa, sb, False, torch.bfloat16)[0].float()
+        assert (out.float() - want).abs().max() <= 1e-2 * want.abs().max()
+    else:
+        _check(out, a, b, sa, sb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+def test_gpu_token_cuda_graph_replay():
+    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm
+
+    a, b, sa, sb = _token_inputs(640, 4096, 4096)
+    gluon_token_scaled_gemm(a, b, sa, sb)  # compile outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = gluon_token_scaled_gemm(a, b, sa, sb)[0]
+    a2, _, sa2, _ = _token_inputs(640, 4096, 4096, zero_rows=(5,))
+    a.copy_(a2)
+    sa.copy_(sa2)
+    g.replay()
+    _check(out, a, b, sa, sb)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
 def test_gpu_op_dispatch(monkeypatch):
-    """tk.fp8_gemm with group-scaled activations runs the Gluon kernel from
-    GLUON_GROUP_GEMM_MIN_M rows (and so does the fused MLP's down GEMM), Triton below it and
-    for other scale modes; the results match the reference either way."""
+    """tk.fp8_gemm runs the group-scaled Gluon kernel for group-scaled activations (and so does
+    the fused MLP's down GEMM) from GLUON_GROUP_GEMM_MIN_M rows, the token-scaled one for
+    per-token activations (and the GLU gate_up) from GLUON_TOKEN_GEMM_MIN_M, Triton below and
+    for other scale modes; the results match the references either way."""
+    from trtllm_kernels.fp8 import _fused_mlp_fp8_ref
     from trtllm_kernels.kernels import gluon_fp8_gemm as g
     from trtllm_kernels.kernels import triton_fp8 as tf
 
     calls = []
-    real = g.gluon_group_scaled_gemm
-    monkeypatch.setattr(g, "gluon_group_scaled_gemm", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    lo = tf.GLUON_GROUP_GEMM_MIN_M
+    for name in ("gluon_group_scaled_gemm", "gluon_token_scaled_gemm"):
+        real = getattr(g, name)
+        monkeypatch.setattr(g, name, lambda *a, _n=name, _f=real, **kw: calls.append((_n[6:11], a[0].shape[0])) or _f(*a, **kw))
+    lo, tlo = tf.GLUON_GROUP_GEMM_MIN_M, tf.GLUON_TOKEN_GEMM_MIN_M
     for m, k in ((lo - 1, 1024), (lo, 1024), (lo + 100, 1152)):  # odd K steps at the last
         a, b, sa, sb = _inputs(m, 512, k)
         _check(tk.fp8_gemm(a, b, sa, sb, None, torch.bfloat16), a, b, sa, sb)
-        pa, psa = tk.quantize_fp8_per_token(tk.dequantize_fp8(a, sa).to(torch.bfloat16))
-        tk.fp8_gemm(pa, b, psa, sb, None, torch.bfloat16)  # per-token scales: Triton
-    assert calls == [lo, lo + 100]
+    for m in (tlo - 1, tlo):
+        a, b, sa, sb = _token_inputs(m, 512, 1024)
+        _check(tk.fp8_gemm(a, b, sa, sb, None, torch.bfloat16), a, b, sa, sb)
+        _check(tk.fp8_gemm(a, b, sa.expand(m, 8).contiguous(), sb, None, torch.bfloat16), a, b, sa, sb)  # groups
+        _check(tk.fp8_gemm(a, b, sa.amax().reshape(1), sb, None, torch.bfloat16), a, b,
+               sa.amax().expand(m, 1), sb)  # per-tensor: Triton
+    want = [("group", m) for m in (lo - 1, lo, lo + 100) if m >= lo]
+    for m in (tlo - 1, tlo):
+        want += [("token", m)] * (m >= tlo) + [("group", m)] * (m >= lo)
+    assert calls == want
     a, b, sa, sb = _inputs(lo, 512, 1024)
-    monkeypatch.setenv("TRTLLM_KERNELS_GROUP_GEMM_BACKEND", "triton")
+    monkeypatch.setenv("TRTLLM_KERNELS_FP8_GEMM_BACKEND", "triton")
     assert tf.gemm_backend(a, b, sa, sb, None, torch.bfloat16) == "triton"
-    monkeypatch.setenv("TRTLLM_KERNELS_GROUP_GEMM_BACKEND", "gluon")
-    assert tf.gemm_backend(a[:3], b, sa[:3], sb, None, torch.bfloat16) == "gluon"
+    monkeypatch.setenv("TRTLLM_KERNELS_FP8_GEMM_BACKEND", "gluon")
+    assert tf.gemm_backend(a[:3], b, sa[:3], sb, None, torch.bfloat16) == "gluon_group"
     assert tf.gemm_backend(a, b, sa, sb, torch.zeros(512, device="cuda"), torch.bfloat16) == "triton"  # bias
-    monkeypatch.delenv("TRTLLM_KERNELS_GROUP_GEMM_BACKEND")
-    x, xs = tk.quantize_fp8_per_token(torch.randn(lo, 256, device="cuda", dtype=torch.bfloat16))
+    ta, tb, tsa, tsb = _token_inputs(3, 512, 1024)
+    assert tf.gemm_backend(ta, tb, tsa, tsb, None, torch.bfloat16) == "gluon_token"
+    assert tf.gemm_backend(ta, tb[:504], tsa, tsb[:504], None, torch.bfloat16) == "triton"  # N % 16: no TMA store
+    monkeypatch.delenv("TRTLLM_KERNELS_FP8_GEMM_BACKEND")
+    # the fused MLP: GLU gate_up on the token kernel, down on the group kernel
+    calls.clear()
+    x, xs = tk.quantize_fp8_per_token(torch.randn(max(lo, tlo), 256, device="cuda", dtype=torch.bfloat16))
     wgu, sgu = tk.quantize_fp8_per_channel(torch.randn(512, 256, device="cuda") / 16)
     wd, sd = tk.quantize_fp8_per_channel(torch.randn(256, 256, device="cuda") / 16)
     got = tk.fused_mlp_fp8(x, xs, wgu, sgu, wd, sd)
-    from trtllm_kernels.fp8 import _fused_mlp_fp8_ref
-
     ref = _fused_mlp_fp8_ref(x, xs, wgu, sgu, wd, sd, True, torch.bfloat16).float()
-    assert calls[-1] == lo and (got.float() - ref).abs().max() / ref.abs().max() < 2e-2
+    assert calls == [("token", x.shape[0]), ("group", x.shape[0])]
+    assert (got.float() - ref).abs().max() / ref.abs().max() < 2e-2

@@ -44,7 +44,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ..fp8 import AMAX_MIN as _AMAX_MIN
+from ..fp8 import FP8, SCALE_BLOCK
+from ..fp8 import FP8_MAX as _FP8_MAX
 from .triton_tiles import num_sms
+
+FP8_MAX = gl.constexpr(_FP8_MAX)
+AMAX_MIN = gl.constexpr(_AMAX_MIN)
 
 GROUP_K = 128  # K extent of one activation scale
 GROUP = gl.constexpr(GROUP_K)  # the same, readable inside the kernels
@@ -63,19 +69,45 @@ def _tile(t, tiles_m, tiles_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _load_partition(ad, bd, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+def _ring(AD, BD, BLOCK_M: gl.constexpr, B_ROWS: gl.constexpr, STAGES: gl.constexpr):
+    """The operand ring in shared memory: STAGES slots of A [BLOCK_M, 128] and B [B_ROWS, 128]
+    tiles, with a `ready` (loaded) and an `empty` (consumed by both compute warpgroups) mbarrier
+    each."""
+    a_bufs = gl.allocate_shared_memory(AD.dtype, [STAGES, BLOCK_M, GROUP], AD.layout)
+    b_bufs = gl.allocate_shared_memory(BD.dtype, [STAGES, B_ROWS, GROUP], BD.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    fence_async_shared()  # the barriers' init, before the async proxy uses them
+    return a_bufs, b_bufs, ready, empty
+
+
+@gluon.jit
+def _load_partition(ad, bd, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles, glu_off,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                    GLU: gl.constexpr):
     """A and B tiles of every K step of this program's output tiles into the ring (running step
-    count `it`; the `empty` barriers start complete, so the first pass does not wait)."""
+    count `it`; the `empty` barriers start complete, so the first pass does not wait). GLU: b is
+    a [gate; up] weight (up rows glu_off below) and a slot holds the tile's gate rows, then its
+    up rows."""
+    B_ROWS: gl.constexpr = 2 * BLOCK_N if GLU else BLOCK_N
     it = 0
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         pm, pn = _tile(t, tiles_m, tiles_n, GROUP_M)
         for k in range(k_tiles):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), (BLOCK_M + BLOCK_N) * GROUP)
+            mbarrier.expect(ready.index(s), (BLOCK_M + B_ROWS) * GROUP)
             tma.async_copy_global_to_shared(ad, [pm * BLOCK_M, k * GROUP], ready.index(s), a_bufs.index(s))
-            tma.async_copy_global_to_shared(bd, [pn * BLOCK_N, k * GROUP], ready.index(s), b_bufs.index(s))
+            if GLU:
+                b = b_bufs.index(s)
+                tma.async_copy_global_to_shared(bd, [pn * BLOCK_N, k * GROUP], ready.index(s), b.slice(0, BLOCK_N))
+                tma.async_copy_global_to_shared(bd, [glu_off + pn * BLOCK_N, k * GROUP], ready.index(s),
+                                                b.slice(BLOCK_N, BLOCK_N))
+            else:
+                tma.async_copy_global_to_shared(bd, [pn * BLOCK_N, k * GROUP], ready.index(s), b_bufs.index(s))
             it += 1
 
 
@@ -157,35 +189,195 @@ def _group_scaled_gemm_kernel(AD, BD, AS, BS, Out, M, N, stride_as, stride_om, n
                               STAGES: gl.constexpr, GROUP_M: gl.constexpr, PIPELINE: gl.constexpr,
                               COMPUTE_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M == 2 * ROWS, "two compute warpgroups of ROWS rows")
-    a_bufs = gl.allocate_shared_memory(AD.dtype, [STAGES, BLOCK_M, GROUP], AD.layout)
-    b_bufs = gl.allocate_shared_memory(BD.dtype, [STAGES, BLOCK_N, GROUP], BD.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # both compute warpgroups
-    fence_async_shared()
+    a_bufs, b_bufs, ready, empty = _ring(AD, BD, BLOCK_M, BLOCK_N, STAGES)
     gl.warp_specialize([
         (_compute_partition, (a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_as, stride_om, num_tiles,
                               tiles_m, tiles_n, k_tiles, 0, ROWS, BLOCK_N, STAGES, GROUP_M, PIPELINE, num_warps)),
         (_compute_partition, (a_bufs, b_bufs, ready, empty, AS, BS, Out, M, N, stride_as, stride_om, num_tiles,
                               tiles_m, tiles_n, k_tiles, 1, ROWS, BLOCK_N, STAGES, GROUP_M, PIPELINE, num_warps)),
-        (_load_partition, (AD, BD, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles,
-                           BLOCK_M, BLOCK_N, STAGES, GROUP_M)),
+        (_load_partition, (AD, BD, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles, 0,
+                           BLOCK_M, BLOCK_N, STAGES, GROUP_M, False)),
     ], [num_warps, 1], [COMPUTE_REGS, LOADER_REGS])
 
 
-def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
-    """What this kernel takes: a Hopper GPU; fp8 a [M, K] and b [N, K], K a multiple of 128,
-    16-byte aligned rows; a_scale fp32 [M, K / 128]; b_scale fp32, one per output channel."""
-    m, k = a.shape
-    n = b.shape[0]
+# ---------------------------------------------------------------------------------------------
+# Per-token activation scales: the scales factor out of the K sum, so each warpgroup chains all
+# K steps' wgmmas into one accumulator (one step in flight while the next is issued) and scales
+# once in the epilogue.
+
+# ring depth by B rows per slot, beside the output tiles (2 x 64 x BLOCK_N): 3 x 48 + 64 KB (plain
+# 256-wide), 4 x 48 + 32 (GLU, bf16 out), 5 x 32 + 32 (plain 128-wide)
+TOKEN_STAGES = {(256, False): 3, (256, True): 4, (128, False): 5}
+
+
+@gluon.jit
+def _token_compute_partition(a_bufs, b_bufs, ready, empty, c_smem, AS, BS, OD, OS, M, N, glu_off, stride_os,
+                             num_tiles, tiles_m, tiles_n, k_tiles, HALF: gl.constexpr, ROWS: gl.constexpr,
+                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                             GLU: gl.constexpr, QUANT_OUT: gl.constexpr, num_warps: gl.constexpr):
+    """Rows HALF * ROWS ... of each output tile of this program. GLU: two accumulators (the
+    slot's gate rows and its up rows), silu(gate) * up written, with QUANT_OUT as fp8 with one
+    scale per row of the tile (a 1 x 128 group: BLOCK_N = 128). The tile leaves through shared
+    memory by a TMA store (clipped at M and N), which runs on while the next tile's K loop does;
+    a store by pointers would hold a 64-bit address per element and spilled."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+    c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pm, pn = _tile(t, tiles_m, tiles_n, GROUP_M)
+        acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+        up = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+        for k in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            a = a_bufs.index(s).slice(HALF * ROWS, ROWS)
+            if GLU:
+                acc = warpgroup_mma(a, b_bufs.index(s).slice(0, BLOCK_N).permute((1, 0)), acc, is_async=True)
+                up = warpgroup_mma(a, b_bufs.index(s).slice(BLOCK_N, BLOCK_N).permute((1, 0)), up, is_async=True)
+                acc, up = warpgroup_mma_wait(2, deps=(acc, up))  # the last step's pair is done
+            else:
+                acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))  # the last step's product is done
+            if k > 0:
+                mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
+            it += 1
+        if GLU:
+            acc, up = warpgroup_mma_wait(0, deps=(acc, up))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
+
+        row0 = pm * (2 * ROWS) + HALF * ROWS
+        col0 = pn * BLOCK_N
+        rmask = r < M - row0
+        cmask = c < N - col0
+        sa = gl.load(AS + row0 + r, mask=rmask, other=0.0)  # 0 past M and N: those outputs are 0
+        acc = acc * sa[:, None] * gl.load(BS + col0 + c, mask=cmask, other=0.0)[None, :]
+        if GLU:
+            up = up * sa[:, None] * gl.load(BS + glu_off + col0 + c, mask=cmask, other=0.0)[None, :]
+            acc = acc / (1.0 + gl.exp(-acc)) * up
+        if QUANT_OUT:
+            scale = gl.maximum(gl.max(gl.abs(acc), axis=1), AMAX_MIN) / FP8_MAX
+            gl.store(OS + (row0 + r).to(gl.int64) * stride_os + pn, scale, mask=rmask)
+            acc = gl.minimum(gl.maximum(gl.div_rn(acc, scale[:, None]), -FP8_MAX), FP8_MAX)
+        tma.store_wait(0)  # the last tile's store has read c_smem
+        gl.thread_barrier()
+        c_smem.store(acc.to(OD.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(OD, [row0, col0], c_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=["M", "num_tiles", "tiles_m"])
+def _token_scaled_gemm_kernel(AD, BD, AS, BS, OD, OS, M, N, glu_off, stride_os, num_tiles, tiles_m, tiles_n, k_tiles,
+                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+                              STAGES: gl.constexpr, GROUP_M: gl.constexpr, GLU: gl.constexpr,
+                              QUANT_OUT: gl.constexpr, COMPUTE_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                              num_warps: gl.constexpr):
+    gl.static_assert(BLOCK_M == 2 * ROWS, "two compute warpgroups of ROWS rows")
+    a_bufs, b_bufs, ready, empty = _ring(AD, BD, BLOCK_M, 2 * BLOCK_N if GLU else BLOCK_N, STAGES)
+    c_bufs = gl.allocate_shared_memory(OD.dtype, [2, ROWS, BLOCK_N], OD.layout)  # a tile per warpgroup
+    gl.warp_specialize([
+        (_token_compute_partition, (a_bufs, b_bufs, ready, empty, c_bufs.index(0), AS, BS, OD, OS, M, N, glu_off,
+                                    stride_os, num_tiles, tiles_m, tiles_n, k_tiles, 0, ROWS, BLOCK_N, STAGES,
+                                    GROUP_M, GLU, QUANT_OUT, num_warps)),
+        (_token_compute_partition, (a_bufs, b_bufs, ready, empty, c_bufs.index(1), AS, BS, OD, OS, M, N, glu_off,
+                                    stride_os, num_tiles, tiles_m, tiles_n, k_tiles, 1, ROWS, BLOCK_N, STAGES,
+                                    GROUP_M, GLU, QUANT_OUT, num_warps)),
+        (_load_partition, (AD, BD, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles, glu_off,
+                           BLOCK_M, BLOCK_N, STAGES, GROUP_M, GLU)),
+    ], [num_warps, 1], [COMPUTE_REGS, LOADER_REGS])
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, FP8: gl.float8e4nv}
+
+
+def _hopper_fp8_operands(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """fp8 a [M, K] and b [N, K] on a Hopper GPU, rows K-contiguous and 16-byte aligned (TMA)."""
     return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
-            and a.dtype == b.dtype == torch.float8_e4m3fn and k % GROUP_K == 0 and b.shape[1] == k
+            and a.dtype == b.dtype == torch.float8_e4m3fn and b.shape[1] == a.shape[1]
             and a.stride(1) == b.stride(1) == 1 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
-            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
-            and a_scale.dtype == b_scale.dtype == torch.float32 and a_scale.shape == (m, k // GROUP_K)
-            and a_scale.stride(1) == 1 and tuple(b_scale.shape) in ((n,), (n, 1)) and b_scale.is_contiguous())
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+
+
+def _channel_scale(b_scale: torch.Tensor, rows: int) -> bool:
+    return b_scale.dtype == torch.float32 and tuple(b_scale.shape) in ((rows,), (rows, 1)) and b_scale.is_contiguous()
+
+
+def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
+    """What the group-scaled kernel takes: a Hopper GPU; fp8 a [M, K] and b [N, K], K a multiple
+    of 128, 16-byte aligned rows; a_scale fp32 [M, K / 128]; b_scale fp32, one per output channel."""
+    m, k = a.shape
+    return (_hopper_fp8_operands(a, b) and k % GROUP_K == 0 and a_scale.dtype == torch.float32
+            and a_scale.shape == (m, k // GROUP_K) and a_scale.stride(1) == 1 and _channel_scale(b_scale, b.shape[0]))
+
+
+def token_supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                    glu: bool = False) -> bool:
+    """What the token-scaled kernel takes: a Hopper GPU; fp8 a [M, K] and b [N, K] (with glu the
+    [gate; up] weight [2I, K]), 16-byte aligned rows in and out (the output goes by TMA: N a
+    multiple of 16); a_scale fp32 [M, 1]; b_scale fp32, one per row of b."""
+    n = b.shape[0] // 2 if glu else b.shape[0]
+    return (_hopper_fp8_operands(a, b) and n % 16 == 0 and (not glu or b.shape[0] % 2 == 0)
+            and a_scale.dtype == torch.float32 and tuple(a_scale.shape) == (a.shape[0], 1)
+            and _channel_scale(b_scale, b.shape[0]))
+
+
+def token_block_n(m: int, n: int, sms: int) -> int:
+    """Output columns per tile of the token-scaled kernel: 256 (the most tensor work per byte of
+    shared memory read) unless 128-wide tiles finish in fewer waves' worth of work (a 128-wide
+    tile taken as 10% slower per column)."""
+    def cost(bn, per_column):
+        return triton.cdiv(triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn), sms) * bn * per_column
+    return 256 if cost(256, 1.0) <= cost(128, 1.1) else 128
+
+
+def gluon_token_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                            out_dtype: torch.dtype = torch.bfloat16, *, glu: bool = False, quant_out: bool = False,
+                            block_n: int | None = None, stages: int | None = None,
+                            grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a * a_scale per row) @ (b * b_scale per row)^T for inputs `token_supported` accepts.
+    glu: b is a [gate; up] weight [2I, K] and the result silu(gate) * up [M, I]; with quant_out
+    it is fp8 with one fp32 scale per 1 x 128 group (returned second, [M, cdiv(I, 128)]), else
+    out_dtype (second result None). block_n: 256 or 128 (default `token_block_n`; GLU: 128)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if quant_out and not glu:
+        raise ValueError("quant_out is the GLU epilogue's")
+    m, k = a.shape
+    n = b.shape[0] // 2 if glu else b.shape[0]
+    if glu:
+        if block_n not in (None, SCALE_BLOCK):
+            raise ValueError(f"the GLU epilogue takes 128-wide tiles, got block_n={block_n}")
+        block_n = SCALE_BLOCK
+    elif block_n is None:
+        block_n = token_block_n(m, n, num_sms(a.device))
+    if block_n not in (128, 256):
+        raise ValueError(f"block_n must be 128 or 256, got {block_n}")
+    out = torch.empty(m, n, dtype=FP8 if quant_out else out_dtype, device=a.device)
+    out_scale = torch.empty(m, triton.cdiv(n, SCALE_BLOCK), dtype=torch.float32, device=a.device) if quant_out else None
+    if m == 0 or n == 0:
+        return out, out_scale
+    stages = stages or TOKEN_STAGES[(2 * block_n if glu else block_n, glu)]
+    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([block_n, GROUP_K], gl.float8e4nv)
+    ad = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BLOCK_M, GROUP_K], a_layout)
+    bd = TensorDescriptor(b, list(b.shape), [b.stride(0), 1], [block_n, GROUP_K], b_layout)
+    o_layout = gl.NVMMASharedLayout.get_default_for([ROWS, block_n], _GL_DTYPES[out.dtype])
+    od = TensorDescriptor(out, [m, n], [out.stride(0), 1], [ROWS, block_n], o_layout)
+    tiles_m, tiles_n = triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n)
+    num_tiles = tiles_m * tiles_n
+    grid = min(num_tiles, grid or num_sms(a.device))
+    _token_scaled_gemm_kernel[(grid,)](
+        ad, bd, a_scale.reshape(-1), b_scale.reshape(-1), od, out_scale if quant_out else a_scale, m, n,
+        n if glu else 0, out_scale.stride(0) if quant_out else 0, num_tiles, tiles_m, tiles_n, triton.cdiv(k, GROUP_K),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M, GLU=glu, QUANT_OUT=quant_out,
+        COMPUTE_REGS=COMPUTE_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return out, out_scale
 
 
 def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -32,10 +32,11 @@ wherever the operands allow it (16-byte aligned rows, no bias); else the pointer
 - GLU (the fused FP8 MLP's gate_up) at M <= 16: swapped, 128 gate + 128 up weight rows per
   program (so each token's 1 x 128 output group is in one tile: its scale is computed there),
   8 warps. 17-128 tokens: 64 x 128 tiles (pointer loads); more: 128 x 128, 8 warps, 4 stages.
-- Activations with per-1x128-group scales and weights with per-channel ones (the fused MLP's
-  down GEMM), from GLUON_GROUP_GEMM_MIN_M rows on Hopper: not this module's kernels but the
-  Gluon one of kernels/gluon_fp8_gemm.py (`gemm_backend`), which overlaps applying the scales
-  with the tensor cores' work.
+- Weights with per-channel scales and activations with per-token ones (qkv, o, the GLU
+  gate_up) or per-1x128-group ones (the fused MLP's down GEMM), from GLUON_TOKEN_GEMM_MIN_M /
+  GLUON_GROUP_GEMM_MIN_M rows on Hopper: not this module's kernels but the Gluon ones of
+  kernels/gluon_fp8_gemm.py (`gemm_backend`): persistent, warp-specialized, the epilogue
+  overlapping the next tile's loads (and the group scales' promotion the next K step's wgmma).
 - 129-512 tokens (decode batches): 64 x 128 tiles (128 x 256 ones leave most SMs idle: o ran at
   0.6x). Larger: 128 x 256 x 128, 8 warps, 4 stages, grouped launch order for L2 reuse; 64 x 256
   where scales are applied inside the K loop (the down GEMM at M = 4096: 552 us against 660 us
@@ -549,37 +550,50 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
             A_MODE=a_mode, B_MODE=b_mode, BIAS_ON_M=False, BLOCK_M=bm, BLOCK_N=bn, **common)
 
 
-# From this many rows, a GEMM with per-1x128-group activation scales and per-channel weight
-# scales (the fused MLP's down GEMM) runs on the Gluon kernel, which keeps the tensor cores busy
-# while it applies the scales (kernels/gluon_fp8_gemm.py; H100 measurements in
-# benchmarks/results/h100-2026-11-27/group_gemm/). Below it, this module's kernel. The Gluon
-# kernel alone is faster from 128 rows (1.15x at 128, 1.26x at 256 on an H100), but with the
-# threshold at 128 an FP8 128/128 throughput run at max batch 256 went 13% slower end to end
-# (17,743 against 20,386 tok/s, same machine; not explained yet: the first suspect is the
-# Gluon launch's host cost in host-bound eager steps). At 512 the engine measured faster:
-# +3.2% at max batch 1024, +1.3% at 1000/1000.
+# From these many rows, FP8 GEMMs of per-channel-scaled weights run on the Gluon kernels of
+# kernels/gluon_fp8_gemm.py (H100 measurements: benchmarks/results/h100-2026-11-27/group_gemm/
+# and .../token_gemm/); below, this module's. Activations with per-1x128-group scales (the fused
+# MLP's down GEMM): the group-scaled kernel, which keeps the tensor cores busy while it applies
+# the scales. Alone it is faster from 128 rows (1.15x at 128, 1.26x at 256 on an H100), but with
+# the threshold at 128 an FP8 128/128 throughput run at max batch 256 went 13% slower end to end
+# (17,743 against 20,386 tok/s, same machine; not explained yet: the first suspect is the Gluon
+# launch's host cost in host-bound eager steps). At 512 the engine measured faster: +3.2% at
+# max batch 1024, +1.3% at 1000/1000. Per-token activations (qkv, o, the GLU gate_up): the
+# token-scaled kernel (persistent, warp-specialized, one wgmma chain per warpgroup).
 GLUON_GROUP_GEMM_MIN_M = 512
+GLUON_TOKEN_GEMM_MIN_M = 512
 
 
-def gemm_backend(a, b, a_scale, b_scale, bias, out_dtype) -> str:
-    """'gluon' or 'triton' for an FP8 GEMM (a static rule: CUDA-graph safe).
-    TRTLLM_KERNELS_GROUP_GEMM_BACKEND = auto (default), triton, or gluon (at any M, still
-    Triton where the Gluon kernel does not take the inputs)."""
-    choice = os.environ.get("TRTLLM_KERNELS_GROUP_GEMM_BACKEND", "auto")
+def gemm_backend(a, b, a_scale, b_scale, bias, out_dtype, glu: bool = False) -> str:
+    """'gluon_group', 'gluon_token' or 'triton' for an FP8 GEMM (glu: b is a [gate; up] weight
+    and the SiLU-and-mul epilogue runs); a static rule, CUDA-graph safe.
+    TRTLLM_KERNELS_FP8_GEMM_BACKEND = auto (default), triton, or gluon (at any M, still Triton
+    where no Gluon kernel takes the inputs)."""
+    choice = os.environ.get("TRTLLM_KERNELS_FP8_GEMM_BACKEND", "auto")
     if choice == "triton" or bias is not None or CONFIG_OVERRIDE is not None \
-            or out_dtype not in (torch.bfloat16, torch.float16) \
-            or (choice != "gluon" and a.shape[0] < GLUON_GROUP_GEMM_MIN_M):
+            or out_dtype not in (torch.bfloat16, torch.float16):
         return "triton"
-    from . import gluon_fp8_gemm
+    from . import gluon_fp8_gemm as g
 
-    return "gluon" if gluon_fp8_gemm.supported(a, b, a_scale, b_scale) else "triton"
+    if not glu and g.supported(a, b, a_scale, b_scale):
+        backend, min_m = "gluon_group", GLUON_GROUP_GEMM_MIN_M
+    elif g.token_supported(a, b, a_scale, b_scale, glu):
+        backend, min_m = "gluon_token", GLUON_TOKEN_GEMM_MIN_M
+    else:
+        return "triton"
+    return backend if choice == "gluon" or a.shape[0] >= min_m else "triton"
 
 
 def fp8_gemm_cuda(a, b, a_scale, b_scale, bias, out_dtype):
-    if gemm_backend(a, b, a_scale, b_scale, bias, out_dtype) == "gluon":
+    backend = gemm_backend(a, b, a_scale, b_scale, bias, out_dtype)
+    if backend == "gluon_group":
         from .gluon_fp8_gemm import gluon_group_scaled_gemm
 
         return gluon_group_scaled_gemm(a, b, a_scale, b_scale, out_dtype)
+    if backend == "gluon_token":
+        from .gluon_fp8_gemm import gluon_token_scaled_gemm
+
+        return gluon_token_scaled_gemm(a, b, a_scale, b_scale, out_dtype)[0]
     return triton_fp8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
 
 
@@ -590,6 +604,11 @@ def triton_fp8_gemm(a, b, a_scale, b_scale, bias, out_dtype):
 
 
 def fp8_gemm_silu_mul_cuda(a, b, a_scale, b_scale, quant_out, out_dtype):
+    if gemm_backend(a, b, a_scale, b_scale, None, out_dtype, glu=True) == "gluon_token":
+        from .gluon_fp8_gemm import gluon_token_scaled_gemm
+
+        out, scale = gluon_token_scaled_gemm(a, b, a_scale, b_scale, out_dtype, glu=True, quant_out=quant_out)
+        return out, (scale if scale is not None else torch.empty(0, dtype=torch.float32, device=a.device))
     m, inter = a.shape[0], b.shape[0] // 2
     if quant_out:
         out = torch.empty(m, inter, dtype=FP8, device=a.device)
