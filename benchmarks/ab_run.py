@@ -1,0 +1,20 @@
+"""Run the trtllm-kernels CLI with one module constant overridden, for same-machine A/B runs of
+a dispatch rule (the CLI runs the engine in this process):
+
+    python benchmarks/ab_run.py kernels.triton_fp8.GLUON_TOKEN_GEMM_MIN_M=1073741824 -- bench throughput ...
+"""
+import importlib
+import sys
+
+from trtllm_kernels.cli import main
+
+if __name__ == "__main__":
+    split = sys.argv.index("--")
+    for assignment in sys.argv[1:split]:
+        path, value = assignment.split("=", 1)
+        module, name = path.rsplit(".", 1)
+        mod = importlib.import_module(f"trtllm_kernels.{module}")
+        if not hasattr(mod, name):
+            raise SystemExit(f"{module} has no {name}")
+        setattr(mod, name, type(getattr(mod, name))(value))
+    sys.exit(main(sys.argv[split + 1:]))
