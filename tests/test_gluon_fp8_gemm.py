@@ -213,8 +213,8 @@ def test_gpu_token_glu_matches_reference(m, inter, k, quant):
         # Hopper's fp8 wgmma accumulates with reduced precision (Triton's default on sm_90, as in
         # the Triton kernel): scales measured up to 0.17% off the float32 reference's
         torch.testing.assert_close(out[1], ref[1], atol=1e-7, rtol=1e-2)
-        # a value may round to a neighbouring fp8 step when the summation order differs
-        assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 1e-6).all()
+        # a value may round to a neighbouring fp8 step (2^-9 apart among the subnormals)
+        assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 2 ** -9).all()
         got, want = f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)
     else:
         assert out[1] is None
