@@ -17,6 +17,7 @@ import trtllm_kernels as tk
 from trtllm_kernels import fp8 as f8
 from trtllm_kernels.fp8 import _fp8_gemm_ref
 
+from accuracy import similarity_gap
 from sm90_lowering import compile_ptx, ptxas_spill_bytes, squeeze
 
 IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -213,14 +214,16 @@ def test_gpu_token_glu_matches_reference(m, inter, k, quant):
         # Hopper's fp8 wgmma accumulates with reduced precision (Triton's default on sm_90, as in
         # the Triton kernel): scales measured up to 0.17% off the float32 reference's
         torch.testing.assert_close(out[1], ref[1], atol=1e-7, rtol=1e-2)
-        # a value may round to a neighbouring fp8 step (2^-9 apart among the subnormals)
+        # a value may round to a neighbouring fp8 step (2^-9 apart among the subnormals): up to
+        # 1/14 of its group's largest, so the dequantized values are compared by similarity
         assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 2 ** -9).all()
-        got, want = f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)
+        assert similarity_gap(f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)) < 5e-4
+        assert (out[0][0].float() == 0).all()
     else:
         assert out[1] is None
-        got, want = out[0].float(), ref[0].float()
-    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
-    assert (got[0] == 0).all()
+        want = ref[0].float()
+        assert (out[0].float() - want).abs().max() <= 1e-2 * want.abs().max()
+        assert (out[0][0] == 0).all()
 
 
 @pytest.mark.gpu
