@@ -212,12 +212,14 @@ def test_gpu_token_glu_matches_reference(m, inter, k, quant):
     if quant:
         assert out[0].dtype == f8.FP8 and out[1].shape == ref[1].shape
         # Hopper's fp8 wgmma accumulates with reduced precision (Triton's default on sm_90, as in
-        # the Triton kernel): scales measured up to 0.17% off the float32 reference's
+        # the Triton kernel): an error relative to the products' size, not to each output. So
+        # scales (a group's largest) within 1% (measured: up to 0.17% off), and each value
+        # within one fp8 step of its own plus 1/32 of its group's largest
         torch.testing.assert_close(out[1], ref[1], atol=1e-7, rtol=1e-2)
-        # a value may round to a neighbouring fp8 step (2^-9 apart among the subnormals): up to
-        # 1/14 of its group's largest, so the dequantized values are compared by similarity
-        assert (out[0].float() - ref[0].float()).abs().le(ref[0].float().abs() * 2 ** -3 + 2 ** -9).all()
-        assert similarity_gap(f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)) < 5e-4
+        got, want = f8.dequantize_fp8(*out), f8.dequantize_fp8(*ref)
+        group_max = (ref[1] * f8.FP8_MAX).repeat_interleave(128, dim=1)[:, :inter]
+        assert ((got - want).abs() <= want.abs() * 2 ** -3 + group_max * 2 ** -5).all()
+        assert similarity_gap(got, want) < 1e-3
         assert (out[0][0].float() == 0).all()
     else:
         assert out[1] is None
