@@ -19,8 +19,8 @@
 #                dispatch to them), then group_gemm_bench.py --mode token (qkv, o, gate_up, down
 #                shapes) and --mode glu (the fused MLP's gate_up) beside Triton and _scaled_mm
 #   gemm_e2e     FP8 + FP8 KV throughput, 128/128 at max batch 1024 with the token-scaled Gluon
-#                GEMM and without (benchmarks/ab_run.py), interleaved, twice; with GEMM_E2E_LONG=1
-#                then 1000/1000 at max batch 512 with it
+#                GEMM and without (benchmarks/ab_run.py), interleaved, twice
+#   gemm_e2e_long  the same A/B at 1000/1000, max batch 512 (and the GLU kernel's GPU tests)
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -148,10 +148,15 @@ for stage in $stages; do
           -- bench throughput $S --stem "throughput_fp8_fp8kv_128_1024_token_${v}_$((++i))" --num-requests 1000 \
           --quantization fp8 --kv-cache-dtype fp8 --max-batch-size 1024 >> "$OUT/e2e.log" 2>&1
       done
-      [ -n "${GEMM_E2E_LONG:-}" ] || continue
-      timeout 170 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
-        --stem throughput_fp8_fp8kv_1000_512_token_on --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
-        --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
+      ;;
+    gemm_e2e_long)  # 1000/1000 at max batch 512, the token-scaled Gluon GEMM on and off
+      timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gluon_fp8_gemm.py -k glu 2>&1 | tail -5 > "$OUT/pytest_glu.txt"
+      for v in on off; do
+        timeout 190 python3 benchmarks/ab_run.py $([ $v = on ] || echo kernels.triton_fp8.GLUON_TOKEN_GEMM_MIN_M=1073741824) \
+          -- bench throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
+          --stem "throughput_fp8_fp8kv_1000_512_token_$v" --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
+          --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
+      done
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;
