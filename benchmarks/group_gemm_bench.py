@@ -13,6 +13,7 @@ Modes:
 
     python benchmarks/group_gemm_bench.py --out DIR [--mode group|token|glu] [--ms 256,1024]
         [--shapes 4096x14336,6144x4096]   (N x K; for glu N is the [gate; up] rows)
+    python benchmarks/group_gemm_bench.py --report DIR/token_gemm.json   (cases JSON, table, plot)
 """
 from __future__ import annotations
 
@@ -90,13 +91,64 @@ def rel_err(mode, name, out, ref):
     return round(float((out.float() - ref).abs().max() / ref.abs().max()), 4)
 
 
+def report(path: str) -> None:
+    """The kernel issues' result format beside a bench JSON: <stem>_cases.json (a list `cases` of
+    name, ours_us, baseline, baseline_us, ratio_vs_baseline = baseline time / ours,
+    fraction_of_roofline = TFLOP/s over the dense fp8 peak, device), <stem>.md and <stem>.png
+    (ours / Triton and ours / _scaled_mm over M, one line per shape)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peak_tflops = 1979.0  # H100 SXM dense fp8 (NVIDIA's figure)
+    rows = json.load(open(path))
+    stem = os.path.splitext(path)[0]
+    cases = []
+    for r in rows:
+        for base in ("triton", "scaled_mm_per_token"):
+            ours = r["gluon"]
+            cases.append(dict(name=f"{r['mode']}/M{r['m']}_N{r['n']}_K{r['k']}_vs_{base}", ours_us=ours["us"],
+                              baseline=base, baseline_us=r[base]["us"],
+                              ratio_vs_baseline=round(r[base]["us"] / ours["us"], 3),
+                              fraction_of_roofline=round(ours["tflops"] / peak_tflops, 3), device=r["device"]))
+    json.dump({"cases": cases}, open(f"{stem}_cases.json", "w"), indent=1)
+    lines = ["| mode | M | N | K | Gluon us | Triton us | _scaled_mm us | Gluon / Triton | Gluon / _scaled_mm | TFLOP/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        g = r["gluon"]
+        lines.append(f"| {r['mode']} | {r['m']} | {r['n']} | {r['k']} | {g['us']} | {r['triton']['us']} | "
+                     f"{r['scaled_mm_per_token']['us']} | {g['vs_triton']}x | {g['vs_scaled_mm']}x | {g['tflops']} |")
+    open(f"{stem}.md", "w").write(f"Device: {rows[0]['device']}. Speed-ups are time ratios (>1: Gluon faster).\n\n"
+                                  + "\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (n, k) in sorted({(r["n"], r["k"]) for r in rows}):
+        sel = [r for r in rows if (r["n"], r["k"]) == (n, k)]
+        for ax, key in zip(axes, ("vs_triton", "vs_scaled_mm")):
+            ax.plot([r["m"] for r in sel], [r["gluon"][key] for r in sel], marker="o", label=f"N{n} K{k}")
+    for ax, title in zip(axes, ("Gluon / Triton (time ratio)", "Gluon / torch._scaled_mm")):
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['mode']} FP8 GEMM, {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--report", default=None, help="a bench JSON to write the cases / table / plot of")
+    ap.add_argument("--out")
     ap.add_argument("--mode", choices=list(MODES), default="group")
     ap.add_argument("--ms", default="64,256,512,1024,2048,4096,8192")
     ap.add_argument("--shapes", default=None, help="N x K list (default: 4096x14336; glu: 28672x4096)")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    if not args.out:
+        ap.error("--out is required")
     os.makedirs(args.out, exist_ok=True)
     shapes = args.shapes or ("28672x4096" if args.mode == "glu" else "4096x14336")
     fns = MODES[args.mode]
