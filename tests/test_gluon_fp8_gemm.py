@@ -97,11 +97,13 @@ def test_lowers_for_sm90(pipeline, block_n):
     assert ptxas_spill_bytes(raw) == 0
 
 
-def _inputs(m, n, k, zero_rows=()):
+def _inputs(m, n, k, zero_rows=(), group=128):
+    """fp8 activations [m, k] with one scale per 1 x `group` (0: per token), some rows all zero,
+    and a per-channel fp8 weight [n, k]."""
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n + k)
     x = torch.randn(m, k, device="cuda", generator=g) * torch.rand(m, 1, device="cuda", generator=g).add(0.1) * 3
     x[list(zero_rows)] = 0  # all-zero groups: scale 0 is allowed
-    a, sa = tk.quantize_fp8_per_token(x.to(torch.bfloat16), 128)
+    a, sa = tk.quantize_fp8_per_token(x.to(torch.bfloat16), group)
     b, sb = tk.quantize_fp8_per_channel(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
     return a, b, sa, sb
 
@@ -146,32 +148,6 @@ def test_gpu_few_programs_carry_the_ring(grid, stages):
     _check(gluon_group_scaled_gemm(a, b, sa, sb, grid=grid, stages=stages), a, b, sa, sb)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
-def test_gpu_cuda_graph_replay():
-    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm
-
-    a, b, sa, sb = _inputs(256, 4096, 14336)
-    gluon_group_scaled_gemm(a, b, sa, sb)  # compile outside capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = gluon_group_scaled_gemm(a, b, sa, sb)
-    a2, _, sa2, _ = _inputs(256, 4096, 14336, zero_rows=(5,))
-    a.copy_(a2)
-    sa.copy_(sa2)
-    g.replay()
-    _check(out, a, b, sa, sb)
-
-
-def _token_inputs(m, n, k, zero_rows=()):
-    g = torch.Generator(device="cuda").manual_seed(m * 5 + n + k)
-    x = torch.randn(m, k, device="cuda", generator=g) * torch.rand(m, 1, device="cuda", generator=g).add(0.1) * 3
-    x[list(zero_rows)] = 0
-    a, sa = tk.quantize_fp8_per_token(x.to(torch.bfloat16))
-    b, sb = tk.quantize_fp8_per_channel(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
-    return a, b, sa, sb
-
-
 # m, n, k: the 8B qkv / o / gate_up shapes at decode and prefill sizes, ragged M and N, K not a
 # multiple of 128 (TMA fills the last step with zeros)
 TOKEN_CASES = [(1, 6144, 4096), (129, 4096, 4096), (1000, 6144, 4096), (4096, 28672, 4096), (300, 144, 640),
@@ -185,7 +161,7 @@ TOKEN_CASES = [(1, 6144, 4096), (129, 4096, 4096), (1000, 6144, 4096), (4096, 28
 def test_gpu_token_matches_reference(m, n, k, block_n):
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm, token_supported
 
-    a, b, sa, sb = _token_inputs(m, n, k, zero_rows=(0,))
+    a, b, sa, sb = _inputs(m, n, k, zero_rows=(0,), group=0)
     assert token_supported(a, b, sa, sb)
     out, scale = gluon_token_scaled_gemm(a, b, sa, sb, block_n=block_n)
     assert scale is None
@@ -204,7 +180,7 @@ GLU_CASES = [(1, 14336, 4096), (600, 14336, 4096), (4096, 14336, 4096), (333, 40
 def test_gpu_token_glu_matches_reference(m, inter, k, quant):
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm, token_supported
 
-    a, b, sa, sb = _token_inputs(m, 2 * inter, k, zero_rows=(0,))
+    a, b, sa, sb = _inputs(m, 2 * inter, k, zero_rows=(0,), group=0)
     assert token_supported(a, b, sa, sb, glu=True)
     h, none = gluon_token_scaled_gemm(a, b, sa, sb, glu=True)
     want = f8._fp8_gemm_silu_mul_ref(a, b, sa, sb, False, torch.float32)[0]
@@ -231,7 +207,7 @@ def test_gpu_token_glu_matches_reference(m, inter, k, quant):
 def test_gpu_token_few_programs_carry_the_ring(grid, block_n, glu):
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm
 
-    a, b, sa, sb = _token_inputs(517, 1024, 1280)
+    a, b, sa, sb = _inputs(517, 1024, 1280, group=0)
     out = gluon_token_scaled_gemm(a, b, sa, sb, glu=glu, block_n=None if glu else block_n, grid=grid)[0]
     if glu:
         want = f8._fp8_gemm_silu_mul_ref(a, b, sa, sb, False, torch.bfloat16)[0].float()
@@ -242,15 +218,19 @@ def test_gpu_token_few_programs_carry_the_ring(grid, block_n, glu):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
-def test_gpu_token_cuda_graph_replay():
-    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_token_scaled_gemm
+@pytest.mark.parametrize("group,m,k", [(128, 256, 14336), (0, 640, 4096)], ids=["group", "token"])
+def test_gpu_cuda_graph_replay(group, m, k):
+    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm, gluon_token_scaled_gemm
 
-    a, b, sa, sb = _token_inputs(640, 4096, 4096)
-    gluon_token_scaled_gemm(a, b, sa, sb)  # compile outside capture
+    def gemm(a, b, sa, sb):
+        return gluon_group_scaled_gemm(a, b, sa, sb) if group else gluon_token_scaled_gemm(a, b, sa, sb)[0]
+
+    a, b, sa, sb = _inputs(m, 4096, k, group=group)
+    gemm(a, b, sa, sb)  # compile outside capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = gluon_token_scaled_gemm(a, b, sa, sb)[0]
-    a2, _, sa2, _ = _token_inputs(640, 4096, 4096, zero_rows=(5,))
+        out = gemm(a, b, sa, sb)
+    a2, _, sa2, _ = _inputs(m, 4096, k, zero_rows=(5,), group=group)
     a.copy_(a2)
     sa.copy_(sa2)
     g.replay()
@@ -277,7 +257,7 @@ def test_gpu_op_dispatch(monkeypatch):
         a, b, sa, sb = _inputs(m, 512, k)
         _check(tk.fp8_gemm(a, b, sa, sb, None, torch.bfloat16), a, b, sa, sb)
     for m in (tlo - 1, tlo):
-        a, b, sa, sb = _token_inputs(m, 512, 1024)
+        a, b, sa, sb = _inputs(m, 512, 1024, group=0)
         _check(tk.fp8_gemm(a, b, sa, sb, None, torch.bfloat16), a, b, sa, sb)
         _check(tk.fp8_gemm(a, b, sa.expand(m, 8).contiguous(), sb, None, torch.bfloat16), a, b, sa, sb)  # groups
         _check(tk.fp8_gemm(a, b, sa.amax().reshape(1), sb, None, torch.bfloat16), a, b,
@@ -292,7 +272,7 @@ def test_gpu_op_dispatch(monkeypatch):
     monkeypatch.setenv("TRTLLM_KERNELS_FP8_GEMM_BACKEND", "gluon")
     assert tf.gemm_backend(a[:3], b, sa[:3], sb, None, torch.bfloat16) == "gluon_group"
     assert tf.gemm_backend(a, b, sa, sb, torch.zeros(512, device="cuda"), torch.bfloat16) == "triton"  # bias
-    ta, tb, tsa, tsb = _token_inputs(3, 512, 1024)
+    ta, tb, tsa, tsb = _inputs(3, 512, 1024, group=0)
     assert tf.gemm_backend(ta, tb, tsa, tsb, None, torch.bfloat16) == "gluon_token"
     assert tf.gemm_backend(ta, tb[:504], tsa, tsb[:504], None, torch.bfloat16) == "triton"  # N % 16: no TMA store
     monkeypatch.delenv("TRTLLM_KERNELS_FP8_GEMM_BACKEND")
