@@ -8,13 +8,20 @@ import sys
 
 from trtllm_kernels.cli import main
 
-if __name__ == "__main__":
-    split = sys.argv.index("--")
-    for assignment in sys.argv[1:split]:
+
+def apply_overrides(assignments: list[str]) -> None:
+    """Set module constants from 'module.NAME=value' (module relative to trtllm_kernels), the
+    value converted to the constant's type."""
+    for assignment in assignments:
         path, value = assignment.split("=", 1)
         module, name = path.rsplit(".", 1)
         mod = importlib.import_module(f"trtllm_kernels.{module}")
         if not hasattr(mod, name):
             raise SystemExit(f"{module} has no {name}")
         setattr(mod, name, type(getattr(mod, name))(value))
+
+
+if __name__ == "__main__":
+    split = sys.argv.index("--")
+    apply_overrides(sys.argv[1:split])
     sys.exit(main(sys.argv[split + 1:]))

@@ -127,14 +127,19 @@ def kernel_table(fn, steps: int, rows: int = 25) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_run_args(ap: argparse.ArgumentParser, max_batch_size: int) -> None:
+    """The throughput run's arguments (this script's and step_timeline.py's)."""
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--num-requests", type=int, default=1000)
-    ap.add_argument("--max-batch-size", type=int, default=256)
+    ap.add_argument("--max-batch-size", type=int, default=max_batch_size)
     ap.add_argument("--len", type=int, default=128, help="input and output length")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_run_args(ap, max_batch_size=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", default=".")

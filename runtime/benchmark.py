@@ -33,12 +33,14 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int) -> dict:
-    """All requests at once; output tokens per second over the whole run."""
+def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    """All requests at once; output tokens per second over the whole run. Another seed gives
+    other prompts (a second run of the same ones would find them in the prefix cache; 1 is
+    the warm-up's)."""
     vocab = llm.engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(random_prompts(min(num_requests, 8), input_len, vocab, seed=1), params, use_tqdm=False)  # warm-up
-    prompts = random_prompts(num_requests, input_len, vocab)
+    prompts = random_prompts(num_requests, input_len, vocab, seed=seed)
     ex = llm.executor
     counts = (ex.scheduler.num_preemptions, ex.num_launched_ahead)
     _sync(llm)

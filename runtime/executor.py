@@ -1,16 +1,18 @@
 """The step loop: schedule, run the model, sample, retire finished requests.
 
 A step is launched (inputs packed, the model and the sampler queued on the device) and later
-completed (the sampled tokens read back, stop conditions checked, blocks registered in the
-prefix cache). With overlap on, `step()` launches the next step before it completes the
-current one whenever the next step is already certain (`_launch_next`): each running request
-decodes the token the current step is sampling, which is still on the device and goes
-straight into the next step's input ids. So while the GPU runs step N+1, the host reads step
-N's tokens, checks stops, builds outputs, detokenizes and returns to the caller, instead of
-the GPU waiting for all of that (about 1.6 ms of an 8.4 ms decode step at batch 256 on an
-H200, benchmarks/results/h200-2026-11-27/README.md). A request that ends with step N's token
-(end-of-sequence, a stop token or string, an abort) wastes its row of step N+1, whose result
-is dropped; one that ends by length is left out of step N+1, being known in advance.
+completed (the sampled tokens read back, stop conditions checked). With overlap on, `step()`
+launches the next step before it completes the current one whenever it can be scheduled
+without the current one's tokens (`_launch_next`): each request sampling in step N decodes
+that token in step N+1, its id still on the device and copied there into N+1's input ids,
+beside the next prompt chunks of other requests and waiting requests that join. So while the
+GPU runs step N+1, the host reads step N's tokens, checks stops, builds outputs, detokenizes
+and returns to the caller, instead of the GPU waiting for all of that (about 1.6 ms of an
+8.4 ms decode step at batch 256 on an H200, benchmarks/results/h200-2026-11-27/README.md).
+A request that ends with step N's token (end-of-sequence, a stop token or string, an abort)
+wastes its row of step N+1, whose result is dropped; one that ends by length is left out of
+step N+1, being known in advance. A block filled by a step enters the prefix cache when the
+step is launched (its tokens known then), so the step after can reuse it.
 """
 from __future__ import annotations
 
@@ -93,52 +95,55 @@ class Executor:
 
     def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         logits, samplers = self.runner.run(batch)
-        for req, n in zip(batch.requests, batch.num_tokens):
+        page = self.kv.page_size
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             req.num_computed += n
+            # A block that became full goes into the prefix cache now, not once this step is
+            # read: a step that reuses it runs after this one on the device. Most decode steps
+            # fill none. The rows decoding a token still on the device wait for _complete.
+            if i >= batch.num_ahead and req.num_computed // page > (req.num_computed - n) // page:
+                self.kv.register_computed(req.request_id, req.tokens, req.num_computed)
         sampling = [batch.requests[i] for i in samplers]
         sample = self.sampler.launch(logits, sampling) if sampling else None
         return LaunchedStep(batch, [req.num_computed for req in batch.requests], sampling, sample)
 
     def _launch_next(self, cur: LaunchedStep) -> LaunchedStep | None:
-        """Launch the step after `cur` before cur's tokens are read, when it is certain: every
-        request of cur samples and so decodes next; none needs cur's token on the host to
-        sample the next one (penalties count it, min_tokens' mask depends on the count); no
-        waiting request could join; the blocks are free without preempting anyone. Requests
-        that end by length with cur's token are left out. Otherwise None, and the next step()
-        schedules after reading cur's tokens."""
-        sched = self.scheduler
-        if cur.sample is None or len(cur.sampling) != len(cur.batch):
-            return None
-        rows, reqs, blocks, ending = [], [], 0, 0
+        """Launch the step after `cur` before cur's tokens are read, when it can be scheduled
+        without them: none of cur's sampling requests needs its token on the host to sample
+        the next one (penalties count it, min_tokens' mask depends on the count), and no
+        running request needs another's blocks (scheduling ahead preempts nobody). Each of
+        cur's sampling requests then decodes the token cur is sampling, its id read on the
+        device, unless that token is its last (max_tokens or max_seq_len): it is left out.
+        Other running requests take their next prompt chunk and waiting ones join as usual.
+        Otherwise None, and the next step() schedules after reading cur's tokens."""
+        if cur.sample is None:
+            return None  # nothing is being sampled: the next step() schedules without waiting
+        ahead: dict[int, int] = {}  # id(request) -> its row of cur's sampled tokens
         for i, req in enumerate(cur.sampling):
             if req.status is not RequestStatus.RUNNING:  # aborted or stopped meanwhile
                 continue
             p = req.params
             if p.has_penalties or req.num_output_tokens < p.min_tokens:
                 return None
-            if req.num_output_tokens + 1 >= p.max_tokens or len(req.tokens) + 1 >= self.max_seq_len:
-                ending += 1  # cur's token is its last
-                continue
-            blocks += self.kv.blocks_for(req.num_computed + 1) - len(self.kv.block_table(req.request_id))
-            rows.append(i)
-            reqs.append(req)
-        if not reqs or blocks > self.kv.num_free_blocks:
+            if req.num_output_tokens + 1 < p.max_tokens and len(req.tokens) + 1 < self.max_seq_len:
+                ahead[id(req)] = i
+        batch = self.scheduler.schedule(ahead)
+        if batch is None or not len(batch):
             return None
-        if sched.waiting and len(sched.running) - ending < sched.max_batch_size:
-            return None  # a waiting request may join: schedule once cur's tokens are in
-        for req in reqs:
-            self.kv.grow(req.request_id, req.num_computed + 1)
-        ids = cur.sample.tokens
-        if len(rows) < len(cur.sampling):
-            ids = ids[torch.tensor(rows, dtype=torch.int64).to(ids.device, non_blocking=True)]
+        rows = [ahead[id(req)] for req in batch.requests[:batch.num_ahead]]
+        if rows:
+            ids = cur.sample.tokens
+            if rows != list(range(len(cur.sampling))):
+                ids = ids[torch.tensor(rows, dtype=torch.int64).to(ids.device, non_blocking=True)]
+            batch.next_ids = ids
         self.num_launched_ahead += 1
-        return self._launch(ScheduledBatch(reqs, [1] * len(reqs), next_ids=ids))
+        return self._launch(batch)
 
     def _complete(self, step: LaunchedStep) -> list[Request]:
         page = self.kv.page_size
-        for req, n, after in zip(step.batch.requests, step.batch.num_tokens, step.computed):
-            # Only a block that became full goes into the prefix cache: most decode steps fill none.
-            if after // page > (after - n) // page and req.status is RequestStatus.RUNNING:
+        k = step.batch.num_ahead  # rows whose token was on the device at launch: it is on the host now
+        for req, after in zip(step.batch.requests[:k], step.computed):
+            if after // page > (after - 1) // page and req.status is RequestStatus.RUNNING:
                 self.kv.register_computed(req.request_id, req.tokens, after)
         if step.sample is None:
             return []

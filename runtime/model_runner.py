@@ -144,16 +144,17 @@ class ModelRunner:
     def _pack_eager(self, batch: ScheduledBatch):
         page = self.kv.page_size
         reqs, counts = batch.requests, batch.num_tokens
-        if batch.next_ids is not None:  # one token each, its id on the device: every row samples
-            ids, computed, samplers = [0] * len(reqs), [req.num_computed for req in reqs], list(range(len(reqs)))
-        else:
-            ids, computed, samplers = [], [], []
-            for i, (req, n) in enumerate(zip(reqs, counts)):
-                c = req.num_computed
-                ids += req.tokens[c:c + n]
-                computed.append(c)
-                if c + n == len(req.tokens):
-                    samplers.append(i)
+        # The first num_ahead rows decode a token whose id is on the device (next_ids; a
+        # placeholder here) and sample.
+        k = batch.num_ahead
+        ids, computed, samplers = [0] * k, [req.num_computed for req in reqs[:k]], list(range(k))
+        for i in range(k, len(reqs)):
+            req, n = reqs[i], counts[i]
+            c = req.num_computed
+            ids += req.tokens[c:c + n]
+            computed.append(c)
+            if c + n == len(req.tokens):
+                samplers.append(i)
         tables = self.kv.block_table_array([req.request_id for req in reqs])
         header, payload = eager_payload(ids, computed, counts, tables, samplers, batch.num_decodes, page)
         return header, payload, samplers
@@ -169,8 +170,8 @@ class ModelRunner:
         # Rows n..b-1 pad the batch: token 0, position 0, slot -1 (writes nowhere), seq_len 0.
         payload = np.zeros(4 * b + b * width, dtype=np.int64)
         ids, positions, slots, seq_lens = payload[:4 * b].reshape(4, b)
-        if batch.next_ids is None:  # else they are on the device already
-            ids[:n] = [req.tokens[req.num_computed] for req in reqs]
+        k = batch.num_ahead  # rows whose ids are on the device already (next_ids)
+        ids[k:n] = [req.tokens[req.num_computed] for req in reqs[k:]]
         positions[:n] = pos
         slots[:n] = tables[np.arange(n), pos // page] * page + pos % page
         slots[n:] = -1
@@ -210,15 +211,15 @@ class ModelRunner:
     def execute(self, header: list[int], payload: torch.Tensor, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Unpack a step's payload (on this rank's device) and run the model: float32 logits of
         the sampled rows (eager) or of the graph's whole padded batch (graph replay).
-        next_ids: the tokens' ids, already on the device (then the payload's are placeholders)."""
+        next_ids: the first tokens' ids, already on the device (the payload has placeholders there)."""
         cmd, t, s, w, num_decodes, n_samp, b = header[:7]
         if cmd == CMD_GRAPH:
             return self._replay(payload, b, w, next_ids)
         if cmd == CMD_PREFILL_GRAPH:
             return self._replay_prefill(payload, t, w, n_samp, b)
         ids, positions, slots, seq_lens, starts, last, tables = payload.split([t, t, t, s, s + 1, n_samp, s * w])
-        if next_ids is not None:
-            ids = next_ids
+        if next_ids is not None:  # the first rows' ids (the payload has placeholders there)
+            ids[:len(next_ids)].copy_(next_ids)
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables.view(s, w).to(torch.int32),

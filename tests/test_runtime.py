@@ -156,8 +156,9 @@ def test_overlap_scheduling_keeps_outputs(case):
 
 
 def test_overlap_launches_the_next_step_before_reading_tokens(monkeypatch):
-    """In a run of decodes, each step is launched before the previous one's tokens are read;
-    a step whose next one is not certain (a request waits to join) is read first."""
+    """Each step is launched before the previous one's tokens are read: its decodes take those
+    tokens on the device (num_ahead rows), and a waiting request joins in the row of one that
+    ends by length with the token being read."""
     from trtllm_kernels.runtime import sampler as sampler_mod
 
     events = []
@@ -165,19 +166,27 @@ def test_overlap_launches_the_next_step_before_reading_tokens(monkeypatch):
     ex = Executor(tiny_model(), kv, max_batch_size=2, max_num_tokens=64, max_seq_len=256, eos_token_ids=set(),
                   overlap=True)
     run_model, result = ex.runner.run, sampler_mod.PendingSample.result
-    monkeypatch.setattr(ex.runner, "run", lambda batch: events.append(("run", len(batch))) or run_model(batch))
+
+    def run_step(batch):
+        events.append(("run", [r.request_id for r in batch.requests], batch.num_tokens, batch.num_ahead))
+        return run_model(batch)
+
+    monkeypatch.setattr(ex.runner, "run", run_step)
     monkeypatch.setattr(sampler_mod.PendingSample, "result", lambda self: events.append(("read",)) or result(self))
     for i, p in enumerate(prompts_of([5, 6, 7])):  # the third waits for a free row
         ex.add(Request(str(i), None, p, SamplingParams(max_tokens=[3, 4, 2][i], temperature=0), i))
     while ex.has_unfinished():
         ex.step()
     assert events == [
-        ("run", 2), ("run", 2), ("read",),  # prompts 0 and 1, then their first decode before reading
-        ("run", 2), ("read",),  # the second decode, launched before the first's tokens are read
-        ("read",),  # 0 ends with that (max_tokens 3, known ahead) and 2 can join: nothing launched ahead
-        ("run", 2), ("run", 1), ("read",),  # 1's last decode beside prompt 2, then 2 alone, launched ahead
-        ("read",),  # 2's last token: nothing follows
+        ("run", ["0", "1"], [5, 6], 0),  # the two prompts
+        ("run", ["0", "1"], [1, 1], 2), ("read",),  # their first decode, launched before reading
+        ("run", ["0", "1"], [1, 1], 2), ("read",),
+        # 0 ends with the token being read (max_tokens 3): prompt 2 takes its row, ahead
+        ("run", ["1", "2"], [1, 7], 1), ("read",),
+        ("run", ["2"], [1], 1), ("read",),  # 1 ended the same way; 2's last decode
+        ("read",),  # nothing follows 2's last token
     ]
+    assert ex.num_launched_ahead == 4
 
 
 def _eager_prefill_graphs(ex, sizes=(16, 32)):

@@ -169,6 +169,13 @@ def test_launch_configs(monkeypatch):
     dec = ta.decode_config(128, FP8, torch.bfloat16)
     assert dec["F16_MATH"] and dec["maxnreg"] == 128 and dec["BLOCK_N"] == 64
     assert not ta.decode_config(128, torch.bfloat16, torch.bfloat16)["F16_MATH"]
+    # many (sequence, kv head) programs: small 2-warp programs for FP8 pages at D 128 only
+    many = ta.DECODE_SMALL_TILES_MIN_PROGRAMS
+    small = ta.decode_config(128, FP8, torch.bfloat16, programs=many)
+    assert (small["BLOCK_N"], small["num_warps"], small["per_sm"]) == (32, 2, 8) and small["F16_MATH"]
+    assert ta.decode_config(128, FP8, torch.bfloat16, programs=many - 1) == dec
+    assert ta.decode_config(128, torch.bfloat16, torch.bfloat16, programs=many)["num_warps"] == 4
+    assert ta.decode_config(64, FP8, torch.bfloat16, programs=many)["num_warps"] == 4
     assert ta.prefill_config(128, torch.bfloat16, 16)["maxnreg"] == 128
     monkeypatch.setenv("TRTLLM_KERNELS_PREFILL_CONFIG", '{"BLOCK_N": 128, "num_stages": 2, "bogus": 1}')
     cfg = ta.prefill_config(128, torch.bfloat16, 16)
@@ -272,6 +279,10 @@ COMPILE_SCRIPT = textwrap.dedent(
               BLOCK_N=pre128["BLOCK_N"], SEARCH_ITERS=2, DOT_PREC="tf32", USE_TMA=True),
          pre128["num_warps"], pre128["num_stages"]),
     ]
+    # many short sequences: the small 2-warp programs (FP8 pages only; for bf16 the same config again)
+    small = ta.decode_config(D, cache, torch.bfloat16, programs=ta.DECODE_SMALL_TILES_MIN_PROGRAMS)
+    jobs.append((ta._paged_decode_kernel, jobs[0][1],
+                 dict(jobs[0][2], BLOCK_N=small["BLOCK_N"], SPLIT=False), small["num_warps"], small["num_stages"]))
     for fn, types, constexprs, warps, stages in jobs:
         signature = sig(fn, types)
         for name in constexprs:
@@ -299,7 +310,7 @@ def test_kernels_compile_for_sm90(kv):
     res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, kv], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.count(" ok ") == 5, res.stdout
+    assert res.stdout.count(" ok ") == 6, res.stdout
 
 
 def test_registered_as_cuda_kernels():
@@ -341,6 +352,8 @@ GPU_DECODE = [
     (1, 32768, 1, 8, 64, 64, FP16, None),
     (2, 4095, 4, 3, 128, 32, torch.float32, None),
     (16, 4095, 8, 4, 128, 16, BF16, FP8),
+    (256, 300, 8, 4, 128, 16, BF16, FP8),       # 2048 programs: the small 2-warp FP8 programs
+    (300, 130, 8, 4, 128, 64, BF16, FP8),
     (2, 32768, 4, 8, 128, 64, BF16, FP8),
     (33, 97, 3, 3, 64, 16, FP16, FP8),
 ]

@@ -408,7 +408,12 @@ def _paged_prefill_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype) -> dict:
+# From this many (sequence, kv head) programs, FP8 decode at D 128 runs small programs: 2 warps,
+# 32-key tiles (see decode_config).
+DECODE_SMALL_TILES_MIN_PROGRAMS = 2048
+
+
+def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype, programs: int = 0) -> dict:
     """Launch knobs for decode, and `per_sm`: how many programs an SM runs at once.
 
     Decode is memory bound, and Triton 3.6 issues a program's next K/V copy only after its
@@ -420,6 +425,16 @@ def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype)
     registers (3 per SM, 253-280 us); converted to fp16 instead (F16_MATH: one instruction a
     pair, the dots in fp16) at BLOCK_N 64 capped at 128 registers (4 per SM, no spills)
     201 us = 2.7 TB/s, 0.56x the bf16 time. `decode_num_splits` sizes the grid to `per_sm`.
+
+    programs: batch * kv heads. A serving run's decode batches are large and their contexts
+    short (a 128/128 throughput run decodes 1000 sequences at 128-256 tokens), so a program
+    streams a few tiles and its start-up is much of its time: from
+    DECODE_SMALL_TILES_MIN_PROGRAMS programs, FP8 pages at D 128 go through 2-warp programs of
+    32-key tiles, more of them per SM. Measured on H100 (benchmarks/decode_sweep.py, 32/8
+    heads, page 16, block tables 512+ tokens wide, us against the 4-warp 64-key default):
+    B1024 x 128 114 / 123, B1024 x 256 211 / 220, B512 x 1024 389 / 395, B256 x 512 103 / 107
+    (0.88 of copy bandwidth), pages of 64 B1024 x 128 107 / 120; but B64 x 4096 (512
+    programs) 250 / 199, hence the threshold.
     """
     if _interpreting():
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, per_sm=4, F16_MATH=False)
@@ -427,6 +442,9 @@ def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype)
     if q_dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2, per_sm=4, F16_MATH=False)
     block_n = max(16, min(128, 8192 // head_dim))  # 64 at D128, 128 at D64
+    if es == 1 and head_dim == 128 and programs >= DECODE_SMALL_TILES_MIN_PROGRAMS:
+        # per_sm: 8 programs of 64 threads x 128 registers fill the register file
+        return dict(BLOCK_N=32, num_warps=2, num_stages=3, per_sm=8, F16_MATH=True, maxnreg=128)
     if es == 1:
         return dict(BLOCK_N=block_n, num_warps=4, num_stages=3, per_sm=4, F16_MATH=True, maxnreg=128)
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3, per_sm=4, F16_MATH=False)
@@ -554,7 +572,7 @@ def triton_paged_decode(
     if batch == 0:
         return out
     scale = head_dim ** -0.5 if scale is None else scale
-    cfg = decode_config(head_dim, k_cache.dtype, q.dtype)
+    cfg = decode_config(head_dim, k_cache.dtype, q.dtype, batch * num_kv_heads)
     block_n = block_n or cfg["BLOCK_N"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
@@ -955,7 +973,7 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
         for cache_dtype in (bf16, fp8):
             kc, vc, bt, sl = _paged_copy(k, v, page, cache_dtype)
             nbytes = 2 * batch * hkv * ctx * d * kc.element_size() + 2 * q.numel() * 2
-            cfg = decode_config(d, cache_dtype, bf16)
+            cfg = decode_config(d, cache_dtype, bf16, batch * hkv)
             auto = decode_num_splits(batch, hkv, ctx, cfg["BLOCK_N"], num_sms(q.device), cfg["per_sm"])
             cands = [dict()]
             if "decode_sweep" in parts and batch == 64:

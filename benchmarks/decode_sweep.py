@@ -1,0 +1,99 @@
+"""Sweep the Triton paged decode kernel's launch knobs at the shapes a serving run meets: large
+batches at short contexts (a 128/128 throughput run decodes 1000 sequences at 128-256
+tokens), beside the issue's B256 x 512 and B64 x 4096. 32/8 heads, D 128; the block table as
+wide as a 512-token (or the context's) sequence, as in the decode graphs.
+
+    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick]
+
+Times each config under CUDA graphs (trtllm_kernels.bench.timing, medians), checks its output
+against the default config's, and reports us, GB/s and the fraction of the measured copy
+bandwidth per shape. Writes decode_sweep_<cache>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from trtllm_kernels.bench.roofline import measure_copy_bandwidth
+from trtllm_kernels.bench.timing import time_fn
+from trtllm_kernels.kernels.triton_attention import _paged_copy, triton_paged_decode
+
+# (batch, context, page, block-table width in tokens)
+SHAPES = [(1024, 128, 16, 512), (1024, 256, 16, 512), (1024, 128, 64, 512), (1024, 256, 64, 512),
+          (512, 1024, 16, 2048), (256, 512, 16, 512), (64, 4096, 16, 4096)]
+
+
+def configs(quick: bool) -> list[dict]:
+    out = [dict()]  # the default (decode_config)
+    for bn in (16, 32, 64, 128):
+        for warps in ((2, 4) if bn <= 32 else (4, 8)):
+            for stages in ((2, 3, 4) if not quick else (3,)):
+                for reg in ((None, 96, 128) if bn <= 64 else (128, 168)):
+                    out.append(dict(block_n=bn, num_warps=warps, num_stages=stages, maxnreg=reg))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--cache", default="fp8", choices=["fp8", "bf16"])
+    ap.add_argument("--quick", action="store_true", help="num_stages 3 only")
+    ap.add_argument("--budget", type=float, default=1e9, help="start no new config after this many seconds")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cache_dtype = torch.float8_e4m3fn if args.cache == "fp8" else torch.bfloat16
+    bw = measure_copy_bandwidth(dev)
+    hq, hkv, d = 32, 8, 128
+    inputs = []
+    for batch, ctx, page, width in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        k = torch.randn(batch, hkv, ctx, d, device=dev, generator=g, dtype=torch.bfloat16)
+        v = torch.randn(batch, hkv, ctx, d, device=dev, generator=g, dtype=torch.bfloat16)
+        q = torch.randn(batch, hq, d, device=dev, generator=g, dtype=torch.bfloat16)
+        kc, vc, bt, sl = _paged_copy(k, v, page, cache_dtype)
+        del k, v
+        bt = torch.nn.functional.pad(bt, (0, width // page - bt.shape[1]))  # graph-wide tables
+        nbytes = 2 * batch * hkv * ctx * d * kc.element_size() + 2 * q.numel() * q.element_size()
+        ref = triton_paged_decode(q, kc, vc, bt, sl, num_splits=1).float()
+        inputs.append(((batch, ctx, page), (q, kc, vc, bt, sl), nbytes, ref))
+    rows = []
+    t_end = time.perf_counter() + args.budget
+    for cfg in configs(args.quick):  # configs outer: a budget cut loses configs, not shapes
+        if time.perf_counter() > t_end:
+            break
+        kw = {key: val for key, val in cfg.items() if val is not None}
+        for (batch, ctx, page), x, nbytes, ref in inputs:
+            row = dict(batch=batch, ctx=ctx, page=page, cfg=cfg)
+            try:
+                err = (triton_paged_decode(*x, num_splits=1, **kw).float() - ref).abs().max().item()
+                t = time_fn(lambda: triton_paged_decode(*x, num_splits=1, **kw), [()], graph=True, iters=50,
+                            device=dev)["median_us"]
+            except Exception as e:  # a config that does not compile or run (registers, smem)
+                rows.append(dict(row, error=str(e).splitlines()[0][:200]))
+                continue
+            rows.append(dict(row, us=t, gbs=nbytes / t / 1e3, frac_copy=nbytes / t / 1e3 / (bw / 1e9), max_err=err))
+            print(json.dumps(rows[-1]), flush=True)
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"decode_sweep_{args.cache}.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "rows": rows}, indent=1))
+    lines = [f"# decode sweep, {args.cache} cache, {torch.cuda.get_device_name()}, copy {bw / 1e9:.0f} GB/s", "",
+             "| shape | default us | best us | best / default | best frac of copy | best config |", "|---|---:|---:|---:|---:|---|"]
+    for batch, ctx, page, _ in SHAPES:
+        rs = [r for r in rows if (r["batch"], r["ctx"], r["page"]) == (batch, ctx, page) and "us" in r]
+        if not rs:
+            continue
+        base = next(r for r in rs if not r["cfg"])
+        best = min(rs, key=lambda r: r["us"])
+        lines.append(f"| B{batch} x {ctx}, page {page} | {base['us']:.1f} | {best['us']:.1f} | "
+                     f"{best['us'] / base['us']:.2f} | {best['frac_copy']:.2f} | {best['cfg'] or 'default'} |")
+    (path / f"decode_sweep_{args.cache}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
