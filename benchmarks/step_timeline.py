@@ -40,7 +40,7 @@ class Timeline:
 
     def __init__(self, llm: LLM):
         self.steps: list[dict] = []
-        self.gc_pauses: list[float] = []
+        self.gc_pauses: list[tuple[float, float]] = []  # (start, ms)
         ex = llm.executor
         graphs = ex.runner.graphs
         launch, complete = ex._launch, ex._complete
@@ -74,13 +74,14 @@ class Timeline:
             if phase == "start":
                 self._gc_t0 = time.perf_counter()
             else:
-                self.gc_pauses.append((time.perf_counter() - self._gc_t0) * 1e3)
+                self.gc_pauses.append((self._gc_t0, (time.perf_counter() - self._gc_t0) * 1e3))
 
         gc.callbacks.append(on_gc)
 
     def report(self, since: float) -> dict:
         torch.cuda.synchronize()
         steps = [s for s in self.steps if s["t"] >= since]
+        pauses = [ms for t, ms in self.gc_pauses if t >= since]  # the timed run's, not its warm-up's
         ref = steps[0]["start"]
         rows, prev_end = [], None
         for s in steps:
@@ -102,8 +103,8 @@ class Timeline:
                              "median_launch_ms": statistics.median(r["launch_ms"] for r in rs),
                              "median_complete_ms": statistics.median(r.get("complete_ms", 0.0) for r in rs)}
         return {"by_kind": summary, "gpu_span_s": (rows[-1]["gpu_start_ms"] + rows[-1]["gpu_ms"]) / 1e3,
-                "gc_pauses": len(self.gc_pauses), "gc_ms": sum(self.gc_pauses),
-                "gc_max_ms": max(self.gc_pauses, default=0.0), "steps": rows}
+                "gc_pauses": len(pauses), "gc_ms": sum(pauses), "gc_max_ms": max(pauses, default=0.0),
+                "steps": rows}
 
 
 def kernel_busy(llm: LLM, run, first: int, count: int, kind: str, min_tokens: int) -> dict:
