@@ -34,6 +34,15 @@ from trtllm_kernels.runtime.benchmark import throughput
 from trtllm_kernels.runtime.llm import LLM
 
 
+def step_kind(runner, batch) -> str:
+    """'decode_graph', 'prefill_graph' or 'eager': how ModelRunner.run will run the batch."""
+    if runner.graphs and batch.num_decodes == len(batch) <= max(runner.graphs):
+        return "decode_graph"
+    if len(batch) == 1 and batch.num_tokens[0] > 1 and any(n >= batch.num_tokens[0] for n in runner.prefill_graphs):
+        return "prefill_graph"
+    return "eager"
+
+
 class Timeline:
     """Wraps Executor._launch and _complete: a CUDA event before and after each step's device
     work, host timestamps around both, and the garbage collector's pauses."""
@@ -42,20 +51,20 @@ class Timeline:
         self.steps: list[dict] = []
         self.gc_pauses: list[tuple[float, float]] = []  # (start, ms)
         ex = llm.executor
-        graphs = ex.runner.graphs
         launch, complete = ex._launch, ex._complete
+        ahead_count = [ex.num_launched_ahead]
 
         def timed_launch(batch):
-            graph = bool(graphs) and batch.num_decodes == len(batch) <= max(graphs)
-            kind = "decode_graph" if graph else ("prefill_graph" if len(batch) == 1 and batch.num_tokens[0] > 1
-                                                 and ex.runner.prefill_graphs else "eager")
+            kind = step_kind(ex.runner, batch)
+            # _launch_next counts a step launched ahead before launching it
+            ahead, ahead_count[0] = ex.num_launched_ahead != ahead_count[0], ex.num_launched_ahead
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0 = time.perf_counter()
             start.record()
             step = launch(batch)
             end.record()
             rec = {"kind": kind, "seqs": len(batch), "tokens": sum(batch.num_tokens), "decodes": batch.num_decodes,
-                   "ahead": batch.next_ids is not None, "start": start, "end": end,
+                   "ahead": ahead, "start": start, "end": end,
                    "launch_ms": (time.perf_counter() - t0) * 1e3, "t": t0}
             self.steps.append(rec)
             step.timeline = rec
@@ -118,8 +127,7 @@ def kernel_busy(llm: LLM, run, first: int, count: int, kind: str, min_tokens: in
     state = {"n": 0, "seen": 0, "prof": None, "done": None}  # n: steps of that kind
 
     def watched(batch):
-        graph = bool(ex.runner.graphs) and batch.num_decodes == len(batch) <= max(ex.runner.graphs)
-        if kind == ("decode_graph" if graph else "eager") and sum(batch.num_tokens) >= min_tokens:
+        if step_kind(ex.runner, batch) == kind and sum(batch.num_tokens) >= min_tokens:
             state["n"] += 1
             if state["n"] == first:
                 torch.cuda.synchronize()

@@ -143,7 +143,7 @@ class Executor:
         page = self.kv.page_size
         k = step.batch.num_ahead  # rows whose token was on the device at launch: it is on the host now
         for req, after in zip(step.batch.requests[:k], step.computed):
-            if after // page > (after - 1) // page and req.status is RequestStatus.RUNNING:
+            if after % page == 0 and req.status is RequestStatus.RUNNING:  # its one token filled a block
                 self.kv.register_computed(req.request_id, req.tokens, after)
         if step.sample is None:
             return []
