@@ -1,7 +1,8 @@
 """Sweep the FP4 W4A16 GEMM's launch configurations on the GPU (issue 5): for gate_up
 28672x4096 and down 4096x14336 at M in {1, 16, 64, 128, 4096}, time a few configurations of
 the fused kernel, the dequantize + torch.matmul path and bf16 torch.matmul under CUDA graphs,
-and print / save the best. Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule] python benchmarks/sweep_fp4.py [out.json]"""
+and print / save the best. csrc/fp4_gemm.cu's and (on Hopper, below 256 tokens) csrc/fp4_wgmma.cu's configurations too.
+Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule] python benchmarks/sweep_fp4.py [out.json]"""
 import json
 import os
 import sys
@@ -99,8 +100,20 @@ def main():
                     err = float((f().float() - ref).abs().max() / ref.abs().max())
                     row["results"].append(dict(cfg=dict(csrc=cfg), us=do_bench_cudagraph(f) * 1e3, rel_err=err))
                 row["csrc_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get("csrc") == rule))
+            if m < tf.DEQUANT_MATMUL_MIN_M and csrc.available() and csrc.fp4_wgmma_supported(x, p, s):
+                tokens = [t for t in csrc.FP4_WGMMA_TOKENS if t >= m][:2] or [128]  # csrc/fp4_wgmma.cu
+                grid = [(t, wg, sp) for t in tokens for wg in (1, 2, 4) for sp in (1, 2, 4, 8) if (t, wg) != (128, 4)]
+                rule = csrc.fp4_wgmma_config(m, n, k // 2, num_sms())
+                for cfg in grid + ([rule] if rule not in grid else []):
+                    f = lambda: csrc.fp4_gemm_wgmma_cuda(x, p, s, g, cfg)
+                    err = float((f().float() - ref).abs().max() / ref.abs().max())
+                    row["results"].append(dict(cfg=dict(wgmma=cfg), us=do_bench_cudagraph(f) * 1e3, rel_err=err))
+                row["wgmma_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get("wgmma") == rule))
             row["results"].sort(key=lambda r: r["us"])
             best = row["results"][0] if row["results"] else None
+            for key in ("csrc_rule", "wgmma_rule"):
+                if key in row:
+                    print(f"    {key}: {row[key]['us']:.1f} us {row[key]['cfg']}", flush=True)
             print(f"{name} {fmt} M={m}: bf16 {bf16 * 1e3:.1f} us, tinygemm {row.get('tinygemm_us', float('nan')):.1f}, dequant+mm {row.get('dequant_matmul_us', float('nan')):.1f}, "
                   f"best {best['us'] if best else float('nan'):.1f} us {best['cfg'] if best else ''} "
                   f"(err {best['rel_err'] if best else 0:.1e}); {time.time() - t0:.0f}s", flush=True)

@@ -23,53 +23,18 @@
 // - The warps of a block split the K steps of the same rows (interleaved, so the block reads
 //   contiguous bytes) and add their fp32 results through shared memory; a grid split of K
 //   writes fp32 partials that the caller sums in order (deterministic).
-#include <cuda_fp8.h>
-
 #include "common.cuh"
+#include "fp4.cuh"
 
 namespace {
 
+using tk::e2m1x2;
+using tk::load_stream;
+using tk::mul_bf16x2;
+using tk::scale_bf16x2;
+
 constexpr int kStepBytes = 64;  // bytes of each weight row a warp consumes per K step
 constexpr int kMaxWarps = 8;
-
-// Two e2m1 codes, the nibbles at bits [S, S + 4) and [S + 16, S + 20) of r -> bf16x2 holding
-// e2m1 * 2^-126 each.
-template <int S>
-__device__ __forceinline__ uint32_t e2m1x2(uint32_t r) {
-  const uint32_t mag = (S <= 6 ? r << (6 - S) : r >> (S - 6)) & 0x01C001C0u;
-  const uint32_t sgn = (r << (12 - S)) & 0x80008000u;
-  return mag | sgn;
-}
-
-__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-
-// A raw scale byte -> its value as bf16, twice (a bf16x2).
-template <bool kNV>
-__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t s) {
-  uint32_t b;
-  if constexpr (kNV) {  // e4m3 (NaN stays NaN)
-    __nv_fp8_e4m3 f;
-    f.__x = (__nv_fp8_storage_t)s;
-    const __nv_bfloat16 h = __float2bfloat16_rn(float(f));
-    b = *reinterpret_cast<const uint16_t*>(&h);
-  } else {  // e8m0: 2^(s - 127); 0 is 2^-127 (a bf16 subnormal), 255 NaN
-    b = s == 0 ? 0x0040u : s == 255 ? 0x7FC0u : s << 7;
-  }
-  return b | (b << 16);
-}
-
-// Weights are read once: keep L1 for the activations, which every block re-reads; and ask L2
-// to fetch the 256-byte segment around each 16-byte load (the row's next K steps).
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {

@@ -384,32 +384,105 @@ def test_gpu_csrc_small_m(fmt, m, config):
 
     if not csrc.available():
         pytest.skip("csrc kernels not built (no nvcc)")
+    _check_csrc_gemm(csrc.fp4_small_m_supported, csrc.fp4_gemm_small_m_cuda, fmt, m, config)
+
+
+def _check_csrc_gemm(supported, gemm, fmt, m, config):
+    """A csrc FP4 kernel against the float32 GEMM of the dequantized weights: 1000 rows (ragged
+    tiles), K 4352 (34 steps of 64 bytes), x a strided view."""
     n, k = 1000, 4352
     p, s, g = tk.quantize_fp4(torch.randn(n, k, device="cuda") * k ** -0.5, fmt)
     x = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)[:, 64:]
-    assert csrc.fp4_small_m_supported(x, p, s)
-    out = csrc.fp4_gemm_small_m_cuda(x, p, s, g, config)
+    assert supported(x, p, s)
+    out = gemm(x, p, s, g, config)
     ref = x.float() @ tk.dequantize_fp4(p, s, g).T
     err = float((out.float() - ref).abs().max())
     assert err <= 2.0 ** -7 * float(ref.abs().max()) + 1e-5, err
     assert similarity_gap(out, ref) < 1e-5
 
 
+def test_csrc_wgmma_rule():
+    """The wgmma kernel's launch rule (CPU): the token tile holds M (128-token tiles beyond),
+    128-token tiles in blocks of two warpgroups (their accumulators), else four; K split only
+    while the blocks fill less than half the SMs and every share keeps >= 8 steps."""
+    from trtllm_kernels.kernels import csrc
+
+    assert csrc.fp4_wgmma_config(17, 28672, 2048, 132) == (32, 4, 1)
+    assert csrc.fp4_wgmma_config(64, 28672, 2048, 132) == (64, 4, 1)
+    assert csrc.fp4_wgmma_config(128, 28672, 2048, 132) == (128, 2, 1)
+    assert csrc.fp4_wgmma_config(200, 28672, 2048, 132) == (128, 2, 1)
+    assert csrc.fp4_wgmma_config(64, 4096, 7168, 132) == (64, 4, 8)
+    for m, n, half in [(16, 4096, 7168), (128, 4096, 7168), (100, 512, 512), (20, 64, 64)]:
+        tokens, groups, split = csrc.fp4_wgmma_config(m, n, half, 132)
+        blocks = -(-n // (64 * groups)) * -(-m // tokens)
+        assert tokens in csrc.FP4_WGMMA_TOKENS and (tokens >= m or tokens == 128)
+        assert split == 1 or (blocks * split <= 132 and half // 64 // split >= 8), (m, n, half, split)
+
+
+def _require_wgmma():
+    from trtllm_kernels.kernels import csrc
+
+    if not csrc.available():
+        pytest.skip("csrc kernels not built (no nvcc)")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma needs Hopper (sm_90)")
+    return csrc
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, (16, 1, 1), (32, 2, 3), (64, 4, 1), (64, 4, 5), (128, 2, 2),
+                                    (128, 1, 8)], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 32, 40, 64, 100, 128, 129, 255])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_csrc_wgmma(fmt, m, config):
+    """csrc/fp4_wgmma.cu against the float32 GEMM: every token tile and block height, partial
+    token tiles and several tiles (129, 255 tokens), ragged N (1000 rows: a partial block),
+    K steps that do not divide among splits (34; 8 splits leave one empty), a strided x."""
+    csrc = _require_wgmma()
+    _check_csrc_gemm(csrc.fp4_wgmma_supported, csrc.fp4_gemm_wgmma_cuda, fmt, m, config)
+
+
+@pytest.mark.gpu
+def test_gpu_csrc_wgmma_nan_scale_and_graph():
+    """A NaN scale poisons only its own rows' outputs; the kernel replays in a CUDA graph
+    (the TMA descriptor is a kernel argument, captured by value) with new activations."""
+    csrc = _require_wgmma()
+    w = torch.randn(512, 1024, device="cuda")
+    p, s, g = tk.quantize_fp4(w, "nvfp4")
+    s[5, 3] = float("nan")
+    x = torch.randn(48, 1024, device="cuda", dtype=torch.bfloat16)
+    out = csrc.fp4_gemm_wgmma_cuda(x, p, s, g)
+    assert out[:, 5].isnan().all() and not out[:, torch.arange(512, device="cuda") != 5].isnan().any()
+    s[5, 3] = 1.0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = tk.fp4_gemm(x, p, s, g)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    ref = x.float() @ tk.dequantize_fp4(p, s, g).T
+    assert similarity_gap(y, ref) < 1e-5
+
+
 @pytest.mark.gpu
 def test_gpu_small_m_dispatch(monkeypatch):
-    """fp4_gemm takes the csrc kernel for 1-64 bf16 tokens (with K % 128 == 0) and Triton
-    otherwise (fp16 activations, 65 tokens)."""
+    """fp4_gemm takes the mma.sync kernel for 1-16 bf16 tokens, the wgmma one from 17 on
+    Hopper (else the mma.sync one up to 64), Triton for fp16 activations."""
     from trtllm_kernels.kernels import csrc
 
     if not csrc.available():
         pytest.skip("csrc kernels not built (no nvcc)")
     calls = []
-    real = csrc.fp4_gemm_small_m_cuda
-    monkeypatch.setattr(csrc, "fp4_gemm_small_m_cuda", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for name in ("fp4_gemm_small_m_cuda", "fp4_gemm_wgmma_cuda"):
+        real = getattr(csrc, name)
+        monkeypatch.setattr(csrc, name, lambda *a, real=real, name=name: calls.append((name, a[0].shape[0])) or real(*a))
     p, s, g = tk.quantize_fp4(torch.randn(256, 1024, device="cuda"), "nvfp4")
-    for m, dtype in [(1, torch.bfloat16), (64, torch.bfloat16), (65, torch.bfloat16), (4, torch.float16)]:
+    for m, dtype in [(1, torch.bfloat16), (16, torch.bfloat16), (17, torch.bfloat16), (64, torch.bfloat16),
+                     (65, torch.bfloat16), (4, torch.float16)]:
         _check_gemm(torch.randn(m, 1024, device="cuda", dtype=dtype), p, s, g, max_gap=1e-5)
-    assert calls == [1, 64]
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    wide = "fp4_gemm_wgmma_cuda" if hopper else "fp4_gemm_small_m_cuda"
+    expected = [("fp4_gemm_small_m_cuda", 1), ("fp4_gemm_small_m_cuda", 16), (wide, 17), (wide, 64)]
+    assert calls == expected + ([(wide, 65)] if hopper else [])
 
 
 @pytest.mark.gpu

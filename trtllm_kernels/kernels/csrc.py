@@ -115,6 +115,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tk_paged_decode_occupancy.restype = i32
     lib.tk_fp4_gemm_small_m.argtypes = [p] * 6 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
     lib.tk_fp4_gemm_small_m.restype = i32
+    lib.tk_fp4_gemm_wgmma.argtypes = [p] * 6 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
+    lib.tk_fp4_gemm_wgmma.restype = i32
 
 
 def _ptr(t: torch.Tensor | None):
@@ -330,22 +332,84 @@ def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, i
 def fp4_gemm_small_m_cuda(x, w, scale, global_scale, config=None):
     """out = x @ dequant(w)^T through csrc/fp4_gemm.cu (check `fp4_small_m_supported` first);
     config: as `fp4_small_m_config` returns it (its default)."""
-    from .triton_tiles import num_sms, sum_splits_kernel
+    from .triton_tiles import num_sms
+
+    config = config or fp4_small_m_config(x.shape[0], w.shape[0], w.shape[1], num_sms(x.device))
+    return _fp4_launch("tk_fp4_gemm_small_m", x, w, scale, global_scale, config)
+
+
+def _fp4_launch(name, x, w, scale, global_scale, config):
+    """Run one of the FP4 GEMM launchers (same arguments; config ends with the K split) and
+    add the K shares' fp32 partials in order (deterministic)."""
+    from .triton_tiles import sum_splits_kernel
 
     m, n, half = x.shape[0], w.shape[0], w.shape[1]
-    tiles, warps, split = config or fp4_small_m_config(m, n, half, num_sms(x.device))
+    split = config[-1]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else None
     nvfp4 = scale.dtype == _FP8
     scale = scale.view(torch.uint8)
-    code = library().tk_fp4_gemm_small_m(
+    code = getattr(library(), name)(
         _ptr(x), _ptr(w), _ptr(scale), _ptr(global_scale), _ptr(out), _ptr(part), m, n, half,
-        x.stride(0), w.stride(0), scale.stride(0), out.stride(0), int(nvfp4), tiles, warps, split,
-        _stream(x.device))
-    _check(code, "tk_fp4_gemm_small_m")
-    if part is not None:  # the K shares' fp32 partials, added in order
+        x.stride(0), w.stride(0), scale.stride(0), out.stride(0), int(nvfp4), *config, _stream(x.device))
+    _check(code, name)
+    if part is not None:
         sum_splits_kernel[(-(-m * n // 1024),)](part, out, m * n, SPLIT_K=split, BLOCK=1024, num_warps=4)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# FP4 weight-only GEMM on wgmma, 17-255 tokens on Hopper (csrc/fp4_wgmma.cu)
+# --------------------------------------------------------------------------------------------
+
+# From here to the dequantize + matmul path (256) the wgmma kernel takes bf16 x on Hopper: on an
+# H100 at 16 tokens the mma.sync kernel was faster (gate_up 35 us against 43, down 18 against 23),
+# from 32 the wgmma one (46 against 52, 25 against 27; 64 tokens 52 against 76, 30 against 36;
+# benchmarks/results/h100-2026-11-28/fp4_wgmma).
+FP4_WGMMA_MIN_M = 17
+FP4_WGMMA_TOKENS = (16, 32, 64, 128)  # token tiles it is built for
+
+
+def fp4_wgmma_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether csrc/fp4_wgmma.cu takes these inputs on this GPU: Hopper (sm_90), bf16
+    activations with unit last stride, 16-byte aligned rows (TMA), K % 128 == 0, 16-byte
+    aligned weight rows, scale rows aligned for their word loads (4 bytes NVFP4, 2 MXFP4)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= 1 and w.shape[0] > 0):
+        return False
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
+    word = 4 if scale.dtype == _FP8 else 2
+    aligned = lambda t, n, b: t.stride(-1) == 1 and t.data_ptr() % b == 0 and t.stride(0) % n == 0
+    return (w.shape[1] % 64 == 0 and aligned(x, 8, 16) and aligned(w, 16, 16)
+            and aligned(scale, word, word))
+
+
+def fp4_wgmma_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int]:
+    """(token tile, warpgroups a block, K splits) for out [m, n] from rows of `half` bytes:
+    the smallest token tile that holds m (128 beyond: more tiles); four warpgroups (256 weight
+    rows a block: every block reads all of x's tile, so taller blocks read less of it) below
+    128-token tiles, whose accumulators leave registers for two; K split until the blocks
+    fill the SMs, keeping >= 8 steps a block. Measured on an H100 (benchmarks/sweep_fp4.py, up to
+    24 configurations at gate_up 28672x4096 and down 4096x14336, M 32-200, both formats): the
+    rule's choice was the fastest but at down with 32 tokens (25.5 us against 25.2 with two
+    warpgroups)."""
+    tokens = next((t for t in FP4_WGMMA_TOKENS if t >= m), FP4_WGMMA_TOKENS[-1])
+    groups = 4 if tokens < 128 else 2
+    blocks = -(-n // (64 * groups)) * -(-m // tokens)
+    steps = half // 64
+    split = 1
+    while blocks * split * 2 <= sms and steps // (split * 2) >= 8:
+        split *= 2
+    return tokens, groups, split
+
+
+def fp4_gemm_wgmma_cuda(x, w, scale, global_scale, config=None):
+    """out = x @ dequant(w)^T through csrc/fp4_wgmma.cu (check `fp4_wgmma_supported` first);
+    config: as `fp4_wgmma_config` returns it (its default)."""
+    from .triton_tiles import num_sms
+
+    config = config or fp4_wgmma_config(x.shape[0], w.shape[0], w.shape[1], num_sms(x.device))
+    return _fp4_launch("tk_fp4_gemm_wgmma", x, w, scale, global_scale, config)
 
 
 def register() -> None:

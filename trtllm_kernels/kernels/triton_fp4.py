@@ -28,16 +28,19 @@ the activation dtype with `_fp4_dequant_kernel` (N x K x 2 bytes written once, ~
 4096-token GEMM) and calls cuBLAS through torch.matmul: the fused kernel took 2.3x cuBLAS's
 time at 4096 tokens, this path 1.05x.
 
-Decode batches (1-64 bf16 tokens, K % 128 == 0) go to csrc/fp4_gemm.cu instead, which keeps
-every weight in registers from global memory to mma.sync (see its header): on H100, gate_up
-28672x4096 at M = 1 in 25.7 us against this kernel's 84 us, at M = 64 74.9 against 107
-(benchmarks/results/h100-2026-11-27). This kernel was held to 0.7-1.0 TB/s there by moving
-each dequantized tile through shared memory into the MMA operand layout (about 500
-instructions and three barriers a K step per thread at M = 1, found in its TTGIR / PTX); it
-still serves 65-255 tokens, fp16 / fp32 activations and rows that are not a whole number of
-64-byte steps. (Its per-step scale loads, 2 bytes a thread, are not software-pipelined:
-cp.async needs 4. Loading them as int32 words fixed that and measured within noise at 1-16
-tokens and slower at 64 on H200, so they stay bytes: benchmarks/results/h200-2026-11-27.)
+bf16 activations with K % 128 == 0 below 256 tokens go to the csrc kernels instead: 1-16 tokens
+(and up to 64 off Hopper) to csrc/fp4_gemm.cu, which keeps every weight in registers from global
+memory to mma.sync (see its header); 17-255 tokens on Hopper to csrc/fp4_wgmma.cu, which
+dequantizes the weights into wgmma's register operand and brings the activations by TMA. On an
+H100 (benchmarks/results/h100-2026-11-28/fp4_wgmma), gate_up 28672x4096: M = 1 25.7 us against
+this kernel's 84 us; M = 64 52 us (mma.sync 76, this kernel 100); M = 128 80 us (this kernel
+142). This kernel was held to 0.7-1.0 TB/s by moving each dequantized tile through shared memory
+into the MMA operand layout (about 500 instructions and three barriers a K step per thread at
+M = 1, found in its TTGIR / PTX); it still serves fp16 / fp32 activations, rows that are not a
+whole number of 64-byte steps, and 65-255 tokens off Hopper. (Its per-step scale loads, 2
+bytes a thread, are not software-pipelined: cp.async needs 4. Loading them as int32 words
+fixed that and measured within noise at 1-16 tokens and slower at 64 on H200, so they stay
+bytes: benchmarks/results/h200-2026-11-27.)
 """
 from __future__ import annotations
 
@@ -282,7 +285,7 @@ CONFIG_OVERRIDE: dict | None = None
 USE_ASM = True
 # token count from which the op dequantizes to the activation dtype and calls cuBLAS
 DEQUANT_MATMUL_MIN_M = 256
-# decode batches (1-64 bf16 tokens) through csrc/fp4_gemm.cu where it builds (False: Triton)
+# bf16 batches below DEQUANT_MATMUL_MIN_M through the csrc kernels where they build (False: Triton)
 USE_CSRC = True
 
 def gemm_config(m: int, n: int, half: int) -> dict:
@@ -352,6 +355,8 @@ def fp4_gemm_cuda(x, w, scale, global_scale):
     if CONFIG_OVERRIDE is None and USE_CSRC and not _interpreting():
         from . import csrc
 
+        if m >= csrc.FP4_WGMMA_MIN_M and csrc.fp4_wgmma_supported(x, w, scale) and csrc.available():
+            return csrc.fp4_gemm_wgmma_cuda(x, w, scale, global_scale)
         if csrc.fp4_small_m_supported(x, w, scale) and csrc.available():
             return csrc.fp4_gemm_small_m_cuda(x, w, scale, global_scale)
     return _launch(x, w, scale, global_scale, gemm_config(m, w.shape[0], w.shape[1]))

@@ -1,0 +1,509 @@
+// FP4 weight-only GEMM on Hopper's warpgroup MMA, for batches of 17-255 tokens (W4A16): out[M, N] = x[M, K] @ (e2m1 * scale * global)[N, K]^T, NVFP4 or MXFP4 weights in the
+// packed layout of trtllm_kernels/fp4.py (byte j of a row: column j low nibble, K/2 + j high).
+//
+// Why: from ~16 tokens the mma.sync kernel (fp4_gemm.cu) is bound by its activation reads
+// (every warp loads its own copy) and by mma.sync's rate; at 128 tokens the GEMM needs most of
+// the tensor cores' bf16 rate. Here the output is computed transposed, out^T = W x^T, so the
+// weights are wgmma's A operand, taken from registers where they are dequantized, and the
+// activations are its B operand, copied once per block by TMA into shared memory:
+//
+// - A block is kWG warpgroups; each owns 64 weight rows (wgmma's M) and all kNT tokens of the
+//   block's tile (wgmma's N). K advances in steps of 64 bytes of each row: low columns
+//   [64s, 64s + 64) and high columns K/2 + [64s, 64s + 64), eight 16-column MMA chunks.
+// - Activations: per step two TMA boxes of [kNT tokens, 64 columns] (the low and the high
+//   columns) in a ring of kStages slots, 128-byte swizzled as wgmma reads them; one thread issues
+//   them, `full` mbarriers say a slot landed, `empty` ones that every warp's MMAs on it are done.
+//   Tokens past M come in as zeros from TMA's bounds check.
+// - Weights: a lane (group g = lane / 4, q = lane % 4 of its warp's 16 rows) loads 16 bytes of
+//   rows g and g + 8 per step, two steps ahead, straight from global memory. wgmma's register
+//   fragment wants, for every chunk c, the columns 16c + 2q, +1 and 16c + 8 + 2q, +1: two bytes
+//   out of each 8, spread over the four lanes' loads. The four lanes of a quad trade them with
+//   three shuffles (a 4 x 4 transpose of words); the bytes arrive in the order the bit-placement
+//   dequantization reads (see `quad_transpose`). The high nibbles of the same bytes are the
+//   high half's chunks, so one exchange feeds all eight chunks.
+// - Scales: an NVFP4 group (16 columns) or half an MXFP4 group is exactly one chunk, so every
+//   register of a fragment has a single scale; e2m1 -> bf16 by bit placement and the multiplies
+//   are exact (see `multiplier`); the global scale multiplies the fp32 accumulators at the end.
+// - Each step's eight MMAs go in two halves of four: a warpgroup dequantizes one half while the
+//   other runs.
+// - A K split over grid.y writes fp32 partials the caller sums in order (deterministic).
+//
+// What limits it (H100, benchmarks/results/h100-2026-11-28/fp4_wgmma): the instruction stream.
+// A warp spends ~330 instructions a step, most of them dequantizing, and with 8-16 warps an SM
+// (registers) the schedulers issue 0.4-0.55 a cycle; memory and tensor cores are half idle.
+#include <cuda.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+#include "fp4.cuh"
+
+namespace {
+
+using tk::e2m1x2;
+using tk::load_stream;
+using tk::mul_bf16x2;
+using tk::scale_bf16x2;
+
+constexpr int kStepBytes = 64;  // bytes of each weight row consumed per K step
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// --- mbarriers and TMA ---------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(phase)
+      : "memory");
+}
+
+// box [rows, 64 columns] of the tensor map at (column, row) -> shared memory, counted on bar
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int col, int row, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_addr(dst)),
+      "l"(map), "r"(col), "r"(row), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// --- wgmma ---------------------------------------------------------------------------------
+
+// Shared-memory matrix descriptor of a K-major operand in 128-byte swizzled rows (8-row groups
+// 1024 bytes apart); the start address may step by 32 bytes (16 bf16 of K) inside a row: adding
+// bytes / 16 to the descriptor moves it (shared addresses < 2^18: no carry out of the field).
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 |
+         (uint64_t)1 << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// wait until at most N committed groups of this warpgroup's MMAs are still running
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Keep a register's value where it is across an asynchronous wgmma that reads or writes it.
+__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+#define TK_ACC8(d, o)                                                                                  \
+  "+f"(d[o + 0]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), "+f"(d[o + 5]), \
+      "+f"(d[o + 6]), "+f"(d[o + 7])
+
+// d[64 x kNT] += a (64 x 16 bf16, registers) * b (16 x kNT bf16, shared memory, K-major)
+template <int kNT>
+__device__ __forceinline__ void wgmma(float* d, const uint32_t* a, uint64_t b);
+
+template <>
+__device__ __forceinline__ void wgmma<16>(float* d, const uint32_t* a, uint64_t b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+      : TK_ACC8(d, 0)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<32>(float* d, const uint32_t* a, uint64_t b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+      "%11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+      : TK_ACC8(d, 0), TK_ACC8(d, 8)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<64>(float* d, const uint32_t* a, uint64_t b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+      "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
+      "%31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+      : TK_ACC8(d, 0), TK_ACC8(d, 8), TK_ACC8(d, 16), TK_ACC8(d, 24)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<128>(float* d, const uint32_t* a, uint64_t b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+      "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
+      "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, "
+      "%51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+      : TK_ACC8(d, 0), TK_ACC8(d, 8), TK_ACC8(d, 16), TK_ACC8(d, 24), TK_ACC8(d, 32), TK_ACC8(d, 40),
+        TK_ACC8(d, 48), TK_ACC8(d, 56)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+#undef TK_ACC8
+
+// --- the weights of one step -----------------------------------------------------------------
+
+// A lane's 16 bytes u of a row (bytes 16q .. 16q + 15 of the step) -> p[c], c = 0..3: the bytes
+// 16c + 2q, 16c + 8 + 2q, 16c + 2q + 1, 16c + 8 + 2q + 1 of the step (in that order, so e2m1x2<0>
+// gives the fragment's k-slots 2q, 2q + 1 and e2m1x2<8> the slots 2q + 8, 2q + 9). Lane q holds
+// for lane d the word prmt(u[d / 2], u[2 + d / 2]) of the bytes at 2(d % 2) and 2(d % 2) + 1;
+// round x swaps words with lane q ^ x, whose word is chunk q ^ x's; a butterfly on q's bits
+// puts chunk c in p[c] (registers cannot be indexed by a lane-dependent number).
+__device__ __forceinline__ void quad_transpose(const uint4& u, int q, uint32_t* p) {
+  auto word_for = [&](int d) {
+    return __byte_perm(d & 2 ? u.y : u.x, d & 2 ? u.w : u.z, d & 1 ? 0x7362 : 0x5140);
+  };
+  uint32_t r0 = word_for(q);
+  uint32_t r1 = __shfl_xor_sync(0xffffffffu, word_for(q ^ 1), 1);
+  uint32_t r2 = __shfl_xor_sync(0xffffffffu, word_for(q ^ 2), 2);
+  uint32_t r3 = __shfl_xor_sync(0xffffffffu, word_for(q ^ 3), 3);
+  if (q & 1) {  // r[x] held chunk q ^ x: now chunk (q & 2) ^ x
+    const uint32_t t0 = r0, t2 = r2;
+    r0 = r1, r1 = t0, r2 = r3, r3 = t2;
+  }
+  if (q & 2) {
+    const uint32_t t0 = r0, t1 = r1;
+    r0 = r2, r1 = r3, r2 = t0, r3 = t1;
+  }
+  p[0] = r0, p[1] = r1, p[2] = r2, p[3] = r3;
+}
+
+// One step's raw weights of a lane: 16 bytes and the scale bytes of rows g and g + 8
+// (NVFP4: 4 scales of the low chunks, 4 of the high ones; MXFP4: 2 and 2).
+struct Raw {
+  uint4 w[2];
+  uint32_t s[2][2];  // [row][low, high]
+};
+
+// wp[h]: this lane's bytes of row h (g, g + 8) at step 0; sp[h][hf]: the row's scales of the
+// low / high half at step 0
+template <bool kNV>
+__device__ __forceinline__ void load_raw(Raw& r, const uint8_t* const* wp, const uint8_t* const (*sp)[2],
+                                         int step) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    r.w[h] = load_stream(wp[h] + step * kStepBytes);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      if constexpr (kNV)  // group 16: scales 4s .. 4s + 3
+        r.s[h][hf] = __ldg(reinterpret_cast<const uint32_t*>(sp[h][hf] + 4 * step));
+      else  // group 32: scales 2s, 2s + 1
+        r.s[h][hf] = __ldg(reinterpret_cast<const uint16_t*>(sp[h][hf] + 2 * step));
+  }
+}
+
+// NVFP4's scales are applied with one multiply: a bf16 e2m1 code is e2m1 * 2^-126 (see
+// e2m1x2), so it is multiplied by scale * 2^117 (at most 448 * 2^117, inside bf16's range),
+// which leaves e2m1 * scale * 2^-9, exact (<= 6 significant bits, >= 2^-19); the accumulators
+// get the 2^9 back with the global scale. MXFP4's power-of-two scales span 2^-127..2^127, so
+// there the codes take the two multiplies of fp4_gemm.cu (by 2^126, then by the scale).
+constexpr float kNVUnscale = 512.f;  // 2^9
+
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)two_bytes));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t bf16x2_splat(float f) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(f));
+  return r;
+}
+
+// The bf16x2 that chunk c's codes are multiplied by, from a row's scale word of one half
+template <bool kNV>
+__device__ __forceinline__ uint32_t multiplier(uint32_t word, int c) {
+  if constexpr (kNV) {  // e4m3 -> f16 (exact, NaN kept) -> f32 * 2^117 -> bf16x2
+    const uint32_t f16 = e4m3x2_to_f16x2(c < 2 ? word & 0xFFFF : word >> 16);
+    const unsigned short bits = (unsigned short)(f16 >> (16 * (c % 2)));
+    return bf16x2_splat(__half2float(__ushort_as_half(bits)) * 0x1p117f);
+  } else {  // one e8m0 byte per two chunks
+    return scale_bf16x2<false>((word >> (8 * (c / 2))) & 0xFF);
+  }
+}
+
+template <bool kNV>
+__device__ __forceinline__ uint32_t scaled(uint32_t codes, uint32_t mult) {
+  constexpr uint32_t two126 = 0x7E807E80u;  // bf16x2 (2^126, 2^126)
+  return kNV ? mul_bf16x2(codes, mult) : mul_bf16x2(mul_bf16x2(codes, two126), mult);
+}
+
+// Half H of a step's fragments: chunks 2H, 2H + 1 (low nibbles of p[.][c]) and 4 + 2H, 5 + 2H
+// (their high nibbles) -> a[j][0..3] (rows g / g + 8, k-slots 2q.. / 2q + 8..), j as `chunk_of`.
+// p: the transposed words of rows g and g + 8; sw: their scale words [row][low, high half].
+template <bool kNV, int H>
+__device__ __forceinline__ void dequant_half(const uint32_t (*p)[4], const uint32_t (*sw)[2], uint32_t (*a)[4]) {
+#pragma unroll
+  for (int cc = 0; cc < 2; ++cc) {
+    const int c = 2 * H + cc;
+    const uint32_t lo0 = multiplier<kNV>(sw[0][0], c), lo1 = multiplier<kNV>(sw[1][0], c);
+    const uint32_t hi0 = multiplier<kNV>(sw[0][1], c), hi1 = multiplier<kNV>(sw[1][1], c);
+    a[cc][0] = scaled<kNV>(e2m1x2<0>(p[0][c]), lo0);
+    a[cc][1] = scaled<kNV>(e2m1x2<0>(p[1][c]), lo1);
+    a[cc][2] = scaled<kNV>(e2m1x2<8>(p[0][c]), lo0);
+    a[cc][3] = scaled<kNV>(e2m1x2<8>(p[1][c]), lo1);
+    a[2 + cc][0] = scaled<kNV>(e2m1x2<4>(p[0][c]), hi0);
+    a[2 + cc][1] = scaled<kNV>(e2m1x2<4>(p[1][c]), hi1);
+    a[2 + cc][2] = scaled<kNV>(e2m1x2<12>(p[0][c]), hi0);
+    a[2 + cc][3] = scaled<kNV>(e2m1x2<12>(p[1][c]), hi1);
+  }
+}
+
+// fragment j of half H -> its 16-column chunk of the step (0-3 low columns, 4-7 high)
+__device__ __forceinline__ constexpr int chunk_of(int H, int j) { return (j < 2 ? 0 : 4) + 2 * H + j % 2; }
+
+template <int kNT>
+constexpr int stages_for() {  // activation ring: 32-128 KB (a power of two: slot and phase by bits)
+  return kNT >= 128 ? 4 : 8;
+}
+
+template <int kNT>
+constexpr int smem_bytes() {
+  return stages_for<kNT>() * 2 * kNT * 128 + 1024;  // + alignment of the ring to 1024 bytes
+}
+
+template <bool kNV, int kNT, int kWG>
+__global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
+    const __grid_constant__ CUtensorMap xmap, const uint8_t* __restrict__ w, const uint8_t* __restrict__ s,
+    const float* __restrict__ gscale, __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int M,
+    int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o, int steps_per_split) {
+  constexpr int kStages = stages_for<kNT>();
+  constexpr int kBox = kNT * 128;  // bytes of one [kNT, 64] bf16 box
+  constexpr int kWarps = 4 * kWG;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ uint64_t full[kStages], empty[kStages];
+  uint8_t* ring = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int row0 = blockIdx.x * 64 * kWG + 16 * warp;  // warp w of warpgroup v: rows 64v + 16(w % 4)
+  const int tok0 = blockIdx.z * kNT;
+  const int first = blockIdx.y * steps_per_split;
+  const int count = max(0, min(half / kStepBytes, first + steps_per_split) - first);
+
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int i) {  // activations of the split's step i into slot i % kStages
+    uint8_t* dst = ring + (i % kStages) * 2 * kBox;
+    uint64_t* bar = &full[i % kStages];
+    mbar_expect_tx(bar, 2 * kBox);
+    tma_load(dst, &xmap, (first + i) * kStepBytes, tok0, bar);
+    tma_load(dst + kBox, &xmap, half + (first + i) * kStepBytes, tok0, bar);
+  };
+  if (tid == 0)
+    for (int i = 0; i < min(kStages, count); ++i) issue(i);
+
+  const uint8_t* wp[2];
+  const uint8_t* sp[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // rows past N re-read row N - 1 and are never stored
+    const int r = min(row0 + 8 * h + g, N - 1);
+    wp[h] = w + r * stride_w + first * kStepBytes + 16 * q;
+    sp[h][0] = s + r * stride_s + first * kStepBytes / (kNV ? 16 : 32);
+    sp[h][1] = sp[h][0] + half / (kNV ? 16 : 32);
+  }
+
+  float acc[kNT / 2];
+#pragma unroll
+  for (int i = 0; i < kNT / 2; ++i) acc[i] = 0.f;
+  // Each step's eight MMAs go in two halves of four, each half's fragments dequantized while
+  // the other half's MMAs run: the warpgroup keeps the tensor cores busy on its own, with the
+  // registers of one step's fragments.
+  uint32_t frag[2][4][4];  // [half][fragment][register]
+  uint32_t p[2][4], sw[2][2];  // the current step's transposed words and scale words
+  Raw raw[2];
+  auto unpack = [&](const Raw& r) {
+    quad_transpose(r.w[0], q, p[0]);
+    quad_transpose(r.w[1], q, p[1]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sw[h][0] = r.s[h][0], sw[h][1] = r.s[h][1];
+  };
+  auto fence_half = [&](uint32_t (*f)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) fence_reg(f[j][k]);
+  };
+  auto mma_half = [&](auto H, uint64_t desc) {
+    fence_half(frag[H]);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = chunk_of(H, j);
+      wgmma<kNT>(acc, frag[H][j], desc + (((c / 4) * kBox + (c % 4) * 32) >> 4));
+    }
+    wgmma_commit();
+  };
+  using H0 = std::integral_constant<int, 0>;
+  using H1 = std::integral_constant<int, 1>;
+  if (count > 0) load_raw<kNV>(raw[0], wp, sp, 0);
+  if (count > 1) load_raw<kNV>(raw[1], wp, sp, 1);
+  if (count > 0) {
+    unpack(raw[0]);
+    dequant_half<kNV, 0>(p, sw, frag[0]);
+  }
+  if (count > 2) load_raw<kNV>(raw[0], wp, sp, 2);
+#pragma unroll
+  for (int j = 0; j < kNT / 2; ++j) fence_reg(acc[j]);
+
+  // step i (its first half's fragments ready): thread 0 refills the slot two steps back once
+  // every warp has released it; wait for the step's activations; MMAs of half 0; once the
+  // previous step's half 1 is done (its slot is released), dequantize half 1 and issue it;
+  // unpack step i + 1 (raw `next`, loaded two steps ago; then load step i + 3 there); once
+  // half 0 is done, dequantize step i + 1's half 0.
+  auto step = [&](int i, Raw& next) {
+    if (tid == 0 && i >= 2 && i - 2 + kStages < count) {
+      mbar_wait(&empty[(i - 2) % kStages], ((i - 2) / kStages) & 1);
+      issue(i - 2 + kStages);
+    }
+    __syncwarp();
+    mbar_wait(&full[i % kStages], (i / kStages) & 1);
+    const uint64_t desc = smem_desc(ring + (i % kStages) * 2 * kBox);
+    mma_half(H0(), desc);
+    wgmma_wait<1>();
+    fence_half(frag[1]);
+    __syncwarp();
+    if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % kStages]);
+    dequant_half<kNV, 1>(p, sw, frag[1]);
+    mma_half(H1(), desc);
+    if (i + 1 < count) {
+      unpack(next);
+      if (i + 3 < count) load_raw<kNV>(next, wp, sp, i + 3);
+    }
+    wgmma_wait<1>();
+    fence_half(frag[0]);
+    if (i + 1 < count) dequant_half<kNV, 0>(p, sw, frag[0]);
+  };
+  int i = 0;
+  for (; i + 1 < count; i += 2) {  // two steps a turn: the raw buffers alternate by name
+    step(i, raw[1]);
+    step(i + 1, raw[0]);
+  }
+  if (i < count) step(i, raw[1]);
+  wgmma_wait<0>();
+#pragma unroll
+  for (int j = 0; j < kNT / 2; ++j) fence_reg(acc[j]);
+
+  // d[4j + 2h + e]: row g + 8h, token 8j + 2q + e
+  const float gs = (gscale ? *gscale : 1.f) * (kNV ? kNVUnscale : 1.f);
+  float* part = partial ? partial + (int64_t)blockIdx.y * M * N : nullptr;
+#pragma unroll
+  for (int j = 0; j < kNT / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = row0 + g + 8 * h, t = tok0 + 8 * j + 2 * q + e;
+        if (r >= N || t >= M) continue;
+        const float v = acc[4 * j + 2 * h + e] * gs;
+        if (part)
+          part[(int64_t)t * N + r] = v;
+        else
+          out[t * stride_o + r] = __float2bfloat16_rn(v);
+      }
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver (the library links the runtime only)
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+template <bool kNV, int kNT, int kWG>
+int launch(const CUtensorMap& xmap, const void* w, const void* s, const float* g, void* out, float* partial, int M,
+           int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o, int split, cudaStream_t stream) {
+  if constexpr (kNT == 128 && kWG == 4) {  // 128 registers a thread cannot hold its accumulators
+    return (int)cudaErrorInvalidValue;
+  } else {
+  auto kernel = fp4_wgmma_kernel<kNV, kNT, kWG>;
+  constexpr int bytes = smem_bytes<kNT>();
+  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (attr != cudaSuccess) return (int)attr;
+  const int steps = half / kStepBytes;
+  const int per = (steps + split - 1) / split;
+  const dim3 grid((N + 64 * kWG - 1) / (64 * kWG), split, (M + kNT - 1) / kNT);
+  kernel<<<grid, 128 * kWG, bytes, stream>>>(xmap, (const uint8_t*)w, (const uint8_t*)s, g, (__nv_bfloat16*)out,
+                                             partial, M, N, half, stride_w, stride_s, stride_o, per);
+  return (int)cudaGetLastError();
+  }
+}
+
+}  // namespace
+
+// x: bf16 [M, K = 2 half] (row stride stride_x elements, a multiple of 8; 16-byte aligned);
+// w: uint8 [N, half] packed codes (16-byte aligned rows); s: uint8 scale bytes [N, K / group]
+// (e4m3 for NVFP4, e8m0 for MXFP4; rows 4-byte aligned for NVFP4, 2-byte for MXFP4); g: the
+// NVFP4 global scale (fp32, device) or null; out: bf16 [M, N] (row stride stride_o), or with
+// split > 1, partial: fp32 [split, M, N] to be summed over the split. half % 64 == 0.
+// tokens: the block's token tile (16, 32, 64 or 128; more tokens take more tiles over grid.z);
+// warpgroups: 1, 2 or 4 (64 weight rows each; 1 or 2 with 128-token tiles).
+extern "C" int tk_fp4_gemm_wgmma(const void* x, const void* w, const void* s, const float* g, void* out,
+                                 float* partial, int M, int N, int half, int64_t stride_x, int64_t stride_w,
+                                 int64_t stride_s, int64_t stride_o, int nvfp4, int tokens, int warpgroups,
+                                 int split, cudaStream_t stream) {
+  if (M < 1 || N < 1 || half < kStepBytes || half % kStepBytes || stride_x % 8 || split < 1 ||
+      (split > 1 && !partial))
+    return (int)cudaErrorInvalidValue;
+  EncodeTiled encode = encode_tiled();
+  if (!encode) return (int)cudaErrorNotSupported;
+  CUtensorMap xmap;
+  const cuuint64_t dims[2] = {(cuuint64_t)2 * half, (cuuint64_t)M};
+  const cuuint64_t strides[1] = {(cuuint64_t)stride_x * 2};
+  const cuuint32_t box[2] = {64, (cuuint32_t)tokens};
+  const cuuint32_t unit[2] = {1, 1};
+  if (encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims, strides, box, unit,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return (int)cudaErrorInvalidValue;
+#define TK_WGMMA_LAUNCH(NV, NT, WG) \
+  return launch<NV, NT, WG>(xmap, w, s, g, out, partial, M, N, half, stride_w, stride_s, stride_o, split, stream)
+#define TK_WGMMA_TOKENS(NV, WG)               \
+  switch (tokens) {                           \
+    case 16: TK_WGMMA_LAUNCH(NV, 16, WG);     \
+    case 32: TK_WGMMA_LAUNCH(NV, 32, WG);     \
+    case 64: TK_WGMMA_LAUNCH(NV, 64, WG);     \
+    case 128: TK_WGMMA_LAUNCH(NV, 128, WG);   \
+    default: return (int)cudaErrorInvalidValue; \
+  }
+  switch (warpgroups * 2 + (nvfp4 ? 1 : 0)) {
+    case 3: TK_WGMMA_TOKENS(true, 1);
+    case 2: TK_WGMMA_TOKENS(false, 1);
+    case 5: TK_WGMMA_TOKENS(true, 2);
+    case 4: TK_WGMMA_TOKENS(false, 2);
+    case 9: TK_WGMMA_TOKENS(true, 4);
+    case 8: TK_WGMMA_TOKENS(false, 4);
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef TK_WGMMA_TOKENS
+#undef TK_WGMMA_LAUNCH
+}
