@@ -30,8 +30,8 @@
 // - A K split over grid.y writes fp32 partials the caller sums in order (deterministic).
 //
 // What limits it (H100, benchmarks/results/h100-2026-11-28/fp4_wgmma): the instruction stream.
-// A warp spends ~330 instructions a step, most of them dequantizing, and with 8-16 warps an SM
-// (registers) the schedulers issue 0.4-0.55 a cycle; memory and tensor cores are half idle.
+// A warp spent ~330 instructions a step (call 4), most of them dequantizing, and with 8-16 warps
+// an SM (registers) the schedulers issue 0.4-0.55 a cycle; memory and tensor cores are half idle.
 #include <cuda.h>
 
 #include <type_traits>
