@@ -53,18 +53,29 @@ def probe_sampling_requests(n: int) -> list:
     return [Request(f"kv-probe-{i}", None, [0], params, i) for i in range(n)]
 
 
+def stand_in_runner(model, page: int, cache_dtype: torch.dtype):
+    """A ModelRunner over a one-block cache, zeroed so the warm-up's steps (which read block 0
+    only) compute on finite numbers as real steps do; torch.empty's memory may hold NaNs."""
+    from .kv_cache_manager import KVCacheManager
+    from .model_runner import ModelRunner
+
+    kv = KVCacheManager(model.config, 1, page, cache_dtype, model.device, enable_prefix_caching=False)
+    for cache in (kv.k_cache, kv.v_cache):  # as bytes: zero bits are +0 in every cache dtype
+        cache.view(torch.uint8).zero_()
+    return ModelRunner(model, kv)
+
+
 @torch.inference_mode()
 def activation_bytes(model, page: int, cache_dtype: torch.dtype, *, max_num_tokens: int, max_batch_size: int,
                      max_seq_len: int, cuda_graphs: bool, prefill_graph_tokens: int) -> tuple[int, int]:
     """(eager, graphs): bytes the eager steps and the sampler need at their peak, and bytes
     the CUDA graphs will hold, measured on a one-block stand-in cache. Also compiles every
     kernel variant those steps use (the runner's warm-up)."""
-    from .kv_cache_manager import KVCacheManager
-    from .model_runner import ModelRunner, prefill_graph_sizes
+    from .model_runner import prefill_graph_sizes
     from .sampler import Sampler
 
     dev = model.device
-    runner = ModelRunner(model, KVCacheManager(model.config, 1, page, cache_dtype, dev, enable_prefix_caching=False))
+    runner = stand_in_runner(model, page, cache_dtype)
     torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev)
 

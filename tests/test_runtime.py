@@ -272,7 +272,7 @@ def test_kv_sizing_arithmetic_and_the_probe_inputs():
     check, the stand-in cache of one block being enough for the warm-up's steps (their
     tables point at block 0 only), and the probe's requests taking every sampler path."""
     from trtllm_kernels.runtime import kv_sizing
-    from trtllm_kernels.runtime.model_runner import ModelRunner, warmup_steps
+    from trtllm_kernels.runtime.model_runner import warmup_steps
     from trtllm_kernels.runtime.sampler import Sampler
 
     per_token = kv_sizing.bytes_per_token(TINY, torch.bfloat16)
@@ -283,7 +283,8 @@ def test_kv_sizing_arithmetic_and_the_probe_inputs():
         with pytest.raises(ValueError, match="free_gpu_memory_fraction"):
             kv_sizing.check_fraction(bad)
 
-    runner = ModelRunner(tiny_model(), KVCacheManager(TINY, 1, 4, torch.float32, torch.device("cpu"), False))
+    runner = kv_sizing.stand_in_runner(tiny_model(), 4, torch.float32)
+    assert runner.kv.num_blocks == 1 and not runner.kv.k_cache.any() and not runner.kv.v_cache.any()
     for decodes, prompts in warmup_steps(64, 16, 200):
         header, payload = runner._dummy_step(decodes, prompts, context=150)
         s, w = header[2], header[3]
