@@ -92,23 +92,22 @@ def main():
                 finally:
                     tf.CONFIG_OVERRIDE = None
                 row["results"].append(dict(cfg=cfg, us=t, rel_err=err))
-            if m <= csrc.FP4_SMALL_M_MAX and csrc.available():  # csrc/fp4_gemm.cu's configurations
-                grid = [(t, wp, sp) for t in ((1, 2, 4) if m <= 16 else (1, 2)) for wp in (2, 4, 8) for sp in (1, 2, 4)]
-                rule = csrc.fp4_small_m_config(m, n, k // 2, num_sms())
+            def sweep_csrc(key, gemm, grid, rule):  # a csrc kernel's grid and its rule's choice
                 for cfg in grid + ([rule] if rule not in grid else []):
-                    f = lambda: csrc.fp4_gemm_small_m_cuda(x, p, s, g, cfg)
+                    f = lambda: gemm(x, p, s, g, cfg)
                     err = float((f().float() - ref).abs().max() / ref.abs().max())
-                    row["results"].append(dict(cfg=dict(csrc=cfg), us=do_bench_cudagraph(f) * 1e3, rel_err=err))
-                row["csrc_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get("csrc") == rule))
-            if m < tf.DEQUANT_MATMUL_MIN_M and csrc.available() and csrc.fp4_wgmma_supported(x, p, s):
-                tokens = [t for t in csrc.FP4_WGMMA_TOKENS if t >= m][:2] or [128]  # csrc/fp4_wgmma.cu
-                grid = [(t, wg, sp) for t in tokens for wg in (1, 2, 4) for sp in (1, 2, 4, 8) if (t, wg) != (128, 4)]
-                rule = csrc.fp4_wgmma_config(m, n, k // 2, num_sms())
-                for cfg in grid + ([rule] if rule not in grid else []):
-                    f = lambda: csrc.fp4_gemm_wgmma_cuda(x, p, s, g, cfg)
-                    err = float((f().float() - ref).abs().max() / ref.abs().max())
-                    row["results"].append(dict(cfg=dict(wgmma=cfg), us=do_bench_cudagraph(f) * 1e3, rel_err=err))
-                row["wgmma_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get("wgmma") == rule))
+                    row["results"].append(dict(cfg={key: cfg}, us=do_bench_cudagraph(f) * 1e3, rel_err=err))
+                row[f"{key}_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get(key) == rule))
+
+            if m <= csrc.FP4_SMALL_M_MAX and csrc.available():  # csrc/fp4_gemm.cu
+                sweep_csrc("csrc", csrc.fp4_gemm_small_m_cuda,
+                           [(t, wp, sp) for t in ((1, 2, 4) if m <= 16 else (1, 2)) for wp in (2, 4, 8) for sp in (1, 2, 4)],
+                           csrc.fp4_small_m_config(m, n, k // 2, num_sms()))
+            if m < tf.DEQUANT_MATMUL_MIN_M and csrc.available() and csrc.fp4_wgmma_supported(x, p, s):  # csrc/fp4_wgmma.cu
+                tokens = [t for t in csrc.FP4_WGMMA_TOKENS if t >= m][:2] or [128]
+                sweep_csrc("wgmma", csrc.fp4_gemm_wgmma_cuda,
+                           [(t, wg, sp) for t in tokens for wg in (1, 2, 4) for sp in (1, 2, 4, 8) if (t, wg) != (128, 4)],
+                           csrc.fp4_wgmma_config(m, n, k // 2, num_sms()))
             row["results"].sort(key=lambda r: r["us"])
             best = row["results"][0] if row["results"] else None
             for key in ("csrc_rule", "wgmma_rule"):
