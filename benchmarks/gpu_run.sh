@@ -9,7 +9,7 @@
 #   profile      profile_step.py on the FP8 8B throughput run (phases, mid-run compiles, kernel
 #                tables) and the FP8 engine's GEMM sweep (sweep_fp8_mlp.py --set decode)
 #   fp4          FP4 (issue 5): its GPU tests, the fp4_gemm kernel table, batch-1 TPOT of bf16 /
-#                NVFP4 / MXFP4 at Llama-3.1-8B shape, and the small-M sweep (csrc vs Triton)
+#                NVFP4 / MXFP4 at Llama-3.1-8B shape, and the csrc small-M kernel's sweep
 #   overlap      overlap scheduling (issue 6) at Llama-3.1-8B shape, on against off (--no-overlap)
 #                in one call: batch-1 latency (FP8, bf16) and FP8 throughput 128/128; then FP8
 #                with an FP8 KV cache, and FP8 1000/1000 (its GPU tests: the tests stage)
@@ -95,7 +95,7 @@ for stage in $stages; do
       for q in bf16 nvfp4 mxfp4; do
         timeout 40 $B latency $S --stem "latency_$q" $([ $q = bf16 ] || echo "--quantization $q") >> "$OUT/e2e.log" 2>&1
       done
-      SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule timeout 80 python3 benchmarks/sweep_fp4.py "$OUT/fp4_sweep.json" > "$OUT/sweep_fp4.log" 2>&1
+      SWEEP_MS=1,8,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_KERNELS=csrc timeout 150 python3 benchmarks/sweep_fp4.py "$OUT/fp4_sweep.json" > "$OUT/sweep_fp4.log" 2>&1
       ;;
     overlap)
       # A/B, interleaved, same machine: batch-1 latency (FP8, bf16) twice, FP8 128/128 at max

@@ -2,7 +2,10 @@
 28672x4096 and down 4096x14336 at M in {1, 16, 64, 128, 4096}, time a few configurations of
 the fused kernel, the dequantize + torch.matmul path and bf16 torch.matmul under CUDA graphs,
 and print / save the best. csrc/fp4_gemm.cu's and (on Hopper, below 256 tokens) csrc/fp4_wgmma.cu's configurations too.
-Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule] python benchmarks/sweep_fp4.py [out.json]"""
+Each timed call reads its weights from memory, as in a model: the calls rotate over copies of
+the packed weight that together exceed twice the L2 cache (the down weight alone fits in L2).
+Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule SWEEP_KERNELS=triton,csrc,wgmma]
+       python benchmarks/sweep_fp4.py [out.json]"""
 import json
 import os
 import sys
@@ -15,11 +18,13 @@ from triton.testing import do_bench_cudagraph
 import trtllm_kernels as tk
 from trtllm_kernels.kernels import csrc
 from trtllm_kernels.kernels import triton_fp4 as tf
+from trtllm_kernels.bench.timing import l2_cache_bytes, num_rotations
 from trtllm_kernels.kernels.triton_tiles import num_sms
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = tuple(int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,128,4096").split(","))
 FORMATS = os.environ.get("SWEEP_FORMATS", "nvfp4").split(",")
+KERNELS = os.environ.get("SWEEP_KERNELS", "triton,csrc,wgmma").split(",")
 
 
 def configs(m, n, half):
@@ -60,10 +65,16 @@ def main():
         p, s, g = tk.quantize_fp4(w, fmt)
         wb = w.to(torch.bfloat16)
         del w
+        copies = [(p, s)] + [(p.clone(), s.clone()) for _ in range(
+            num_rotations(p.nbytes + s.nbytes, l2_cache_bytes(torch.device("cuda"))) - 1)]
+
+        def rotated(f):  # us per call of f(p, s), each call on the next copy
+            return do_bench_cudagraph(lambda: [f(pc, sc) for pc, sc in copies]) * 1e3 / len(copies)
+
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ tk.dequantize_fp4(p, s, g).t()
-            bf16 = do_bench_cudagraph(lambda: torch.matmul(x, wb.t()))
+            bf16 = do_bench_cudagraph(lambda: torch.matmul(x, wb.t()))  # 117-235 MB: past L2
             row = dict(shape=name, format=fmt, M=m, bf16_us=bf16 * 1e3, results=[])
             try:  # int4 tinygemm at the same shape, group size 128 (values do not matter for time)
                 q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
@@ -76,16 +87,16 @@ def main():
             if m >= 1024:
                 saved = tf.DEQUANT_MATMUL_MIN_M
                 tf.DEQUANT_MATMUL_MIN_M = 1
-                row["dequant_matmul_us"] = do_bench_cudagraph(lambda: tf.fp4_gemm_cuda(x, p, s, g)) * 1e3
+                row["dequant_matmul_us"] = rotated(lambda pc, sc: tf.fp4_gemm_cuda(x, pc, sc, g))
                 tf.DEQUANT_MATMUL_MIN_M = saved
-            triton = configs(m, n, k // 2) if m < 1024 else []
+            triton = configs(m, n, k // 2) if m < 1024 and "triton" in KERNELS else []
             for cfg in triton[:1] if os.environ.get("SWEEP_TRITON") == "rule" else triton:
                 cfg = auto_split(cfg, m, n, k // 2)
                 tf.CONFIG_OVERRIDE = cfg  # (the csrc kernel is taken only without an override)
                 try:
                     o = tf.fp4_gemm_cuda(x, p, s, g)
                     err = float((o.float() - ref).abs().max() / ref.abs().max())
-                    t = do_bench_cudagraph(lambda: tf.fp4_gemm_cuda(x, p, s, g)) * 1e3
+                    t = rotated(lambda pc, sc: tf.fp4_gemm_cuda(x, pc, sc, g))
                 except Exception as e:  # a config that does not fit (shared memory) is skipped
                     print(name, m, cfg, "FAILED", str(e)[:120], flush=True)
                     continue
@@ -94,16 +105,17 @@ def main():
                 row["results"].append(dict(cfg=cfg, us=t, rel_err=err))
             def sweep_csrc(key, gemm, grid, rule):  # a csrc kernel's grid and its rule's choice
                 for cfg in grid + ([rule] if rule not in grid else []):
-                    f = lambda: gemm(x, p, s, g, cfg)
-                    err = float((f().float() - ref).abs().max() / ref.abs().max())
-                    row["results"].append(dict(cfg={key: cfg}, us=do_bench_cudagraph(f) * 1e3, rel_err=err))
+                    err = float((gemm(x, p, s, g, cfg).float() - ref).abs().max() / ref.abs().max())
+                    us = rotated(lambda pc, sc: gemm(x, pc, sc, g, cfg))
+                    row["results"].append(dict(cfg={key: cfg}, us=us, rel_err=err))
                 row[f"{key}_rule"] = dict(cfg=rule, us=next(r["us"] for r in row["results"] if r["cfg"].get(key) == rule))
 
-            if m <= csrc.FP4_SMALL_M_MAX and csrc.available():  # csrc/fp4_gemm.cu
+            if m <= csrc.FP4_SMALL_M_MAX and csrc.available() and "csrc" in KERNELS:  # csrc/fp4_gemm.cu
                 sweep_csrc("csrc", csrc.fp4_gemm_small_m_cuda,
                            [(t, wp, sp) for t in ((1, 2, 4) if m <= 16 else (1, 2)) for wp in (2, 4, 8) for sp in (1, 2, 4)],
                            csrc.fp4_small_m_config(m, n, k // 2, num_sms()))
-            if m < tf.DEQUANT_MATMUL_MIN_M and csrc.available() and csrc.fp4_wgmma_supported(x, p, s):  # csrc/fp4_wgmma.cu
+            if (m < tf.DEQUANT_MATMUL_MIN_M and csrc.available() and csrc.fp4_wgmma_supported(x, p, s)
+                    and "wgmma" in KERNELS):  # csrc/fp4_wgmma.cu
                 tokens = [t for t in csrc.FP4_WGMMA_TOKENS if t >= m][:2] or [128]
                 sweep_csrc("wgmma", csrc.fp4_gemm_wgmma_cuda,
                            [(t, wg, sp) for t in tokens for wg in (1, 2, 4) for sp in (1, 2, 4, 8) if (t, wg) != (128, 4)],

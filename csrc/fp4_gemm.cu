@@ -17,9 +17,8 @@
 //   order (16 contiguous columns a lane) and paired to match with two byte permutes.
 // - A lane's 16 bytes are exactly one NVFP4 group (16 columns) of the low half and one of the
 //   high half (half an MXFP4 group), so each register of weights has a single scale.
-// - e2m1 -> bf16 is bit placement: the sign to bit 15 and the 3 magnitude bits to bits 8..6
-//   give e2m1 * 2^-126 (0.5 lands on a bf16 subnormal, exactly); two bf16x2 multiplies, by
-//   2^126 and by the group's scale, are exact (at most 6 significant bits).
+// - e2m1 -> bf16 is bit placement (three instructions a code pair, `e2m1x2` in fp4.cuh), and
+//   the group's scale one bf16x2 multiply (NVFP4; MXFP4 two), exact (`kNVUnscale` in fp4.cuh).
 // - The warps of a block split the K steps of the same rows (interleaved, so the block reads
 //   contiguous bytes) and add their fp32 results through shared memory; a grid split of K
 //   writes fp32 partials that the caller sums in order (deterministic).
@@ -29,9 +28,10 @@
 namespace {
 
 using tk::e2m1x2;
+using tk::kNVUnscale;
 using tk::load_stream;
-using tk::mul_bf16x2;
 using tk::scale_bf16x2;
+using tk::scaled;
 
 constexpr int kStepBytes = 64;  // bytes of each weight row a warp consumes per K step
 constexpr int kMaxWarps = 8;
@@ -110,21 +110,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
   };
 
   float acc[kMT][kNT][4] = {};
-  const uint32_t two126 = 0x7E807E80u;  // bf16x2 (2^126, 2^126)
   // word j of a lane's 16 bytes of rows g and g + 8 of tile t -> the A fragments of its two
   // MMAs (low nibbles: bytes (0, 2) and (1, 3) of the word; high nibbles the same, 4 bits up),
-  // given the tile's scales sc (row g low, row g + 8 low, row g high, row g + 8 high)
+  // given the tile's multipliers sc (row g low, row g + 8 low, row g high, row g + 8 high)
   auto dequant = [&](const St& st, int t, int j, const uint32_t* sc, uint32_t* f) {
     const uint32_t ra = reinterpret_cast<const uint32_t*>(&st.w[t][0])[j];
     const uint32_t rb = reinterpret_cast<const uint32_t*>(&st.w[t][1])[j];
-    f[0] = mul_bf16x2(mul_bf16x2(e2m1x2<0>(ra), two126), sc[0]);
-    f[1] = mul_bf16x2(mul_bf16x2(e2m1x2<0>(rb), two126), sc[1]);
-    f[2] = mul_bf16x2(mul_bf16x2(e2m1x2<8>(ra), two126), sc[0]);
-    f[3] = mul_bf16x2(mul_bf16x2(e2m1x2<8>(rb), two126), sc[1]);
-    f[4] = mul_bf16x2(mul_bf16x2(e2m1x2<4>(ra), two126), sc[2]);
-    f[5] = mul_bf16x2(mul_bf16x2(e2m1x2<4>(rb), two126), sc[3]);
-    f[6] = mul_bf16x2(mul_bf16x2(e2m1x2<12>(ra), two126), sc[2]);
-    f[7] = mul_bf16x2(mul_bf16x2(e2m1x2<12>(rb), two126), sc[3]);
+    const uint32_t ra8 = ra >> 8, rb8 = rb >> 8;  // bytes 1 and 3 down
+    f[0] = scaled<kNV>(e2m1x2<0>(ra), sc[0]);
+    f[1] = scaled<kNV>(e2m1x2<0>(rb), sc[1]);
+    f[2] = scaled<kNV>(e2m1x2<0>(ra8), sc[0]);
+    f[3] = scaled<kNV>(e2m1x2<0>(rb8), sc[1]);
+    f[4] = scaled<kNV>(e2m1x2<4>(ra), sc[2]);
+    f[5] = scaled<kNV>(e2m1x2<4>(rb), sc[3]);
+    f[6] = scaled<kNV>(e2m1x2<4>(ra8), sc[2]);
+    f[7] = scaled<kNV>(e2m1x2<4>(rb8), sc[3]);
   };
   auto scales = [&](const St& st, int t, uint32_t* sc) {
     sc[0] = scale_bf16x2<kNV>(st.s[t][0][0]);
@@ -193,7 +193,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
   };
 
   // this warp's steps, interleaved with the block's other warps (so a block reads contiguous
-  // bytes of each row), each step's operands loaded while the previous one computes
+  // bytes of each row), each step's operands loaded while the previous one computes (deeper
+  // rings of registers measured no faster: benchmarks/results/h100-2026-11-28/fp4_small_m)
   int step = first + warp;
   if (step < last) {
     St cur, nxt;
@@ -227,7 +228,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fp4_gemm_small_m_kernel(
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[t][u][i] += red[v][(t * kNT + u) * 4 + i][lane];
   }
-  const float gs = gscale ? *gscale : 1.f;
+  const float gs = (gscale ? *gscale : 1.f) * (kNV ? kNVUnscale : 1.f);
   float* part = partial ? partial + (int64_t)blockIdx.y * M * N : nullptr;
 #pragma unroll
   for (int t = 0; t < kMT; ++t)

@@ -24,7 +24,7 @@
 //   high half's chunks, so one exchange feeds all eight chunks.
 // - Scales: an NVFP4 group (16 columns) or half an MXFP4 group is exactly one chunk, so every
 //   register of a fragment has a single scale; e2m1 -> bf16 by bit placement and the multiplies
-//   are exact (see `multiplier`); the global scale multiplies the fp32 accumulators at the end.
+//   are exact (`kNVUnscale` in fp4.cuh); the global scale multiplies the fp32 accumulators last.
 // - Each step's eight MMAs go in two halves of four: a warpgroup dequantizes one half while the
 //   other runs.
 // - A K split over grid.y writes fp32 partials the caller sums in order (deterministic).
@@ -41,9 +41,12 @@
 
 namespace {
 
+using tk::bf16x2_splat;
+using tk::e2m1x2;
+using tk::kNVUnscale;
 using tk::load_stream;
-using tk::mul_bf16x2;
 using tk::scale_bf16x2;
+using tk::scaled;
 
 constexpr int kStepBytes = 64;  // bytes of each weight row consumed per K step
 
@@ -159,9 +162,9 @@ __device__ __forceinline__ void wgmma<128>(float* d, const uint32_t* a, uint64_t
 
 // A lane's 16 bytes u of a row (bytes 16q .. 16q + 15 of the step) -> p[c], c = 0..3: the bytes 16c
 // + 2q, 16c + 8 + 2q, 16c + 2q + 1, 16c + 8 + 2q + 1 of the step (in that order, so e2m1x2<0> of
-// fp4.cuh gives the fragment's k-slots 2q, 2q + 1 and e2m1x2<8> the slots 2q + 8, 2q + 9). Lane q
-// holds for lane d the word prmt(u[d / 2], u[2 + d / 2]) of the bytes at 2(d % 2) and 2(d % 2) + 1;
-// round x swaps words with lane q ^ x, whose word is chunk q ^ x's; a butterfly on q's bits puts
+// fp4.cuh gives the fragment's k-slots 2q, 2q + 1 and e2m1x2<0> of the word >> 8 the slots 2q + 8,
+// 2q + 9). Lane q holds for lane d the word prmt(u[d / 2], u[2 + d / 2]) of the bytes at 2(d % 2)
+// and 2(d % 2) + 1; round x swaps words with lane q ^ x, whose word is chunk q ^ x's; a butterfly on q's bits puts
 // chunk c in p[c] (registers cannot be indexed by a lane-dependent number).
 __device__ __forceinline__ void quad_transpose(const uint4& u, int q, uint32_t* p) {
   auto word_for = [&](int d) {
@@ -206,51 +209,23 @@ __device__ __forceinline__ void load_raw(Raw& r, const uint8_t* const* wp, const
   }
 }
 
-// NVFP4's scales are applied with one multiply: a bf16 e2m1 code is e2m1 * 2^-126 (see e2m1x2 in
-// fp4.cuh), so it is multiplied by scale * 2^117 (at most 448 * 2^117, inside bf16's range), which
-// leaves e2m1 * scale * 2^-9, exact (<= 6 significant bits, >= 2^-19); the accumulators get the 2^9
-// back with the global scale. MXFP4's power-of-two scales span 2^-127..2^127, so there the codes
-// take the two multiplies of fp4_gemm.cu (by 2^126, then by the scale).
-constexpr float kNVUnscale = 512.f;  // 2^9
-
 __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
   uint32_t r;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)two_bytes));
   return r;
 }
 
-__device__ __forceinline__ uint32_t bf16x2_splat(float f) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(f));
-  return r;
-}
-
-// The bf16x2 that chunk c's codes are multiplied by, from a row's scale word of one half
+// The bf16x2 that chunk c's codes are multiplied by (tk::scaled), from a row's scale word of one
+// half: NVFP4 converts its scales two at a time (e4m3x2 -> f16x2, exact, NaN kept)
 template <bool kNV>
 __device__ __forceinline__ uint32_t multiplier(uint32_t word, int c) {
-  if constexpr (kNV) {  // e4m3 -> f16 (exact, NaN kept) -> f32 * 2^117 -> bf16x2
+  if constexpr (kNV) {
     const uint32_t f16 = e4m3x2_to_f16x2(c < 2 ? word & 0xFFFF : word >> 16);
     const unsigned short bits = (unsigned short)(f16 >> (16 * (c % 2)));
     return bf16x2_splat(__half2float(__ushort_as_half(bits)) * 0x1p117f);
   } else {  // one e8m0 byte per two chunks
     return scale_bf16x2<false>((word >> (8 * (c / 2))) & 0xFF);
   }
-}
-
-template <bool kNV>
-__device__ __forceinline__ uint32_t scaled(uint32_t codes, uint32_t mult) {
-  constexpr uint32_t two126 = 0x7E807E80u;  // bf16x2 (2^126, 2^126)
-  return kNV ? mul_bf16x2(codes, mult) : mul_bf16x2(mul_bf16x2(codes, two126), mult);
-}
-
-// e2m1x2<S> (fp4.cuh) for S = 0 or 4 in three instructions instead of four: isolate the two
-// nibbles, and one multiply copies each twice, its magnitude bits to 6..8 and its sign to 15
-// (the copies do not overlap, so nothing carries); a mask keeps those bits. S = 8, 12 are
-// S = 0, 4 of the word shifted down a byte.
-template <int S>
-__device__ __forceinline__ uint32_t e2m1x2_by_mul(uint32_t r) {
-  static_assert(S == 0 || S == 4, "nibbles 0 or 4 of each half");
-  return ((r & (0x000F000Fu << S)) * (S == 0 ? 0x1040u : 0x104u)) & 0x81C081C0u;
 }
 
 // Half H of a step's fragments: chunks 2H, 2H + 1 (low nibbles of p[.][c]) and 4 + 2H, 5 + 2H
@@ -264,14 +239,14 @@ __device__ __forceinline__ void dequant_half(const uint32_t (*p)[4], const uint3
     const uint32_t lo0 = multiplier<kNV>(sw[0][0], c), lo1 = multiplier<kNV>(sw[1][0], c);
     const uint32_t hi0 = multiplier<kNV>(sw[0][1], c), hi1 = multiplier<kNV>(sw[1][1], c);
     const uint32_t w0 = p[0][c], w1 = p[1][c], v0 = w0 >> 8, v1 = w1 >> 8;  // bytes 1, 3 down
-    a[cc][0] = scaled<kNV>(e2m1x2_by_mul<0>(w0), lo0);
-    a[cc][1] = scaled<kNV>(e2m1x2_by_mul<0>(w1), lo1);
-    a[cc][2] = scaled<kNV>(e2m1x2_by_mul<0>(v0), lo0);
-    a[cc][3] = scaled<kNV>(e2m1x2_by_mul<0>(v1), lo1);
-    a[2 + cc][0] = scaled<kNV>(e2m1x2_by_mul<4>(w0), hi0);
-    a[2 + cc][1] = scaled<kNV>(e2m1x2_by_mul<4>(w1), hi1);
-    a[2 + cc][2] = scaled<kNV>(e2m1x2_by_mul<4>(v0), hi0);
-    a[2 + cc][3] = scaled<kNV>(e2m1x2_by_mul<4>(v1), hi1);
+    a[cc][0] = scaled<kNV>(e2m1x2<0>(w0), lo0);
+    a[cc][1] = scaled<kNV>(e2m1x2<0>(w1), lo1);
+    a[cc][2] = scaled<kNV>(e2m1x2<0>(v0), lo0);
+    a[cc][3] = scaled<kNV>(e2m1x2<0>(v1), lo1);
+    a[2 + cc][0] = scaled<kNV>(e2m1x2<4>(w0), hi0);
+    a[2 + cc][1] = scaled<kNV>(e2m1x2<4>(w1), hi1);
+    a[2 + cc][2] = scaled<kNV>(e2m1x2<4>(v0), hi0);
+    a[2 + cc][3] = scaled<kNV>(e2m1x2<4>(v1), hi1);
   }
 }
 

@@ -361,8 +361,12 @@ def test_csrc_small_m_rule():
     from trtllm_kernels.kernels import csrc
 
     assert csrc.fp4_small_m_config(1, 28672, 2048, 132) == (2, 4, 1)
-    assert csrc.fp4_small_m_config(16, 4096, 7168, 132) == (2, 8, 1)
+    assert csrc.fp4_small_m_config(8, 28672, 2048, 132) == (2, 4, 1)
+    assert csrc.fp4_small_m_config(16, 28672, 2048, 132) == (4, 2, 1)
+    assert csrc.fp4_small_m_config(1, 4096, 7168, 132) == (1, 8, 1)
+    assert csrc.fp4_small_m_config(16, 4096, 7168, 132) == (1, 8, 1)
     assert csrc.fp4_small_m_config(64, 28672, 2048, 132) == (2, 2, 1)
+    assert csrc.fp4_small_m_config(64, 4096, 7168, 132) == (2, 8, 1)
     for n, half in [(1024, 2048), (256, 8192), (64, 512), (32, 64)]:
         tiles, warps, split = csrc.fp4_small_m_config(1, n, half, 132)
         blocks = -(-n // (16 * tiles))
@@ -377,14 +381,20 @@ def test_csrc_small_m_rule():
 def test_gpu_csrc_small_m(fmt, m, config):
     """csrc/fp4_gemm.cu at 1-64 tokens against the float32 GEMM: each kind of configuration
     (tiles, warps, K split), 1, 2, 4 and 8 token tiles, partial ones, ragged N (1000 rows: a
-    partial 16-row tile), K steps
-    that do not divide evenly among warps and splits (34 of 64 bytes; 8 splits leave one
-    empty), a strided x."""
-    from trtllm_kernels.kernels import csrc
-
-    if not csrc.available():
-        pytest.skip("csrc kernels not built (no nvcc)")
+    partial 16-row tile), K steps that do not divide evenly among warps and splits (34 of 64
+    bytes; 8 splits leave one empty), a strided x."""
+    csrc = _require_csrc()
     _check_csrc_gemm(csrc.fp4_small_m_supported, csrc.fp4_gemm_small_m_cuda, fmt, m, config)
+
+
+@pytest.mark.gpu
+def test_gpu_csrc_small_m_refuses_a_configuration_it_lacks():
+    """A launch configuration the library has no kernel for (3 tiles a block) is a clear error."""
+    csrc = _require_csrc()
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    p, s, g = tk.quantize_fp4(torch.randn(64, 256, device="cuda"), "nvfp4")
+    with pytest.raises(RuntimeError, match="tk_fp4_gemm_small_m failed: invalid argument"):
+        csrc.fp4_gemm_small_m_cuda(x, p, s, g, (3, 4, 1))
 
 
 def _check_csrc_gemm(supported, gemm, fmt, m, config):
@@ -419,11 +429,16 @@ def test_csrc_wgmma_rule():
         assert split == 1 or (blocks * split <= 132 and half // 64 // split >= 8), (m, n, half, split)
 
 
-def _require_wgmma():
+def _require_csrc():
     from trtllm_kernels.kernels import csrc
 
     if not csrc.available():
         pytest.skip("csrc kernels not built (no nvcc)")
+    return csrc
+
+
+def _require_wgmma():
+    csrc = _require_csrc()
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("wgmma needs Hopper (sm_90)")
     return csrc
@@ -443,15 +458,17 @@ def test_gpu_csrc_wgmma(fmt, m, config):
 
 
 @pytest.mark.gpu
-def test_gpu_csrc_wgmma_nan_scale_and_graph():
-    """A NaN scale poisons only its own rows' outputs; the kernel replays in a CUDA graph
-    (the TMA descriptor is a kernel argument, captured by value) with new activations."""
-    csrc = _require_wgmma()
+@pytest.mark.parametrize("kernel, m", [("fp4_gemm_small_m_cuda", 8), ("fp4_gemm_wgmma_cuda", 48)])
+def test_gpu_csrc_nan_scale_and_graph(kernel, m):
+    """A NaN scale poisons only its own rows' outputs (the NVFP4 multiplier scale * 2^117 keeps
+    it); the op replays in a CUDA graph (the wgmma kernel's TMA descriptor is a kernel argument,
+    captured by value) with new activations."""
+    csrc = _require_wgmma() if kernel == "fp4_gemm_wgmma_cuda" else _require_csrc()
     w = torch.randn(512, 1024, device="cuda")
     p, s, g = tk.quantize_fp4(w, "nvfp4")
     s[5, 3] = float("nan")
-    x = torch.randn(48, 1024, device="cuda", dtype=torch.bfloat16)
-    out = csrc.fp4_gemm_wgmma_cuda(x, p, s, g)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    out = getattr(csrc, kernel)(x, p, s, g)
     assert out[:, 5].isnan().all() and not out[:, torch.arange(512, device="cuda") != 5].isnan().any()
     s[5, 3] = 1.0
     graph = torch.cuda.CUDAGraph()

@@ -128,8 +128,11 @@ def _stream(device) -> ctypes.c_void_p:
 
 
 def _check(code: int, name: str) -> None:
+    if code == 1:  # cudaErrorInvalidValue: what the launchers return for arguments they refuse
+        raise RuntimeError(f"{name} failed: invalid argument (a configuration or input the kernel does not take)")
     if code:
-        raise RuntimeError(f"{name} failed: CUDA error {code} ({torch.cuda.cudart().cudaGetErrorString(code)})")
+        rt = torch.cuda.cudart()
+        raise RuntimeError(f"{name} failed: CUDA error {code} ({rt.cudaGetErrorString(rt.cudaError(code))})")
 
 
 def _rms_norm_launch(x, residual, weight, eps):
@@ -314,14 +317,21 @@ def fp4_small_m_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor)
 
 def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int]:
     """(16-row tiles a block, warps a block, K splits) for out [m, n] from rows of `half` bytes.
-    Measured on H100 and H200 (benchmarks/sweep_fp4.py, gate_up 28672x4096 and down
-    4096x14336, M in {1, 16, 32, 64}): blocks of 2 tiles; 4 warps where there are at least two
-    blocks an SM (gate_up: 896 blocks), 2 from 17 tokens (more accumulators a lane), else 8
-    warps (down: 128 blocks); a grid split of K never paid for its extra sum kernel at these
-    shapes, so K is split only where the blocks fill less than half the SMs."""
-    tiles = 2
+    Measured on H100 with every call reading its weights from memory (benchmarks/sweep_fp4.py;
+    gate_up 28672x4096 and down 4096x14336; results/h100-2026-11-28/fp4_small_m). Up to 16
+    tokens: blocks of 2 tiles x 4 warps where they make two blocks an SM (gate_up), of 4 tiles x
+    2 warps for 9-16 tokens there (each activation fragment then serves 4 tiles: 31.7 us against
+    33-35), else of 1 tile x 8 warps (down: 256 blocks, 15.3-17.5 us against 17.3-18.6 for 128
+    blocks of 2 tiles). From 17 tokens (M <= 64: GPUs without wgmma), 2 tiles and 2 warps, or 8
+    where the blocks make less than two an SM (the 2026-11-27 sweeps). A grid split of K never
+    paid for its extra sum kernel at these shapes, so K is split only where the blocks fill less
+    than half the SMs."""
+    wide = lambda rows: -(-n // rows) >= 2 * sms  # blocks of `rows` rows make two an SM
+    if m <= 16:
+        tiles, warps = (4, 2) if m > 8 and wide(64) else (2, 4) if wide(32) else (1, 8)
+    else:
+        tiles, warps = 2, 2 if wide(32) else 8
     blocks = -(-n // (16 * tiles))
-    warps = (4 if m <= 16 else 2) if blocks >= 2 * sms else 8
     steps = half // 64
     split = 1
     while 2 * blocks * split <= sms and steps // (split * 2) >= 2 * warps and split < 8:
