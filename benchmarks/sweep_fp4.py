@@ -16,9 +16,9 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import trtllm_kernels as tk
+from trtllm_kernels.bench.timing import l2_cache_bytes, num_rotations
 from trtllm_kernels.kernels import csrc
 from trtllm_kernels.kernels import triton_fp4 as tf
-from trtllm_kernels.bench.timing import l2_cache_bytes, num_rotations
 from trtllm_kernels.kernels.triton_tiles import num_sms
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
