@@ -21,8 +21,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.par
 import trtllm_kernels as tk
 from trtllm_kernels import fp8 as f8
 from trtllm_kernels.runtime import LLM, SamplingParams
-from test_fp8 import PROMPTS_CHAT, PROMPTS_RAW, teacher_forced_logits
-from trtllm_kernels.engine.model import LlamaModel
+from accuracy import PROMPTS_CHAT, PROMPTS_RAW, hooked_llama, teacher_forced_logits
 
 ref = LLM(device="cpu", progress=False)
 prompts = [ref.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS_CHAT] + [ref.encode(p) for p in PROMPTS_RAW]
@@ -35,7 +34,7 @@ base = ref.engine.model
 ref_logits = [teacher_forced_logits(base, s) for s in seqs]
 
 
-class Variant(LlamaModel):
+class Variant(hooked_llama()):
     def __init__(self, config, weights, wq, act_group, keep, acts=True, wts=True):
         super().__init__(config, weights)
         self.q = {}
@@ -66,22 +65,6 @@ class Variant(LlamaModel):
             xq, xs = tk.quantize_fp8_per_token(x.reshape(-1, x.shape[-1]), g)
             x = f8.dequantize_fp8(xq, xs).to(x.dtype).reshape(x.shape)
         return tk.linear(x, W)
-
-    def forward(self, input_ids, positions, meta, kv_caches, kv_scales=(1.0, 1.0)):
-        eps = self.config.rms_norm_eps
-        hidden = F.embedding(input_ids, self.weights["embed"])
-        residual = None
-        for i, (layer, (kc, vc)) in enumerate(zip(self.layers, kv_caches)):
-            if residual is None:
-                residual, normed = hidden, tk.rms_norm(hidden, layer["attn_norm"], eps)
-            else:
-                normed, residual = tk.fused_add_rms_norm(hidden, residual, layer["attn_norm"], eps)
-            qkv = self.lin(i, "qkv", normed)
-            hidden = self.lin(i, "o", self._attend(qkv, positions, meta, kc, vc, kv_scales))
-            normed, residual = tk.fused_add_rms_norm(hidden, residual, layer["mlp_norm"], eps)
-            hidden = self.lin(i, "down", tk.silu_and_mul(self.lin(i, "gate_up", normed)))
-        normed, _ = tk.fused_add_rms_norm(hidden, residual, self.weights["norm"], eps)
-        return normed
 
 
 def evaluate(name, **kw):

@@ -53,6 +53,36 @@ def teacher_forced_logits(model, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(hidden)
 
 
+def hooked_llama():
+    """A subclass of the engine's LlamaModel whose forward routes every projection through
+    `self.lin(layer_index, name, x)` (name: qkv, o, gate_up, down), for accuracy experiments that
+    quantize projections one by one (benchmarks/fp8_accuracy_*.py); `lin` defaults to float."""
+    import trtllm_kernels as tk
+    from trtllm_kernels.engine.model import LlamaModel
+
+    class HookedLlama(LlamaModel):
+        def lin(self, i, w, x):
+            return tk.linear(x, self.layers[i][w])
+
+        def forward(self, input_ids, positions, meta, kv_caches, kv_scales=(1.0, 1.0)):
+            eps = self.config.rms_norm_eps
+            hidden = F.embedding(input_ids, self.weights["embed"])
+            residual = None
+            for i, (layer, (kc, vc)) in enumerate(zip(self.layers, kv_caches)):
+                if residual is None:
+                    residual, normed = hidden, tk.rms_norm(hidden, layer["attn_norm"], eps)
+                else:
+                    normed, residual = tk.fused_add_rms_norm(hidden, residual, layer["attn_norm"], eps)
+                qkv = self.lin(i, "qkv", normed)
+                hidden = self.lin(i, "o", self._attend(qkv, positions, meta, kc, vc, kv_scales))
+                normed, residual = tk.fused_add_rms_norm(hidden, residual, layer["mlp_norm"], eps)
+                hidden = self.lin(i, "down", tk.silu_and_mul(self.lin(i, "gate_up", normed)))
+            normed, _ = tk.fused_add_rms_norm(hidden, residual, self.weights["norm"], eps)
+            return normed
+
+    return HookedLlama
+
+
 @dataclass
 class Reference:
     prompts: list[list[int]]   # token ids

