@@ -321,7 +321,7 @@ def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, i
     gate_up 28672x4096 and down 4096x14336; results/h100-2026-11-28/fp4_small_m). Up to 16
     tokens: blocks of 2 tiles x 4 warps where they make two blocks an SM (gate_up), of 4 tiles x
     2 warps for 9-16 tokens there (each activation fragment then serves 4 tiles: 31.7 us against
-    33-35), else of 1 tile x 8 warps (down: 256 blocks, 15.3-17.5 us against 17.3-18.6 for 128
+    33-38), else of 1 tile x 8 warps (down: 256 blocks, 15.3-17.5 us against 17.3-18.6 for 128
     blocks of 2 tiles). From 17 tokens (M <= 64: GPUs without wgmma), 2 tiles and 2 warps, or 8
     where the blocks make less than two an SM (the 2026-11-27 sweeps). A grid split of K never
     paid for its extra sum kernel at these shapes, so K is split only where the blocks fill less
