@@ -331,12 +331,16 @@ def fp4_small_m_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, i
         tiles, warps = (4, 2) if m > 8 and wide(64) else (2, 4) if wide(32) else (1, 8)
     else:
         tiles, warps = 2, 2 if wide(32) else 8
-    blocks = -(-n // (16 * tiles))
-    steps = half // 64
+    return tiles, warps, _k_split(-(-n // (16 * tiles)), half // 64, sms, 2 * warps, max_split=8)
+
+
+def _k_split(blocks: int, steps: int, sms: int, min_steps: int, max_split: int | None = None) -> int:
+    """The FP4 kernels' grid split of K: doubled while the blocks still fill at most half the SMs
+    and every share keeps at least `min_steps` 64-byte steps."""
     split = 1
-    while 2 * blocks * split <= sms and steps // (split * 2) >= 2 * warps and split < 8:
+    while 2 * blocks * split <= sms and steps // (split * 2) >= min_steps and split != max_split:
         split *= 2
-    return tiles, warps, split
+    return split
 
 
 def fp4_gemm_small_m_cuda(x, w, scale, global_scale, config=None):
@@ -405,12 +409,7 @@ def fp4_wgmma_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int
     warpgroups)."""
     tokens = next((t for t in FP4_WGMMA_TOKENS if t >= m), FP4_WGMMA_TOKENS[-1])
     groups = 4 if tokens < 128 else 2
-    blocks = -(-n // (64 * groups)) * -(-m // tokens)
-    steps = half // 64
-    split = 1
-    while blocks * split * 2 <= sms and steps // (split * 2) >= 8:
-        split *= 2
-    return tokens, groups, split
+    return tokens, groups, _k_split(-(-n // (64 * groups)) * -(-m // tokens), half // 64, sms, 8)
 
 
 def fp4_gemm_wgmma_cuda(x, w, scale, global_scale, config=None):
