@@ -18,9 +18,12 @@
 #   gemm         the Gluon FP8 GEMMs (issues 4, 6): their GPU tests and the FP8 ops' (which
 #                dispatch to them), then group_gemm_bench.py --mode token (qkv, o, gate_up, down
 #                shapes) and --mode glu (the fused MLP's gate_up) beside Triton and _scaled_mm
-#   gemm_e2e     FP8 + FP8 KV throughput, 128/128 at max batch 1024 with the token-scaled Gluon
-#                GEMM and without (benchmarks/ab_run.py), interleaved, twice
-#   gemm_e2e_long  the same A/B at 1000/1000, max batch 512 (and the GLU kernel's GPU tests)
+#   group_gemm   the group-scaled FP8 GEMM (the fused MLP's down): its GPU tests, then
+#                group_gemm_bench.py --mode group (both kernels beside Triton and _scaled_mm)
+#   gemm_e2e     FP8 + FP8 KV throughput, 128/128 at max batch 1024, the code as it is against
+#                the override $AB_OFF (benchmarks/ab_run.py; named $AB_NAME), interleaved, twice;
+#                default: the token-scaled Gluon GEMM off
+#   gemm_e2e_long  the same A/B at 1000/1000, max batch 512
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -58,6 +61,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 B="trtllm-kernels bench"
 S="--shape llama-3.1-8b --out $OUT --max-seq-len 512"
+AB_OFF=${AB_OFF:-kernels.triton_fp8.GLUON_TOKEN_GEMM_MIN_M=1073741824} AB_NAME=${AB_NAME:-token}
 for stage in $stages; do
   echo "== $stage $(date +%T)" >> "$OUT/stages.log"
   case "$stage" in
@@ -141,20 +145,24 @@ for stage in $stages; do
       timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/test_gluon_fp8_gemm.py \
         tests/test_fp8.py tests/test_mlp.py 2>&1 | tail -30 > "$OUT/pytest_gemm.txt"
       ;;
+    group_gemm)  # the group-scaled GEMM (the fused MLP's down): GPU tests, then the kernels beside each other
+      timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/test_gluon_fp8_gemm.py \
+        2>&1 | tail -30 > "$OUT/pytest_gemm.txt"
+      timeout 150 python3 benchmarks/group_gemm_bench.py --out "$OUT" --mode group --ms ${GEMM_MS:-256,512,768,1024,2048,4096,8192} \
+        > "$OUT/group_gemm.log" 2>&1
+      ;;
     gemm_e2e)
-      timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gluon_fp8_gemm.py -k glu 2>&1 | tail -5 > "$OUT/pytest_glu.txt"
-      for v in on off on off; do  # interleaved, twice: same-machine A/B
-        timeout 110 python3 benchmarks/ab_run.py $([ $v = on ] || echo kernels.triton_fp8.GLUON_TOKEN_GEMM_MIN_M=1073741824) \
-          -- bench throughput $S --stem "throughput_fp8_fp8kv_128_1024_token_${v}_$((++i))" --num-requests 1000 \
+      for v in on off on off; do  # interleaved, twice: same-machine A/B of the override $AB_OFF
+        timeout 110 python3 benchmarks/ab_run.py $([ $v = on ] || echo "$AB_OFF") \
+          -- bench throughput $S --stem "throughput_fp8_fp8kv_128_1024_${AB_NAME}_${v}_$((++i))" --num-requests 1000 \
           --quantization fp8 --kv-cache-dtype fp8 --max-batch-size 1024 >> "$OUT/e2e.log" 2>&1
       done
       ;;
-    gemm_e2e_long)  # 1000/1000 at max batch 512, the token-scaled Gluon GEMM on and off
-      timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gluon_fp8_gemm.py -k glu 2>&1 | tail -5 > "$OUT/pytest_glu.txt"
+    gemm_e2e_long)  # 1000/1000 at max batch 512, the same A/B
       for v in on off; do
-        timeout 190 python3 benchmarks/ab_run.py $([ $v = on ] || echo kernels.triton_fp8.GLUON_TOKEN_GEMM_MIN_M=1073741824) \
+        timeout 190 python3 benchmarks/ab_run.py $([ $v = on ] || echo "$AB_OFF") \
           -- bench throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
-          --stem "throughput_fp8_fp8kv_1000_512_token_$v" --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
+          --stem "throughput_fp8_fp8kv_1000_512_${AB_NAME}_$v" --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
           --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
       done
       ;;

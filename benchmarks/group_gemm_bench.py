@@ -6,6 +6,7 @@ graphs with rotated inputs, outputs checked against the op's reference. One JSON
 Modes:
 - group: the fused MLP's down GEMM (activations with one scale per 1 x 128 group, from the
   gate_up epilogue); _scaled_mm with per-token scales is the speed to reach (cheaper scaling).
+  "gluon" is the default kernel (GROUP_GEMM_KERNEL), beside both kernels at their tile widths.
 - token: per-token activations x per-channel weights, the engine's qkv, o and (unfused)
   gate_up / down GEMMs; the Gluon kernel at both tile widths.
 - glu: the fused MLP's gate_up GEMM with the SiLU-and-mul + fp8 (1 x 128 groups) epilogue;
@@ -56,8 +57,11 @@ MODES = {
     "group": {
         "triton": lambda i: triton_fp8_gemm(i["a"], i["b"], i["sa"], i["sb"], None, BF16),
         "gluon": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"]),
-        "gluon_n64": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True, block_n=64),
-        "gluon_n128": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], pipeline=True, block_n=128),
+        "gluon_chain_n128": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], kernel="chain",
+                                                              block_n=128),
+        "gluon_chain_n256": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], kernel="chain",
+                                                              block_n=256),
+        "gluon_promote": lambda i: gluon_group_scaled_gemm(i["a"], i["b"], i["sa"], i["sb"], kernel="promote"),
         "scaled_mm_per_token": scaled_mm,
     },
     "token": {

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from trtllm_kernels.engine.config import BuildConfig
+
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -151,14 +153,14 @@ def hf_generate_throughput(shape: str, batch: int, input_len: int, output_len: i
 # -- CLI -----------------------------------------------------------------------------------
 
 def _make_llm(args, max_batch_size: int | None = None) -> LLM:
-    from trtllm_kernels.engine import BuildConfig
     from trtllm_kernels.engine.random_weights import random_engine
 
     tp, build, dtype = getattr(args, "tensor_parallel_size", 1), None, "auto"
     if args.shape:
         build = BuildConfig(max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                             max_batch_size=max_batch_size or args.max_batch_size,
-                            quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                            quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                            page_size=args.page_size)
         if tp > 1:  # each rank draws random_engine's values itself and keeps its shard
             from .distributed import RandomWeights
 
@@ -283,6 +285,8 @@ def add_parsers(sub) -> None:
         p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4", "mxfp4"],
                        help="with --shape: quantize the random weights (as BuildConfig.quantization)")
         p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="with --shape")
+        p.add_argument("--page-size", type=int, default=BuildConfig.page_size,
+                       help="with --shape: tokens per KV-cache block (as BuildConfig.page_size)")
         p.add_argument("--out", default=None, help="directory for <stem>.json (and a plot)")
         p.add_argument("--stem", default=None)
 

@@ -473,7 +473,10 @@ def test_gpu_fused_mlp(m, quant):
     y = tk.fused_mlp_fp8(xq, xs, gq, gs, dq, ds, quant)
     ref = f8._fused_mlp_fp8_ref(xq, xs, gq, gs, dq, ds, quant, torch.float32)
     assert y.dtype == torch.bfloat16 and not y.isnan().any()
-    assert similarity_gap(y, ref) < 1e-4
+    # H100 (benchmarks/fused_mlp_precision.py, M 1024 / 4096): 7.4e-5 / 9.7e-5 (fp8 / bf16
+    # intermediate) with the down GEMM adding each K step in fp32, 8.5e-5 / 1.09e-4 with it
+    # chained in the tensor cores, the kernel these shapes take from 640 rows
+    assert similarity_gap(y, ref) < 1.25e-4
 
 
 @pytest.mark.gpu

@@ -58,31 +58,35 @@ TOKEN_COMPILE = textwrap.dedent(
     def desc(shape, dtype, name):
         layout = gl.NVMMASharedLayout.get_default_for(shape, dtype)
         return f"tensordesc<{name}[{shape[0]},{shape[1]}],{layout!r}>"
-    block_n, glu, quant = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+    block_n, glu, quant, group = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[4] == "1"
     fp8 = (gl.float8e4nv, "fp8e4nv")
     types = dict(AD=desc([g.BLOCK_M, g.GROUP_K], *fp8), BD=desc([block_n, g.GROUP_K], *fp8), AS="*fp32",
                  BS="*fp32", OD=desc([g.ROWS, block_n], *(fp8 if quant else (gl.bfloat16, "bf16"))), OS="*fp32")
     const = dict(BLOCK_M=g.BLOCK_M, BLOCK_N=block_n, ROWS=g.ROWS, GROUP_M=g.GROUP_M, GLU=glu, QUANT_OUT=quant,
+                 GROUP_SCALES=group,
                  STAGES=g.TOKEN_STAGES[(2 * block_n if glu else block_n, glu)], COMPUTE_REGS=g.COMPUTE_REGS,
                  LOADER_REGS=g.LOADER_REGS, num_warps=g.NUM_WARPS)
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=g.NUM_WARPS, maxnreg=g.MAXNREG))
     assert k.metadata.shared <= 232448, k.metadata.shared  # H100's shared memory per block
-    open(sys.argv[4], "w").write(k.asm["ptx"])
+    open(sys.argv[5], "w").write(k.asm["ptx"])
     """
 )
 
 
-@pytest.mark.parametrize("block_n,glu,quant", [(256, 0, 0), (128, 0, 0), (128, 1, 0), (128, 1, 1)])
-def test_token_kernel_lowers_for_sm90(block_n, glu, quant):
-    raw = compile_ptx(TOKEN_COMPILE, block_n, glu, quant)
+@pytest.mark.parametrize("block_n,glu,quant,group", [(256, 0, 0, 0), (128, 0, 0, 0), (128, 1, 0, 0), (128, 1, 1, 0),
+                                                     (256, 0, 0, 1), (128, 0, 0, 1)])
+def test_token_kernel_lowers_for_sm90(block_n, glu, quant, group):
+    raw = compile_ptx(TOKEN_COMPILE, block_n, glu, quant, group)
     ptx = squeeze(raw)
     assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx, "no TMA loads"
     assert "cp.async.bulk.tensor.2d.global.shared::cta" in ptx, "no TMA store of the output tile"
     assert "setmaxnreg.dec.sync.aligned.u32 24;" in ptx and "u32 240;" in ptx, "no loader partition"
-    # one K step's product(s) left in flight while the next step's are issued
-    assert f"wgmma.wait_group.sync.aligned {2 if glu else 1};" in ptx
+    if group:  # each step's product is waited for before the accumulator is rescaled
+        assert "wgmma.wait_group.sync.aligned 0;" in ptx and "wgmma.wait_group.sync.aligned 1;" not in ptx
+    else:  # one K step's product(s) left in flight while the next step's are issued
+        assert f"wgmma.wait_group.sync.aligned {2 if glu else 1};" in ptx
     assert ptxas_spill_bytes(raw) == 0
 
 
@@ -108,10 +112,16 @@ def _inputs(m, n, k, zero_rows=(), group=128):
     return a, b, sa, sb
 
 
-def _check(out, a, b, sa, sb):
+# Hopper's fp8 wgmma adds into its accumulator with fewer bits than fp32: kernels that chain all
+# of K in the tensor cores (the token kernel, the chained group-scaled one) drift with K, ~1.2% of
+# the largest output at K 14336 (H100); the promoting kernel adds each 128-step in fp32 (~0.5%).
+CHAIN_TOL = 2e-2
+
+
+def _check(out, a, b, sa, sb, tol=1e-2):
     ref = _fp8_gemm_ref(a, b, sa, sb, None, torch.bfloat16).float()
     err = (out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
-    assert err < 1e-2, float(err)
+    assert err < tol, float(err)
 
 
 # m, n, k: the 8B down shape at decode and prefill sizes, ragged M and N, odd and even K steps
@@ -119,33 +129,75 @@ GPU_CASES = [(1, 4096, 14336), (7, 1000, 384), (64, 4096, 1024), (129, 4096, 143
              (4096, 4096, 14336), (300, 136, 640), (2048, 2048, 256)]
 
 
+def test_group_kernel_rule():
+    """The chained kernel where its tiles are 256 wide (from 640 rows on the 8B down shape:
+    1.06-1.18x the promoting kernel there, H100), the promoting one below (the chained kernel's
+    128-wide tiles were 0.70-0.89x of it at 256-512 rows)."""
+    from trtllm_kernels.kernels.gluon_fp8_gemm import group_kernel
+
+    assert [group_kernel(m, 4096, 132) for m in (256, 512, 640, 1024, 4096, 8192)] == \
+        ["promote", "promote", "chain", "chain", "chain", "chain"]
+
+
+# the group-scaled kernels: the chained token kernel (scales as ratios) at both tile widths, the
+# promoting kernel with and without its pairs, at both of its widths
+GROUP_KERNELS = [("chain", None, 256), ("chain", None, 128), ("promote", False, 128), ("promote", True, 128),
+                 ("promote", True, 64)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
 @pytest.mark.parametrize("m,n,k", GPU_CASES)
-@pytest.mark.parametrize("pipeline,block_n", [(False, 128), (True, 128), (True, 64)])
-def test_gpu_matches_reference(m, n, k, pipeline, block_n):
+@pytest.mark.parametrize("kernel,pipeline,block_n", GROUP_KERNELS)
+def test_gpu_matches_reference(m, n, k, kernel, pipeline, block_n):
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm, supported
 
     a, b, sa, sb = _inputs(m, n, k, zero_rows=(0,))
     assert supported(a, b, sa, sb)
     if pipeline and (k // 128) % 2:
         with pytest.raises(ValueError, match="even number"):
-            gluon_group_scaled_gemm(a, b, sa, sb, pipeline=True)
+            gluon_group_scaled_gemm(a, b, sa, sb, pipeline=True, kernel=kernel)
         return
-    out = gluon_group_scaled_gemm(a, b, sa, sb, pipeline=pipeline, block_n=block_n)
-    _check(out, a, b, sa, sb)
+    out = gluon_group_scaled_gemm(a, b, sa, sb, pipeline=pipeline, block_n=block_n, kernel=kernel)
+    _check(out, a, b, sa, sb, CHAIN_TOL if kernel == "chain" else 1e-2)
     assert (out[0] == 0).all()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("kernel,pipeline,block_n", GROUP_KERNELS)
+def test_gpu_group_scales_spread(kernel, pipeline, block_n):
+    """Rows whose groups' scales differ by up to 10^8, or are all-zero groups (the smallest scale)
+    between others: each row within 1% of its own largest output (the chained kernel carries the
+    sum in units of each group's scale in turn)."""
+    from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm
+
+    m, n, k = 640, 512, 1024
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    x[1, 128:384] = 0
+    x[2].view(-1, 128).mul_(torch.tensor([1e4, 1e-4] * 4, device="cuda")[:, None])
+    x[3, 512:640] *= 1e6
+    x[4, :128] = 0
+    a, sa = tk.quantize_fp8_per_token(x.to(torch.bfloat16), 128)
+    b, sb = tk.quantize_fp8_per_channel(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
+    out = gluon_group_scaled_gemm(a, b, sa, sb, pipeline=pipeline, block_n=block_n, kernel=kernel).float()
+    ref = _fp8_gemm_ref(a, b, sa, sb, None, torch.bfloat16).float()
+    err = (out - ref).abs().amax(1) / ref.abs().amax(1)
+    assert err.max() < 1e-2, err[:8]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
 @pytest.mark.parametrize("grid,stages", [(1, 6), (3, 3), (7, 4)])
-def test_gpu_few_programs_carry_the_ring(grid, stages):
+@pytest.mark.parametrize("kernel", ["chain", "promote"])
+def test_gpu_few_programs_carry_the_ring(grid, stages, kernel):
     # each persistent program walks many tiles: the ring's phases carry from tile to tile
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm
 
     a, b, sa, sb = _inputs(517, 1000, 1280)
-    _check(gluon_group_scaled_gemm(a, b, sa, sb, grid=grid, stages=stages), a, b, sa, sb)
+    stages = min(stages, 3) if kernel == "chain" else stages  # the chained kernel's 256-wide ring holds 3
+    _check(gluon_group_scaled_gemm(a, b, sa, sb, grid=grid, stages=stages, kernel=kernel), a, b, sa, sb)
 
 
 # m, n, k: the 8B qkv / o / gate_up shapes at decode and prefill sizes, ragged M and N, K not a
@@ -218,7 +270,8 @@ def test_gpu_token_few_programs_carry_the_ring(grid, block_n, glu):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
-@pytest.mark.parametrize("group,m,k", [(128, 256, 14336), (0, 640, 4096)], ids=["group", "token"])
+@pytest.mark.parametrize("group,m,k", [(128, 256, 14336), (128, 1024, 14336), (0, 640, 4096)],
+                         ids=["group_promote", "group_chain", "token"])
 def test_gpu_cuda_graph_replay(group, m, k):
     from trtllm_kernels.kernels.gluon_fp8_gemm import gluon_group_scaled_gemm, gluon_token_scaled_gemm
 
@@ -234,7 +287,7 @@ def test_gpu_cuda_graph_replay(group, m, k):
     a.copy_(a2)
     sa.copy_(sa2)
     g.replay()
-    _check(out, a, b, sa, sb)
+    _check(out, a, b, sa, sb, 1e-2 if m == 256 else CHAIN_TOL)  # 256 rows: the promoting kernel
 
 
 @pytest.mark.gpu

@@ -36,7 +36,20 @@ pairs a step behind the first (no gain), 4 stages instead of 6 (within noise).
 
 Token-scaled: the same loader and ring; the scales factor out of the K sum, so each warpgroup
 chains every K step's wgmma into one accumulator and scales once; the tile leaves by a TMA
-store through shared memory. H100 against the Triton kernel (benchmarks/results/h100-2026-11-27/
+store through shared memory.
+
+Group-scaled, chained (GROUP_SCALES in the token kernel, `group_kernel` picks it where its tiles
+are 256 wide): the accumulator carries the sum in units of the current group's scale, so the
+group scales need no second accumulator: before step k it is multiplied by s[k-1] / s[k] (after
+its last product is waited for; the other warpgroup's keeps the tensor cores busy), and by the
+last group's scale at the end. 256-wide tiles fit (one accumulator of 128 registers; the
+promoting kernel's two would not), which read less shared memory per product than 128-wide ones:
+H100, N 4096 K 14336, 1.06-1.18x the promoting kernel from 640 rows; FP8 + FP8 KV throughput
++2.6% at 128/128 (27,920 / 28,055 against 27,264 / 27,258 tok/s, interleaved, one machine) and
++1.1% at 1000/1000 (benchmarks/results/h100-2026-11-28/group_chain/). The cost: fp8 wgmma adds
+into its accumulator with fewer bits than fp32, so chaining all of K drifts more than adding
+each step in fp32: ~1.2% of the largest output at K 14336 against ~0.5% (the token kernel's
+qkv / o / gate_up GEMMs chain the same way). H100 against the Triton kernel (benchmarks/results/h100-2026-11-27/
 token_gemm/): 1.05-1.34x at 512 rows, 0.99-1.25x at 1024-8192 on the 8B shapes, 1.02-1.23x
 `torch._scaled_mm` from 512 rows; the GLU epilogue 1.0-1.09x. End to end (FP8, FP8 KV cache):
 +1.6% at 128/128 and +1.2% at 1000/1000 on an H100.
@@ -67,6 +80,10 @@ GROUP_K = 128  # K extent of one activation scale
 GROUP = gl.constexpr(GROUP_K)  # the same, readable inside the kernels
 BLOCK_M, ROWS, NUM_WARPS = 128, 64, 4  # two compute warpgroups of ROWS rows
 BLOCK_N, STAGES, GROUP_M = 128, 6, 8  # ring: 6 x (16 + 16) KB
+# the group-scaled GEMM's kernel: "auto" (the chained token kernel where its tiles are 256 wide,
+# else the promoting one), "chain" or "promote"
+GROUP_GEMM_KERNEL = "auto"
+SCALE_MIN = gl.constexpr(_AMAX_MIN / _FP8_MAX)  # the quantizers' smallest scale
 MAXNREG, COMPUTE_REGS, LOADER_REGS = 168, 240, 24
 
 
@@ -222,10 +239,19 @@ TOKEN_STAGES = {(256, False): 3, (256, True): 4, (128, False): 5}
 
 
 @gluon.jit
-def _token_compute_partition(a_bufs, b_bufs, ready, empty, c_smem, AS, BS, OD, OS, M, N, glu_off, stride_os,
-                             num_tiles, tiles_m, tiles_n, k_tiles, HALF: gl.constexpr, ROWS: gl.constexpr,
+def _group_scale(sa_ptr, k, rmask, k_tiles):
+    """The rows' scales of K group k (1 past M or past the last group), at least SCALE_MIN: a
+    scale of 0 (which no quantizer here makes) would turn the next ratio infinite; clamped, its
+    group adds its products times 2e-15 instead of 0."""
+    return gl.maximum(gl.load(sa_ptr + k, mask=rmask & (k < k_tiles), other=1.0), SCALE_MIN)
+
+
+@gluon.jit
+def _token_compute_partition(a_bufs, b_bufs, ready, empty, c_smem, AS, BS, OD, OS, M, N, glu_off, stride_as,
+                             stride_os, num_tiles, tiles_m, tiles_n, k_tiles, HALF: gl.constexpr, ROWS: gl.constexpr,
                              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                             GLU: gl.constexpr, QUANT_OUT: gl.constexpr, num_warps: gl.constexpr):
+                             GLU: gl.constexpr, QUANT_OUT: gl.constexpr, GROUP_SCALES: gl.constexpr,
+                             num_warps: gl.constexpr):
     """Rows HALF * ROWS ... of each output tile of this program. GLU: two accumulators (the
     slot's gate rows and its up rows), silu(gate) * up written, with QUANT_OUT as fp8 with one
     scale per row of the tile (a 1 x 128 group: BLOCK_N = 128). The tile leaves through shared
@@ -238,33 +264,61 @@ def _token_compute_partition(a_bufs, b_bufs, ready, empty, c_smem, AS, BS, OD, O
     it = 0
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         pm, pn = _tile(t, tiles_m, tiles_n, GROUP_M)
-        acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
-        up = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
-        for k in range(k_tiles):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            a = a_bufs.index(s).slice(HALF * ROWS, ROWS)
-            if GLU:
-                acc = warpgroup_mma(a, b_bufs.index(s).slice(0, BLOCK_N).permute((1, 0)), acc, is_async=True)
-                up = warpgroup_mma(a, b_bufs.index(s).slice(BLOCK_N, BLOCK_N).permute((1, 0)), up, is_async=True)
-                acc, up = warpgroup_mma_wait(2, deps=(acc, up))  # the last step's pair is done
-            else:
-                acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(1, deps=(acc,))  # the last step's product is done
-            if k > 0:
-                mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
-            it += 1
-        if GLU:
-            acc, up = warpgroup_mma_wait(0, deps=(acc, up))
-        else:
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
-
         row0 = pm * (2 * ROWS) + HALF * ROWS
         col0 = pn * BLOCK_N
         rmask = r < M - row0
         cmask = c < N - col0
-        sa = gl.load(AS + row0 + r, mask=rmask, other=0.0)  # 0 past M and N: those outputs are 0
+        acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+        up = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=acc_layout)
+        if GROUP_SCALES:
+            # acc holds the sum so far in units of the current group's scale: before step k it
+            # is multiplied by s[k - 1] / s[k] (a wgmma is waited for before its accumulator is
+            # touched, so the other warpgroup's product keeps the tensor cores busy meanwhile).
+            # Scales are loaded two steps ahead (an L2 round trip is longer than a step).
+            # (No two loop-carried values may start as the same tensor: the frontend would take
+            # the one assigned from the other for unchanged and drop it from the loop.)
+            sa_ptr = AS + (row0 + r).to(gl.int64) * stride_as
+            s_cur = _group_scale(sa_ptr, 0, rmask, k_tiles)
+            s_next = _group_scale(sa_ptr, 1, rmask, k_tiles)
+            ratio = gl.full([ROWS], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_layout))
+            for k in range(k_tiles):
+                s_ahead = _group_scale(sa_ptr, k + 2, rmask, k_tiles)
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                acc = acc * ratio[:, None]
+                acc = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), b_bufs.index(s).permute((1, 0)), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index(s), count=1)
+                ratio = s_cur / s_next
+                s_cur = s_next
+                s_next = s_ahead
+                it += 1
+            # the last group's scale: ratio * s_cur = (s[K-1] / s[K]) * s[K] (s[K] = 1, past the end)
+            sa = gl.where(rmask, ratio * s_cur, 0.0)
+        else:
+            for k in range(k_tiles):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                a = a_bufs.index(s).slice(HALF * ROWS, ROWS)
+                if GLU:
+                    acc = warpgroup_mma(a, b_bufs.index(s).slice(0, BLOCK_N).permute((1, 0)), acc, is_async=True)
+                    up = warpgroup_mma(a, b_bufs.index(s).slice(BLOCK_N, BLOCK_N).permute((1, 0)), up,
+                                       is_async=True)
+                    acc, up = warpgroup_mma_wait(2, deps=(acc, up))  # the last step's pair is done
+                else:
+                    acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(1, deps=(acc,))  # the last step's product is done
+                if k > 0:
+                    mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
+                it += 1
+            if GLU:
+                acc, up = warpgroup_mma_wait(0, deps=(acc, up))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
+            sa = gl.load(AS + row0 + r, mask=rmask, other=0.0)  # 0 past M and N: those outputs are 0
+
         acc = acc * sa[:, None] * gl.load(BS + col0 + c, mask=cmask, other=0.0)[None, :]
         if GLU:
             up = up * sa[:, None] * gl.load(BS + glu_off + col0 + c, mask=cmask, other=0.0)[None, :]
@@ -283,21 +337,21 @@ def _token_compute_partition(a_bufs, b_bufs, ready, empty, c_smem, AS, BS, OD, O
 
 
 @gluon.jit(do_not_specialize=["M", "num_tiles", "tiles_m"])
-def _token_scaled_gemm_kernel(AD, BD, AS, BS, OD, OS, M, N, glu_off, stride_os, num_tiles, tiles_m, tiles_n, k_tiles,
-                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+def _token_scaled_gemm_kernel(AD, BD, AS, BS, OD, OS, M, N, glu_off, stride_as, stride_os, num_tiles, tiles_m,
+                              tiles_n, k_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
                               STAGES: gl.constexpr, GROUP_M: gl.constexpr, GLU: gl.constexpr,
-                              QUANT_OUT: gl.constexpr, COMPUTE_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              QUANT_OUT: gl.constexpr, GROUP_SCALES: gl.constexpr, COMPUTE_REGS: gl.constexpr,
+                              LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(BLOCK_M == 2 * ROWS, "two compute warpgroups of ROWS rows")
     a_bufs, b_bufs, ready, empty = _ring(AD, BD, BLOCK_M, 2 * BLOCK_N if GLU else BLOCK_N, STAGES)
     c_bufs = gl.allocate_shared_memory(OD.dtype, [2, ROWS, BLOCK_N], OD.layout)  # a tile per warpgroup
     gl.warp_specialize([
         (_token_compute_partition, (a_bufs, b_bufs, ready, empty, c_bufs.index(0), AS, BS, OD, OS, M, N, glu_off,
-                                    stride_os, num_tiles, tiles_m, tiles_n, k_tiles, 0, ROWS, BLOCK_N, STAGES,
-                                    GROUP_M, GLU, QUANT_OUT, num_warps)),
+                                    stride_as, stride_os, num_tiles, tiles_m, tiles_n, k_tiles, 0, ROWS, BLOCK_N,
+                                    STAGES, GROUP_M, GLU, QUANT_OUT, GROUP_SCALES, num_warps)),
         (_token_compute_partition, (a_bufs, b_bufs, ready, empty, c_bufs.index(1), AS, BS, OD, OS, M, N, glu_off,
-                                    stride_os, num_tiles, tiles_m, tiles_n, k_tiles, 1, ROWS, BLOCK_N, STAGES,
-                                    GROUP_M, GLU, QUANT_OUT, num_warps)),
+                                    stride_as, stride_os, num_tiles, tiles_m, tiles_n, k_tiles, 1, ROWS, BLOCK_N,
+                                    STAGES, GROUP_M, GLU, QUANT_OUT, GROUP_SCALES, num_warps)),
         (_load_partition, (AD, BD, a_bufs, b_bufs, ready, empty, num_tiles, tiles_m, tiles_n, k_tiles, glu_off,
                            BLOCK_M, BLOCK_N, STAGES, GROUP_M, GLU)),
     ], [num_warps, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -319,10 +373,11 @@ def _channel_scale(b_scale: torch.Tensor, rows: int) -> bool:
 
 
 def supported(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
-    """What the group-scaled kernel takes: a Hopper GPU; fp8 a [M, K] and b [N, K], K a multiple
-    of 128, 16-byte aligned rows; a_scale fp32 [M, K / 128]; b_scale fp32, one per output channel."""
+    """What the group-scaled kernels take: a Hopper GPU; fp8 a [M, K] and b [N, K], K a multiple
+    of 128, 16-byte aligned rows in and out (the output may go by TMA: N a multiple of 8, a 2-byte
+    dtype); a_scale fp32 [M, K / 128]; b_scale fp32, one per output channel."""
     m, k = a.shape
-    return (_hopper_fp8_operands(a, b) and k % GROUP_K == 0 and a_scale.dtype == torch.float32
+    return (_hopper_fp8_operands(a, b) and k % GROUP_K == 0 and b.shape[0] % 8 == 0 and a_scale.dtype == torch.float32
             and a_scale.shape == (m, k // GROUP_K) and a_scale.stride(1) == 1 and _channel_scale(b_scale, b.shape[0]))
 
 
@@ -370,8 +425,18 @@ def gluon_token_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Ten
         raise ValueError(f"block_n must be 128 or 256, got {block_n}")
     out = torch.empty(m, n, dtype=FP8 if quant_out else out_dtype, device=a.device)
     out_scale = torch.empty(m, triton.cdiv(n, SCALE_BLOCK), dtype=torch.float32, device=a.device) if quant_out else None
+    _launch_chained(a, b, a_scale.reshape(-1), 1, b_scale, out, out_scale, glu, False, block_n, stages, grid)
+    return out, out_scale
+
+
+def _launch_chained(a, b, a_scale, stride_as, b_scale, out, out_scale, glu, group_scales, block_n, stages, grid):
+    """The chained kernel (`_token_scaled_gemm_kernel`) over a [M, K] and b [N or 2I, K] into out."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    m, k = a.shape
+    n = out.shape[1]
     if m == 0 or n == 0:
-        return out, out_scale
+        return
     stages = stages or TOKEN_STAGES[(2 * block_n if glu else block_n, glu)]
     a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP_K], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([block_n, GROUP_K], gl.float8e4nv)
@@ -382,36 +447,57 @@ def gluon_token_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Ten
     tiles_m, tiles_n = triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n)
     num_tiles = tiles_m * tiles_n
     grid = min(num_tiles, grid or num_sms(a.device))
+    quant_out = out_scale is not None
     _token_scaled_gemm_kernel[(grid,)](
-        ad, bd, a_scale.reshape(-1), b_scale.reshape(-1), od, out_scale if quant_out else a_scale, m, n,
-        n if glu else 0, out_scale.stride(0) if quant_out else 0, num_tiles, tiles_m, tiles_n, triton.cdiv(k, GROUP_K),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M, GLU=glu, QUANT_OUT=quant_out,
-        COMPUTE_REGS=COMPUTE_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        ad, bd, a_scale, b_scale.reshape(-1), od, out_scale if quant_out else a_scale, m, n,
+        n if glu else 0, stride_as, out_scale.stride(0) if quant_out else 0, num_tiles, tiles_m, tiles_n,
+        triton.cdiv(k, GROUP_K), BLOCK_M=BLOCK_M, BLOCK_N=block_n, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M,
+        GLU=glu, QUANT_OUT=quant_out, GROUP_SCALES=group_scales, COMPUTE_REGS=COMPUTE_REGS,
+        LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
-    return out, out_scale
+
+
+def group_kernel(m: int, n: int, sms: int) -> str:
+    """The group-scaled GEMM's kernel: "chain" (the token kernel, scales applied as ratios) where
+    its tiles are 256 wide, else "promote" (H100, N 4096 K 14336: chained 1.06-1.18x faster from
+    640 rows, 0.70-0.89x at 256-512 rows with 128-wide tiles)."""
+    return "chain" if token_block_n(m, n, sms) == 256 else "promote"
 
 
 def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                            out_dtype: torch.dtype = torch.bfloat16, *, out: torch.Tensor | None = None,
-                            pipeline: bool | None = None, block_n: int | None = None, stages: int = STAGES,
+                            out_dtype: torch.dtype = torch.bfloat16, *, kernel: str | None = None,
+                            pipeline: bool | None = None, block_n: int | None = None, stages: int | None = None,
                             grid: int | None = None) -> torch.Tensor:
     """(a * a_scale per 1 x 128 group) @ (b * b_scale per row)^T -> [M, N] of out_dtype, for
-    inputs `supported` accepts. pipeline: one product in flight while the last is added (needs
-    an even number of K steps; default: whenever K / 128 is even). block_n: output columns per
-    tile, 128 or 64 (default: 64 where 128-wide tiles would fill at most half the SMs, as for
-    N 4096 up to 256 rows: there 1.15-1.26x the Triton kernel with 64, 0.84-0.98x with 128; at
-    384-512 rows 128 wins, 1.20-1.28x against 0.79-0.86x, H100)."""
+    inputs `supported` accepts. kernel: "chain" or "promote" (default GROUP_GEMM_KERNEL: "auto",
+    `group_kernel`'s choice).
+    chain: block_n 128 or 256 (default `token_block_n`); stages default TOKEN_STAGES.
+    promote: pipeline: one product in flight while the last is added (needs an even number of K
+    steps; default: whenever K / 128 is even). block_n: output columns per tile, 128 or 64
+    (default: 64 where 128-wide tiles would fill at most half the SMs, as for N 4096 up to 256
+    rows: there 1.15-1.26x the Triton kernel with 64, 0.84-0.98x with 128; at 384-512 rows 128
+    wins, 1.20-1.28x against 0.79-0.86x, H100); stages default STAGES."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     m, k = a.shape
     n = b.shape[0]
     k_tiles = k // GROUP_K
+    kernel = kernel or GROUP_GEMM_KERNEL
+    if kernel == "auto":
+        kernel = group_kernel(m, n, num_sms(a.device))
+    if kernel not in ("chain", "promote"):
+        raise ValueError(f"kernel must be 'chain', 'promote' or 'auto', got {kernel!r}")
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if kernel == "chain":
+        block_n = block_n or token_block_n(m, n, num_sms(a.device))
+        if block_n not in (128, 256):
+            raise ValueError(f"the chained kernel's block_n must be 128 or 256, got {block_n}")
+        _launch_chained(a, b, a_scale, a_scale.stride(0), b_scale, out, None, False, True, block_n, stages, grid)
+        return out
     if pipeline is None:
         pipeline = k_tiles % 2 == 0
     if pipeline and k_tiles % 2:
         raise ValueError(f"pipeline needs an even number of 128-wide K steps, got {k_tiles}")
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     if block_n is None:
@@ -428,7 +514,7 @@ def gluon_group_scaled_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Ten
     _group_scaled_gemm_kernel[(grid,)](
         ad, bd, a_scale, b_scale.reshape(-1), out, m, n, a_scale.stride(0), out.stride(0),
         num_tiles, tiles_m, tiles_n, k_tiles,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, ROWS=ROWS, STAGES=stages, GROUP_M=GROUP_M, PIPELINE=pipeline,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, ROWS=ROWS, STAGES=stages or STAGES, GROUP_M=GROUP_M, PIPELINE=pipeline,
         COMPUTE_REGS=COMPUTE_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return out
