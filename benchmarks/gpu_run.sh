@@ -148,7 +148,7 @@ for stage in $stages; do
     group_gemm)  # the group-scaled GEMM (the fused MLP's down): GPU tests, then the kernels beside each other
       timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 tests/test_gluon_fp8_gemm.py \
         2>&1 | tail -30 > "$OUT/pytest_gemm.txt"
-      timeout 150 python3 benchmarks/group_gemm_bench.py --out "$OUT" --mode group --ms ${GEMM_MS:-256,512,768,1024,2048,4096,8192} \
+      timeout 150 python3 benchmarks/group_gemm_bench.py --out "$OUT" --mode group --ms ${GEMM_MS:-256,512,640,768,1024,2048,4096,8192} \
         > "$OUT/group_gemm.log" 2>&1
       ;;
     gemm_e2e)
