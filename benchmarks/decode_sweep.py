@@ -3,7 +3,7 @@ batches at short contexts (a 128/128 throughput run decodes 1000 sequences at 12
 tokens), beside the issue's B256 x 512 and B64 x 4096. 32/8 heads, D 128; the block table as
 wide as a 512-token (or the context's) sequence, as in the decode graphs.
 
-    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick]
+    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick] [--page N]
 
 Times each config under CUDA graphs (trtllm_kernels.bench.timing, medians), checks its output
 against the default config's, and reports us, GB/s and the fraction of the measured copy
@@ -43,13 +43,15 @@ def main() -> None:
     ap.add_argument("--cache", default="fp8", choices=["fp8", "bf16"])
     ap.add_argument("--quick", action="store_true", help="num_stages 3 only")
     ap.add_argument("--budget", type=float, default=1e9, help="start no new config after this many seconds")
+    ap.add_argument("--page", type=int, help="pages of this many tokens at every shape")
     args = ap.parse_args()
+    shapes = list(dict.fromkeys((b, c, args.page or p, w) for b, c, p, w in SHAPES))
     dev = torch.device("cuda")
     cache_dtype = torch.float8_e4m3fn if args.cache == "fp8" else torch.bfloat16
     bw = measure_copy_bandwidth(dev)
     hq, hkv, d = 32, 8, 128
     inputs = []
-    for batch, ctx, page, width in SHAPES:
+    for batch, ctx, page, width in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         k = torch.randn(batch, hkv, ctx, d, device=dev, generator=g, dtype=torch.bfloat16)
         v = torch.randn(batch, hkv, ctx, d, device=dev, generator=g, dtype=torch.bfloat16)
@@ -78,12 +80,13 @@ def main() -> None:
             rows.append(dict(row, us=t, gbs=nbytes / t / 1e3, frac_copy=nbytes / t / 1e3 / (bw / 1e9), max_err=err))
             print(json.dumps(rows[-1]), flush=True)
     path = Path(args.out)
+    stem = f"decode_sweep_{args.cache}" + (f"_p{args.page}" if args.page else "")
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"decode_sweep_{args.cache}.json").write_text(json.dumps(
+    (path / f"{stem}.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "rows": rows}, indent=1))
     lines = [f"# decode sweep, {args.cache} cache, {torch.cuda.get_device_name()}, copy {bw / 1e9:.0f} GB/s", "",
              "| shape | default us | best us | best / default | best frac of copy | best config |", "|---|---:|---:|---:|---:|---|"]
-    for batch, ctx, page, _ in SHAPES:
+    for batch, ctx, page, _ in shapes:
         rs = [r for r in rows if (r["batch"], r["ctx"], r["page"]) == (batch, ctx, page) and "us" in r]
         if not rs:
             continue
@@ -91,7 +94,7 @@ def main() -> None:
         best = min(rs, key=lambda r: r["us"])
         lines.append(f"| B{batch} x {ctx}, page {page} | {base['us']:.1f} | {best['us']:.1f} | "
                      f"{best['us'] / base['us']:.2f} | {best['frac_copy']:.2f} | {best['cfg'] or 'default'} |")
-    (path / f"decode_sweep_{args.cache}.md").write_text("\n".join(lines) + "\n")
+    (path / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

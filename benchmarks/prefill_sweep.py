@@ -22,6 +22,17 @@ from trtllm_kernels.kernels.triton_attention import _paged_copy, triton_paged_pr
 DEFAULT_CONFIGS = ["4,3,2"]
 
 
+def prefill_inputs(batch: int, new: int, cached: int, hq: int = 32, hkv: int = 8, d: int = 128, dev: str = "cuda"):
+    """Random bf16 q [batch * new, hq, d] and contiguous k, v [batch, hkv, new + cached, d], the
+    query_start_loc of equal-length sequences, and the causal attention's FLOPs."""
+    k = torch.randn(batch, hkv, new + cached, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch * new, hq, d, device=dev, dtype=torch.bfloat16)
+    qsl = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=dev)
+    flops = 4 * batch * hq * d * sum(cached + i + 1 for i in range(new))
+    return q, k, v, qsl, flops
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="prefill_sweep.json")
@@ -41,12 +52,7 @@ def main() -> None:
               ("short", 1, 512, 0), ("short", 1, 1024, 0), ("short", 1, 2048, 0), ("batch", 4, 256, 0),
               ("batch", 16, 256, 0), ("chunk", 8, 256, 1024), ("chunk", 1, 512, 8192)]
     for what, b, new, cached in shapes:
-        total = new + cached
-        flops = 4 * b * hq * d * sum(cached + i + 1 for i in range(new))
-        k = torch.randn(b, hkv, total, d, device=dev, dtype=bf16)
-        v = torch.randn_like(k)
-        q = torch.randn(b * new, hq, d, device=dev, dtype=bf16)
-        qsl = torch.arange(0, b * new + 1, new, dtype=torch.int32, device=dev)
+        q, k, v, qsl, flops = prefill_inputs(b, new, cached, hq, hkv, d, dev)
         for page in (int(p) for p in args.pages.split(",")):
             if what != "prefill" and page != 16:
                 continue

@@ -67,7 +67,7 @@ class BuildConfig:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
-    page_size: int = 16
+    page_size: int = 32
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_num_tokens", "page_size"):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from trtllm_kernels.engine import default_checkpoint
+from trtllm_kernels.engine import BuildConfig, default_checkpoint
 from trtllm_kernels.runtime import LLM, SamplingParams
 
 pytestmark = [
@@ -78,8 +78,10 @@ def test_one_at_a_time_equals_transformers(llm, prompts, hf_greedy):
 
 def test_small_cache_completes_everything_unchanged(prompts, hf_greedy):
     # 12 pages of 16 tokens cannot hold the eight requests at once: they queue, are preempted
-    # and recomputed, and prefill runs in chunks of 32 tokens.
-    small = LLM(device="cpu", kv_cache_tokens=12 * 16, max_num_tokens=32, progress=False)
+    # and recomputed, and prefill runs in chunks of 32 tokens. Pages of 16 (the default is 32):
+    # the chat prompts' shared system prefix is shorter than 32 tokens.
+    small = LLM(device="cpu", build_config=BuildConfig(page_size=16), kv_cache_tokens=12 * 16, max_num_tokens=32,
+                progress=False)
     outs = small.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == hf_greedy
     assert small.executor.scheduler.num_preemptions > 0

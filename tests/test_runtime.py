@@ -429,5 +429,6 @@ def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
     assert lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
     pre = prefix_ttft(llm, input_len=100, shared_fraction=0.9, repeats=1)
     assert pre["shared_tokens"] == 90 and pre["speedup"] > 0
-    assert llm.kv.enable_prefix_caching and llm.kv.prefix_hit_tokens >= 80  # the cached run reused 5+ blocks
+    page = llm.kv.page_size  # the cached run reused every whole block of the 90 shared tokens
+    assert llm.kv.enable_prefix_caching and llm.kv.prefix_hit_tokens >= 90 // page * page > 0
     assert llm.kv.num_free_blocks == llm.kv.num_blocks

@@ -26,7 +26,7 @@ def test_graphs_chunking_preemption_prefix_caching_keep_greedy_tokens():
     expect = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     del plain
 
-    # 40 pages of 16 tokens cannot hold all ten requests: they queue and are preempted.
+    # 640 tokens of cache cannot hold all ten requests: they queue and are preempted.
     fast = LLM(engine, kv_cache_tokens=40 * 16, max_num_tokens=64, progress=False)
     assert fast.executor.runner.graphs, "decode graphs were not captured"
     assert fast.executor.overlap  # the default on one GPU

@@ -177,6 +177,9 @@ def test_launch_configs(monkeypatch):
     assert ta.decode_config(128, torch.bfloat16, torch.bfloat16, programs=many)["num_warps"] == 4
     assert ta.decode_config(64, FP8, torch.bfloat16, programs=many)["num_warps"] == 4
     assert ta.prefill_config(128, torch.bfloat16, 16)["maxnreg"] == 128
+    # FP8 pages: the same two-programs-per-SM tiles, each K/V tile converted once for 4 heads
+    fp8_pre = ta.prefill_config(128, torch.bfloat16, 16, FP8)
+    assert fp8_pre["maxnreg"] == 128 and fp8_pre["PACK"] == 4
     monkeypatch.setenv("TRTLLM_KERNELS_PREFILL_CONFIG", '{"BLOCK_N": 128, "num_stages": 2, "bogus": 1}')
     cfg = ta.prefill_config(128, torch.bfloat16, 16)
     assert cfg["BLOCK_N"] == 128 and cfg["num_stages"] == 2 and "bogus" not in cfg
@@ -268,7 +271,7 @@ COMPILE_SCRIPT = textwrap.dedent(
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), KD=ptr(dtype), VD=ptr(dtype), BT=ptr("i32"),
               SL=ptr("i32"), QSL=ptr("i32"), Out=ptr("bf16"), qk_scale="fp32", v_scale="fp32"),
          dict(NUM_KV_HEADS=8, GROUP=GROUP, HEAD_DIM=D, PAGE=PAGE, BLOCK_M=pre["BLOCK_M"],
-              BLOCK_N=pre["BLOCK_N"], SEARCH_ITERS=2, DOT_PREC="tf32", USE_TMA=False),
+              BLOCK_N=pre["BLOCK_N"], SEARCH_ITERS=2, DOT_PREC="tf32", USE_TMA=False, PACK=pre.get("PACK", 1)),
          pre["num_warps"], pre["num_stages"]),
         # pages of 128: K/V tiles through TMA descriptors
         (ta._paged_prefill_kernel,
@@ -392,6 +395,7 @@ GPU_PREFILL = [
     ([200, 3], [250, 3], 2, 2, 128, 16, torch.float32, None),
     ([4095, 1, 300], [4095, 4000, 1000], 2, 4, 128, 128, BF16, None),  # TMA, BLOCK_N <= page
     ([513, 97], [4097, 97], 8, 4, 128, 64, BF16, FP8),                 # TMA on FP8 pages
+    ([128] * 6 + [1, 50], [128] * 6 + [300, 700], 2, 4, 128, 32, BF16, FP8),  # serving: FP8, PACK 4
 ]
 
 

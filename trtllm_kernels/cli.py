@@ -20,7 +20,8 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per step (prefill chunk)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--page-size", type=int, default=None,
+                   help="tokens per KV-cache block (default: BuildConfig.page_size, 32)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--build-dtype", dest="build_dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"], help="weight dtype stored in the engine")
@@ -30,7 +31,7 @@ def _build_config(args):
     from trtllm_kernels.engine import BuildConfig
 
     return BuildConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                       max_num_tokens=args.max_num_tokens, page_size=args.page_size,
+                       max_num_tokens=args.max_num_tokens, page_size=args.page_size or BuildConfig.page_size,
                        kv_cache_dtype=args.kv_cache_dtype, dtype=args.build_dtype)
 
 

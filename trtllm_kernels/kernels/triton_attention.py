@@ -52,7 +52,8 @@ GQA packing (`pack`, PACK): the PACK query heads of one kv head can share a pref
 row r of the tile being position r // PACK of head h0 + r % PACK, so each K/V tile is loaded
 once for them and a tile covers BLOCK_M // PACK positions. Measured on H100 (4 x 4096, 32/8
 heads, .device/F-1): page 16 1280 us -> 1253 (PACK 2) / 1259 (PACK 4); pages of 64 with TMA
-1168 -> 1157; chunked prefill 303 -> 310. Within noise, so the default stays PACK 1.
+1168 -> 1157; chunked prefill 303 -> 310. Within noise, so bf16 pages keep PACK 1; FP8 pages,
+whose tiles are converted in registers, take PACK 4 (1.25-1.59x, see `prefill_config`).
 
 Prefill dispatch: on Hopper, trtllm_kernels::paged_attention_prefill runs the Gluon kernel of
 kernels/gluon_attention.py (TMA loader warp, asynchronous wgmma overlapped with the softmax,
@@ -460,9 +461,15 @@ def prefill_config(head_dim: int, q_dtype: torch.dtype, page: int = 16,
     the same tiles at one program per SM (stages 3-5, 180 registers), 1460 us for BLOCK_N 128
     and 1532-1562 us for BLOCK_M 64 / 4 warps. Two programs per SM let one's softmax overlap
     the other's wgmma, which a single program (its two warpgroups in lockstep) cannot. With
-    pages of 64 or more the same tiles go through TMA descriptors: 1161 us. FP8 pages keep the
-    uncapped one-program tiles (their conversion needs registers; not measured capped).
-    GQA packing (PACK, see the module docstring) measured within 2% either way: default 1.
+    pages of 64 or more the same tiles go through TMA descriptors: 1161 us. GQA packing (PACK,
+    see the module docstring) measured within 2% either way: default 1.
+
+    FP8 pages (D 128) take the same capped tiles with PACK 4 (each K/V tile converted once for
+    the group's four heads): on H100, pages of 16 and 32, against the uncapped one-program
+    tiles (BLOCK_M 128, BLOCK_N 64, 8 warps, 5 stages) they had before: 64 prompts of 128
+    tokens 100 against 159 us, 8 of 1000 273 against 352 us, 8 x 500 new over 500 cached 197
+    against 246 us, 4 x 4096 1708 against 2184 us (benchmarks/prefill_fp8_sweep.py; results in
+    benchmarks/results/h100-2026-11-28/fp8_prefill_page32/).
 
     num_stages counts the block-table load as a stage of its own. TRTLLM_KERNELS_PREFILL_CONFIG
     (a JSON object, inline or a file, of the keys in _PREFILL_KEYS) overrides the table: the
@@ -475,8 +482,8 @@ def prefill_config(head_dim: int, q_dtype: torch.dtype, page: int = 16,
     fp8 = cache_dtype == torch.float8_e4m3fn
     if head_dim <= 64:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=5)
-    elif head_dim <= 128 and fp8:  # smem: Q 32 KB + 3 x (K 16 KB + V 16 KB) = 128 KB
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=5)
+    elif head_dim <= 128 and fp8:  # two programs per SM, as bf16, and GQA packing
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128, PACK=4)
     elif head_dim <= 128:  # smem 98 KB, 128 registers: two programs per SM
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128)
     else:
