@@ -31,7 +31,7 @@ def _build_config(args):
     from trtllm_kernels.engine import BuildConfig
 
     return BuildConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                       max_num_tokens=args.max_num_tokens, page_size=args.page_size or BuildConfig.page_size,
+                       max_num_tokens=args.max_num_tokens, page_size=BuildConfig.page_size if args.page_size is None else args.page_size,
                        kv_cache_dtype=args.kv_cache_dtype, dtype=args.build_dtype)
 
 
