@@ -9,6 +9,9 @@ if [ "${1:-}" = "--system" ]; then
   python3 -m pip install -q --no-deps --no-build-isolation -e .
   exit 0
 fi
+# No wheel cache: it would hold a second copy of every wheel (torch alone is hundreds of MB), and
+# CI machines have run out of disk on it.
+export PIP_NO_CACHE_DIR=1
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
 # torch first, pinned to the CPU build on this machine's disk: a bare `torch` requirement with
