@@ -9,8 +9,8 @@ if [ "${1:-}" = "--system" ]; then
   python3 -m pip install -q --no-deps --no-build-isolation -e .
   exit 0
 fi
-# No wheel cache: it would hold a second copy of every wheel (torch alone is hundreds of MB), and
-# CI machines have run out of disk on it.
+# No wheel cache: it would hold a second copy of every wheel (torch alone is hundreds of MB) on
+# a disk that has run short once (a CI run failed with ENOSPC installing torch).
 export PIP_NO_CACHE_DIR=1
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
