@@ -1,8 +1,9 @@
 """Where the runtime's time goes: the offline throughput run split by step kind and phase, then
-torch.profiler's kernel table for a few full-batch decode steps and one prefill step.
+torch.profiler's kernel table for a few full-batch decode steps (at the run's mean context, 1.5 x
+--len) and one prefill step. In/out lengths are both --len (128; 1000 for the 1000/1000 run).
 
     python benchmarks/profile_step.py --shape llama-3.1-8b [--quantization fp8]
-        [--kv-cache-dtype fp8] [--tensor-parallel-size 2] --out DIR
+        [--kv-cache-dtype fp8] [--len 1000 --max-batch-size 512] [--tensor-parallel-size 2] --out DIR
 
 Per Executor.step: schedule (host), forward (packing, the model, logits; synchronized after,
 so it is the GPU's time plus launch), sample (the sampler's work, synchronized after), and the
@@ -135,6 +136,7 @@ def add_run_args(ap: argparse.ArgumentParser, max_batch_size: int) -> None:
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--max-batch-size", type=int, default=max_batch_size)
     ap.add_argument("--len", type=int, default=128, help="input and output length")
+    ap.add_argument("--page-size", type=int, default=BuildConfig.page_size, help="tokens per KV-cache block")
 
 
 def main() -> None:
@@ -148,8 +150,8 @@ def main() -> None:
     tp = args.tensor_parallel_size
     stem = args.stem or f"{args.shape}_{args.quantization or 'bf16'}" + (f"_tp{tp}" if tp > 1 else "") + \
         ("_fp8kv" if args.kv_cache_dtype == "fp8" else "")
-    build = BuildConfig(max_seq_len=512, max_batch_size=args.max_batch_size, quantization=args.quantization,
-                        kv_cache_dtype=args.kv_cache_dtype)
+    build = BuildConfig(max_seq_len=max(512, 2 * args.len + 16), max_batch_size=args.max_batch_size,
+                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size)
     compiles = record_compiles()
     if tp > 1:  # rank 0's view: its phases include waiting for the other ranks in the collectives
         from trtllm_kernels.runtime.distributed import RandomWeights
@@ -175,14 +177,19 @@ def main() -> None:
               "outside_executor_s": run["seconds"] - sum(r["step_ms"] for r in timer.records) / 1e3}
     print(json.dumps(result, indent=1), flush=True)
 
-    # Kernel tables: full-batch decode (graph replay) and one max_num_tokens prefill step.
+    # Kernel tables: full-batch decode (graph replay) at the run's mean context (prompt plus half
+    # the output: 1.5 x len), and one max_num_tokens prefill step.
     vocab = llm.engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.len, temperature=0, ignore_eos=True)
     for p in random_prompts(args.max_batch_size, args.len, vocab, seed=5):
         llm.add_request(p, params)
     while any(r.num_pending > 1 for r in llm.executor.scheduler.running) or llm.executor.scheduler.waiting:
         llm.step()
-    text = [f"== decode, batch {len(llm.executor.scheduler.running)}, 5 steps (whole LLM.step)\n",
+    for _ in range(args.len // 2 - 1):
+        llm.step()
+    running = llm.executor.scheduler.running
+    context = sum(len(r.tokens) for r in running) // max(len(running), 1)
+    text = [f"== decode, batch {len(running)}, mean context {context}, 5 steps (whole LLM.step)\n",
             kernel_table(llm.step, 5)]
     for rid in list(llm._requests):
         llm.abort_request(rid)

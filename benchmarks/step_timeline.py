@@ -182,7 +182,6 @@ def legacy_ahead_rule(llm: LLM):
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_run_args(ap, max_batch_size=1024)
-    ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--runs", default="current",
                     help="comma-separated runs in order, each 'current' or 'legacy' (stop 18's rule for "
