@@ -24,6 +24,9 @@
 #                the override $AB_OFF (benchmarks/ab_run.py; named $AB_NAME), interleaved, twice;
 #                default: the token-scaled Gluon GEMM off
 #   gemm_e2e_long  the same A/B at 1000/1000, max batch 512
+#   profile_long  where the FP8 + FP8 KV 1000/1000 run's time goes (max batch 512): profile_step.py's
+#                phases and kernel tables (decode at the run's mean context), then step_timeline.py's
+#                GPU time of every step of the real run, with overlap on
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -165,6 +168,11 @@ for stage in $stages; do
           --stem "throughput_fp8_fp8kv_1000_512_${AB_NAME}_$v" --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
           --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
       done
+      ;;
+    profile_long)
+      L="--shape llama-3.1-8b --quantization fp8 --kv-cache-dtype fp8 --len 1000 --max-batch-size 512 --out $OUT --stem fp8_fp8kv_1000_512"
+      timeout 270 python3 benchmarks/profile_step.py $L > "$OUT/profile_long.log" 2>&1
+      timeout 210 python3 benchmarks/step_timeline.py $L > "$OUT/timeline_long.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;
