@@ -149,3 +149,18 @@ def test_cli_generate_answers_paris(capsys):
 
     assert main(["generate", "What is the capital of France?", "--device", "cpu", "--max-tokens", "16", "-q"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, page", [([], BuildConfig.page_size), (["--page-size", "64"], 64)])
+def test_cli_page_size_follows_build_config(argv, page):
+    """Without --page-size the CLI builds with BuildConfig's default (not a copy of it); a bad
+    value reaches BuildConfig's check instead of being replaced by the default."""
+    import argparse
+
+    from trtllm_kernels import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_build_args(parser)
+    assert cli._build_config(parser.parse_args(argv)).page_size == page
+    with pytest.raises(ValueError, match="page_size"):
+        cli._build_config(parser.parse_args(["--page-size", "0"]))

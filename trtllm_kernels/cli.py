@@ -30,9 +30,10 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
 def _build_config(args):
     from trtllm_kernels.engine import BuildConfig
 
+    page = {} if args.page_size is None else {"page_size": args.page_size}  # None: BuildConfig's default
     return BuildConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                       max_num_tokens=args.max_num_tokens, page_size=BuildConfig.page_size if args.page_size is None else args.page_size,
-                       kv_cache_dtype=args.kv_cache_dtype, dtype=args.build_dtype)
+                       max_num_tokens=args.max_num_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                       dtype=args.build_dtype, **page)
 
 
 def cmd_generate(args) -> int:
