@@ -3,7 +3,7 @@ batches at short contexts (a 128/128 throughput run decodes 1000 sequences at 12
 tokens), beside the issue's B256 x 512 and B64 x 4096. 32/8 heads, D 128; the block table as
 wide as a 512-token (or the context's) sequence, as in the decode graphs.
 
-    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick] [--page N]
+    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick] [--page N] [--deep] [--shapes I,J]
 
 Times each config under CUDA graphs (trtllm_kernels.bench.timing, medians), checks its output
 against the default config's, and reports us, GB/s and the fraction of the measured copy
@@ -22,13 +22,22 @@ from trtllm_kernels.bench.roofline import measure_copy_bandwidth
 from trtllm_kernels.bench.timing import time_fn
 from trtllm_kernels.kernels.triton_attention import _paged_copy, triton_paged_decode
 
-# (batch, context, page, block-table width in tokens)
+# (batch, context, page, block-table width in tokens); the last two: the decode batches of the
+# FP8 1000/1000 run (max batch 512, mean context 1500) and of the 128/128 run, in its pages
 SHAPES = [(1024, 128, 16, 512), (1024, 256, 16, 512), (1024, 128, 64, 512), (1024, 256, 64, 512),
-          (512, 1024, 16, 2048), (256, 512, 16, 512), (64, 4096, 16, 4096)]
+          (512, 1024, 16, 2048), (256, 512, 16, 512), (64, 4096, 16, 4096), (512, 1536, 32, 2048),
+          (1024, 192, 32, 512)]
 
 
-def configs(quick: bool) -> list[dict]:
+def configs(quick: bool, deep: bool = False) -> list[dict]:
     out = [dict()]  # the default (decode_config)
+    if deep:
+        # Triton 3.6 keeps (num_stages - 2) // 2 K/V tiles in flight ahead of the math (one up
+        # to 4 stages, two at 6, three at 8: the block-table load takes stages of its own)
+        for bn, warps in ((16, 2), (32, 2), (32, 4), (64, 4)):
+            for stages in (4, 6, 8, 10):
+                out.append(dict(block_n=bn, num_warps=warps, num_stages=stages, maxnreg=128))
+        return out
     for bn in (16, 32, 64, 128):
         for warps in ((2, 4) if bn <= 32 else (4, 8)):
             for stages in ((2, 3, 4) if not quick else (3,)):
@@ -44,8 +53,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="num_stages 3 only")
     ap.add_argument("--budget", type=float, default=1e9, help="start no new config after this many seconds")
     ap.add_argument("--page", type=int, help="pages of this many tokens at every shape")
+    ap.add_argument("--deep", action="store_true", help="the deep-pipeline grid (stages 4-10)")
+    ap.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated (default: all)")
     args = ap.parse_args()
-    shapes = list(dict.fromkeys((b, c, args.page or p, w) for b, c, p, w in SHAPES))
+    picked = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = list(dict.fromkeys((b, c, args.page or p, w) for b, c, p, w in picked))
     dev = torch.device("cuda")
     cache_dtype = torch.float8_e4m3fn if args.cache == "fp8" else torch.bfloat16
     bw = measure_copy_bandwidth(dev)
@@ -64,7 +76,7 @@ def main() -> None:
         inputs.append(((batch, ctx, page), (q, kc, vc, bt, sl), nbytes, ref))
     rows = []
     t_end = time.perf_counter() + args.budget
-    for cfg in configs(args.quick):  # configs outer: a budget cut loses configs, not shapes
+    for cfg in configs(args.quick, args.deep):  # configs outer: a budget cut loses configs, not shapes
         if time.perf_counter() > t_end:
             break
         kw = {key: val for key, val in cfg.items() if val is not None}
@@ -80,7 +92,7 @@ def main() -> None:
             rows.append(dict(row, us=t, gbs=nbytes / t / 1e3, frac_copy=nbytes / t / 1e3 / (bw / 1e9), max_err=err))
             print(json.dumps(rows[-1]), flush=True)
     path = Path(args.out)
-    stem = f"decode_sweep_{args.cache}" + (f"_p{args.page}" if args.page else "")
+    stem = f"decode_sweep_{args.cache}" + (f"_p{args.page}" if args.page else "") + ("_deep" if args.deep else "")
     path.mkdir(parents=True, exist_ok=True)
     (path / f"{stem}.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "rows": rows}, indent=1))

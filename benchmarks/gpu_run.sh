@@ -27,6 +27,9 @@
 #   profile_long  where the FP8 + FP8 KV 1000/1000 run's time goes (max batch 512): profile_step.py's
 #                phases and kernel tables (decode at the run's mean context), then step_timeline.py's
 #                GPU time of every step of the real run, with overlap on
+#   targets      issue 6's FP8 runs as TensorRT-LLM publishes them (FP8 weights, FP8 KV cache):
+#                128/128 at max batch 1024 with the default and a 16384-token step budget, and
+#                1000/1000 at max batch 512 and 1024; then the prefill attention kernel table
 #   e2e          throughput, latency and serve
 #   all          on a 2-GPU machine: tests on GPU 0 beside e2e on GPU 1, then
 #                benchmarks/tensor_parallel.sh on both with the time left
@@ -173,6 +176,17 @@ for stage in $stages; do
       L="--shape llama-3.1-8b --quantization fp8 --kv-cache-dtype fp8 --len 1000 --max-batch-size 512 --out $OUT --stem fp8_fp8kv_1000_512"
       timeout 270 python3 benchmarks/profile_step.py $L > "$OUT/profile_long.log" 2>&1
       timeout 210 python3 benchmarks/step_timeline.py $L > "$OUT/timeline_long.log" 2>&1
+      ;;
+    targets)
+      for t in 8192 16384; do
+        timeout 110 $B throughput $S --stem "throughput_fp8_fp8kv_128_1024_$t" --num-requests 1000 --quantization fp8 \
+          --kv-cache-dtype fp8 --max-batch-size 1024 --max-num-tokens $t >> "$OUT/e2e.log" 2>&1
+      done
+      timeout 240 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 --input-len 1000 --output-len 1000 \
+        --stem throughput_fp8_fp8kv_1000 --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 \
+        --batch-sizes 512,1024 >> "$OUT/e2e.log" 2>&1
+      timeout 90 trtllm-kernels bench kernels --graph --out "$OUT" --stem prefill_kernels --no-plot \
+        --filter 'paged_attention_prefill|chunked' > "$OUT/bench_prefill.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;

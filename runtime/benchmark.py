@@ -21,6 +21,7 @@ import torch
 
 from trtllm_kernels.engine.config import BuildConfig
 
+from .kv_sizing import fraction_arg
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -172,7 +173,8 @@ def _make_llm(args, max_batch_size: int | None = None) -> LLM:
     return LLM(model, device=args.device, max_batch_size=max_batch_size or args.max_batch_size,
                max_num_tokens=args.max_num_tokens, cuda_graphs=not args.no_cuda_graphs,
                overlap_scheduling=False if args.no_overlap else None, prefill_graph_tokens=args.prefill_graph_tokens,
-               progress=False, tensor_parallel_size=tp, dtype=dtype, build_config=build)
+               progress=False, tensor_parallel_size=tp, dtype=dtype, build_config=build,
+               free_gpu_memory_fraction=args.free_gpu_memory_fraction)
 
 
 def _write(out_dir: str | None, stem: str, result: dict, echo: bool = True) -> None:
@@ -204,6 +206,7 @@ def cmd_throughput(args) -> int:
         runs.append(throughput(llm, args.num_requests, args.input_len, args.output_len))
         runs[-1]["tensor_parallel_size"] = args.tensor_parallel_size
         runs[-1]["kv_cache_tokens"] = llm.kv_cache_capacity_tokens
+        runs[-1]["free_gpu_memory_fraction"] = args.free_gpu_memory_fraction
         runs[-1]["memory_plan_bytes"] = llm.memory_plan  # what the cache was sized from (None: given or CPU)
         runs[-1]["overlap_scheduling"] = llm.executor.overlap
         print(f"max_batch_size {bs}: {runs[-1]['output_tok_s']:.0f} output tok/s", flush=True)
@@ -275,6 +278,8 @@ def add_parsers(sub) -> None:
         p.add_argument("--max-batch-size", type=int, default=256)
         p.add_argument("--max-num-tokens", type=int, default=8192)
         p.add_argument("--max-seq-len", type=int, default=4096)
+        p.add_argument("--free-gpu-memory-fraction", type=fraction_arg, default=0.9,
+                       help="of the GPU memory free after the weights and activations, the KV cache's share")
         p.add_argument("--no-cuda-graphs", action="store_true")
         p.add_argument("--prefill-graph-tokens", type=int, default=2048,
                        help="one-sequence prefill steps up to this many tokens replay CUDA graphs (0: eager)")

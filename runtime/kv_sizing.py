@@ -33,6 +33,19 @@ def check_fraction(fraction: float) -> None:
         raise ValueError(f"free_gpu_memory_fraction must be in (0, 1], got {fraction}")
 
 
+def fraction_arg(text: str) -> float:
+    """The argparse type of --free-gpu-memory-fraction: checked when parsed, so a bad value is
+    an error on every device (off CUDA the fraction is not used)."""
+    import argparse
+
+    try:
+        fraction = float(text)
+        check_fraction(fraction)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number in (0, 1]") from e
+    return fraction
+
+
 def fit_blocks(config: ModelConfig, dtype: torch.dtype, page: int, free: int, fraction: float, reserve: int) -> int:
     """Blocks in `fraction` of the free memory left after `reserve` bytes are set aside."""
     return max(int(fraction * (free - reserve)) // (bytes_per_token(config, dtype) * page), 0)

@@ -164,3 +164,29 @@ def test_cli_page_size_follows_build_config(argv, page):
     assert cli._build_config(parser.parse_args(argv)).page_size == page
     with pytest.raises(ValueError, match="page_size"):
         cli._build_config(parser.parse_args(["--page-size", "0"]))
+
+
+@pytest.mark.parametrize("cmd, target", [(["serve"], "trtllm_kernels.runtime.server.serve"),
+                                         (["bench", "throughput"], "trtllm_kernels.runtime.benchmark.LLM")])
+def test_cli_free_gpu_memory_fraction(cmd, target, monkeypatch, capsys):
+    """--free-gpu-memory-fraction reaches the LLM (serve, bench); a value outside (0, 1] is a
+    usage error when parsed, on every device (off CUDA the fraction is not used)."""
+    from trtllm_kernels import cli
+
+    class Reached(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        raise Reached(kwargs)
+
+    if cmd == ["serve"]:
+        pytest.importorskip("fastapi")
+    monkeypatch.setattr(target, fake)
+    for argv, fraction in (([], 0.9), (["--free-gpu-memory-fraction", "0.5"], 0.5)):
+        with pytest.raises(Reached) as got:
+            cli.main(cmd + argv)
+        assert got.value.args[0]["free_gpu_memory_fraction"] == fraction
+    for bad in ("0", "1.5", "-0.1", "abc"):
+        with pytest.raises(SystemExit):
+            cli.main(cmd + ["--free-gpu-memory-fraction", bad])
+        assert "a number in (0, 1]" in capsys.readouterr().err

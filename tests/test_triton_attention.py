@@ -176,6 +176,12 @@ def test_launch_configs(monkeypatch):
     assert ta.decode_config(128, FP8, torch.bfloat16, programs=many - 1) == dec
     assert ta.decode_config(128, torch.bfloat16, torch.bfloat16, programs=many)["num_warps"] == 4
     assert ta.decode_config(64, FP8, torch.bfloat16, programs=many)["num_warps"] == 4
+    # long block tables: FP8 keeps two tiles in flight (6 stages); bf16 and short tables do not
+    deep = ta.DECODE_DEEP_MIN_CONTEXT
+    assert ta.decode_config(128, FP8, torch.bfloat16, many, deep)["num_stages"] == 6
+    assert ta.decode_config(128, FP8, torch.bfloat16, 512, deep)["num_stages"] == 6
+    assert ta.decode_config(128, FP8, torch.bfloat16, many, deep // 2)["num_stages"] == 3
+    assert ta.decode_config(128, torch.bfloat16, torch.bfloat16, 512, deep)["num_stages"] == 3
     assert ta.prefill_config(128, torch.bfloat16, 16)["maxnreg"] == 128
     # FP8 pages: the same two-programs-per-SM tiles, each K/V tile converted once for 4 heads
     fp8_pre = ta.prefill_config(128, torch.bfloat16, 16, FP8)
@@ -356,6 +362,7 @@ GPU_DECODE = [
     (2, 4095, 4, 3, 128, 32, torch.float32, None),
     (16, 4095, 8, 4, 128, 16, BF16, FP8),
     (256, 300, 8, 4, 128, 16, BF16, FP8),       # 2048 programs: the small 2-warp FP8 programs
+    (256, 1500, 8, 4, 128, 32, BF16, FP8),      # the same, 6 stages (the 1000/1000 run's decode)
     (300, 130, 8, 4, 128, 64, BF16, FP8),
     (2, 32768, 4, 8, 128, 64, BF16, FP8),
     (33, 97, 3, 3, 64, 16, FP16, FP8),

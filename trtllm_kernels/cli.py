@@ -76,13 +76,16 @@ def cmd_serve(args) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TRTLLM_KERNELS_API_KEY"),
           served_model_name=args.served_model_name, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, dtype=args.dtype, device=args.device,
-          build_config=_build_config(args), kv_cache_tokens=args.kv_cache_tokens, progress=not args.quiet,
+          build_config=_build_config(args), kv_cache_tokens=args.kv_cache_tokens,
+          free_gpu_memory_fraction=args.free_gpu_memory_fraction, progress=not args.quiet,
           shape=args.shape, tokenizer=args.tokenizer,
           **({"tensor_parallel_size": args.tensor_parallel_size} if args.tensor_parallel_size != 1 else {}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trtllm_kernels.runtime.kv_sizing import fraction_arg
+
     parser = argparse.ArgumentParser(prog="trtllm-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                           "(or set TRTLLM_KERNELS_API_KEY, which keeps it out of the process list)")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its file name)")
     srv.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
+    srv.add_argument("--free-gpu-memory-fraction", type=fraction_arg, default=0.9,
+                     help="without --kv-cache-tokens, on CUDA: the KV cache's share of the GPU memory free "
+                          "after the weights and activations (default 0.9)")
     srv.add_argument("--shape", default=None,
                      help="serve random weights at a known shape instead of MODEL (e.g. smollm2-135m), for load tests")
     srv.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over N GPUs")

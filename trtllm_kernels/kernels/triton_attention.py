@@ -18,8 +18,9 @@ v_scale is applied once at the end). FP8 pages are loaded as fp8 and converted i
 to fp16 by default (F16_MATH: one cvt per pair against four for bf16; q is pre-scaled by the
 softmax scale and cast to fp16, the dots run in fp16 with fp32 accumulation), with registers
 capped at 128 so four programs share an SM. Decode is memory bound and its speed is the bytes
-in flight per SM, which come from the programs an SM runs at once (Triton issues a program's
-next copy after its current tile's math): `decode_config` records that occupancy (`per_sm`).
+in flight per SM, which come from the programs an SM runs at once (up to 4 stages, Triton issues
+a program's next copy after its current tile's math; FP8 pages with long block tables take 6):
+`decode_config` records that occupancy (`per_sm`).
 
 Split-KV (flash-decoding): the context is cut into `num_splits` chunks of `split_tokens`
 (a multiple of BLOCK_N); each program writes its unnormalised fp32 accumulator and its
@@ -412,14 +413,17 @@ def _paged_prefill_kernel(
 # From this many (sequence, kv head) programs, FP8 decode at D 128 runs small programs: 2 warps,
 # 32-key tiles (see decode_config).
 DECODE_SMALL_TILES_MIN_PROGRAMS = 2048
+# From this block-table width (tokens), FP8 decode keeps two K/V tiles in flight (6 stages).
+DECODE_DEEP_MIN_CONTEXT = 1024
 
 
-def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype, programs: int = 0) -> dict:
+def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype, programs: int = 0,
+                  max_context: int = 0) -> dict:
     """Launch knobs for decode, and `per_sm`: how many programs an SM runs at once.
 
-    Decode is memory bound, and Triton 3.6 issues a program's next K/V copy only after its
-    current tile's math, so the bytes in flight per SM come from the several programs an SM
-    runs at once: occupancy matters more than tile size. Measured on H100 (B64 x 4096, 32/8
+    Decode is memory bound, and at up to 4 stages Triton 3.6 issues a program's next K/V copy
+    only after its current tile's math, so the bytes in flight per SM come from the several
+    programs an SM runs at once: occupancy matters more than tile size. Measured on H100 (B64 x 4096, 32/8
     heads, D128, 1 split): bf16 BLOCK_N 64 (104 registers, 39 KB smem, 4 programs per SM)
     357 us = 3.0 TB/s, as fast as BLOCK_N 32 or 128. FP8 pages pay for their conversion in
     registers: converted to bf16 (3 extra instructions a pair) at BLOCK_N 128 they need 168
@@ -436,6 +440,16 @@ def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype,
     B1024 x 128 114 / 123, B1024 x 256 211 / 220, B512 x 1024 389 / 395, B256 x 512 103 / 107
     (0.88 of copy bandwidth), pages of 64 B1024 x 128 107 / 120; but B64 x 4096 (512
     programs) 250 / 199, hence the threshold.
+
+    max_context: the block table's width in tokens (static). Triton 3.6 keeps
+    (num_stages - 2) // 2 K/V tiles in flight ahead of a program's math (the block-table load
+    takes stages of its own): one up to 4 stages, two at 6. FP8 pages stream half the bytes
+    of bf16 for the same math, and with contexts of DECODE_DEEP_MIN_CONTEXT+ the second tile in
+    flight pays. Measured on H200 (benchmarks/decode_sweep.py --deep, 32/8 heads, us at 4 / 6
+    stages): B512 x 1536 in pages of 32 (the FP8 1000/1000 run's decode batch) 474 / 442,
+    B64 x 4096 198 / 185; with 512-token tables B1024 x 192 130 / 128 but B256 x 512 94 / 99.
+    Bulk (TMA) copies of one page a tile instead of cp.async: slower at every shape (491 at
+    B512 x 1536).
     """
     if _interpreting():
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, per_sm=4, F16_MATH=False)
@@ -443,11 +457,12 @@ def decode_config(head_dim: int, cache_dtype: torch.dtype, q_dtype: torch.dtype,
     if q_dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2, per_sm=4, F16_MATH=False)
     block_n = max(16, min(128, 8192 // head_dim))  # 64 at D128, 128 at D64
+    stages = 6 if max_context >= DECODE_DEEP_MIN_CONTEXT else 3
     if es == 1 and head_dim == 128 and programs >= DECODE_SMALL_TILES_MIN_PROGRAMS:
         # per_sm: 8 programs of 64 threads x 128 registers fill the register file
-        return dict(BLOCK_N=32, num_warps=2, num_stages=3, per_sm=8, F16_MATH=True, maxnreg=128)
+        return dict(BLOCK_N=32, num_warps=2, num_stages=stages, per_sm=8, F16_MATH=True, maxnreg=128)
     if es == 1:
-        return dict(BLOCK_N=block_n, num_warps=4, num_stages=3, per_sm=4, F16_MATH=True, maxnreg=128)
+        return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, per_sm=4, F16_MATH=True, maxnreg=128)
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3, per_sm=4, F16_MATH=False)
 
 
@@ -579,13 +594,13 @@ def triton_paged_decode(
     if batch == 0:
         return out
     scale = head_dim ** -0.5 if scale is None else scale
-    cfg = decode_config(head_dim, k_cache.dtype, q.dtype, batch * num_kv_heads)
+    max_context = block_tables.shape[1] * page
+    cfg = decode_config(head_dim, k_cache.dtype, q.dtype, batch * num_kv_heads, max_context)
     block_n = block_n or cfg["BLOCK_N"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     f16_math = cfg["F16_MATH"] if f16_math is None else f16_math
     maxnreg = maxnreg or cfg.get("maxnreg")
-    max_context = block_tables.shape[1] * page
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, max_context, block_n, num_sms(q.device),
                                        per_sm or cfg["per_sm"])
@@ -980,7 +995,7 @@ def _bench_main(argv=None, device="cuda") -> None:  # pragma: no cover - GPU onl
         for cache_dtype in (bf16, fp8):
             kc, vc, bt, sl = _paged_copy(k, v, page, cache_dtype)
             nbytes = 2 * batch * hkv * ctx * d * kc.element_size() + 2 * q.numel() * 2
-            cfg = decode_config(d, cache_dtype, bf16, batch * hkv)
+            cfg = decode_config(d, cache_dtype, bf16, batch * hkv, ctx)
             auto = decode_num_splits(batch, hkv, ctx, cfg["BLOCK_N"], num_sms(q.device), cfg["per_sm"])
             cands = [dict()]
             if "decode_sweep" in parts and batch == 64:
