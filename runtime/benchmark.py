@@ -21,7 +21,7 @@ import torch
 
 from trtllm_kernels.engine.config import BuildConfig
 
-from .kv_sizing import fraction_arg
+from .kv_sizing import FREE_GPU_MEMORY_FRACTION, fraction_arg
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -278,7 +278,7 @@ def add_parsers(sub) -> None:
         p.add_argument("--max-batch-size", type=int, default=256)
         p.add_argument("--max-num-tokens", type=int, default=8192)
         p.add_argument("--max-seq-len", type=int, default=4096)
-        p.add_argument("--free-gpu-memory-fraction", type=fraction_arg, default=0.9,
+        p.add_argument("--free-gpu-memory-fraction", type=fraction_arg, default=FREE_GPU_MEMORY_FRACTION,
                        help="of the GPU memory free after the weights and activations, the KV cache's share")
         p.add_argument("--no-cuda-graphs", action="store_true")
         p.add_argument("--prefill-graph-tokens", type=int, default=2048,

@@ -50,6 +50,8 @@ from trtllm_kernels.engine.parallel import (TensorParallelFp4LlamaModel, TensorP
 from trtllm_kernels.engine.quantize import (FP4_FORMATS, GLOBAL_SUFFIX, LINEAR_WEIGHTS, SCALE_SUFFIX, extra_names,
                                             load_dtype_any)
 
+from .kv_sizing import FREE_GPU_MEMORY_FRACTION
+
 TP_MODELS = {None: TensorParallelLlamaModel, "fp8": TensorParallelFp8LlamaModel,
              "nvfp4": TensorParallelFp4LlamaModel, "mxfp4": TensorParallelFp4LlamaModel}
 
@@ -295,7 +297,7 @@ def _destroy_group(timeout_s: float = 30.0) -> None:
 
 def start(model, size: int, *, dtype: str = "auto", device: str | None = None,
           build_config: BuildConfig | None = None, kv_cache_tokens: int | None = None,
-          free_gpu_memory_fraction: float = 0.9, progress: bool = True) -> TensorParallelGroup:
+          free_gpu_memory_fraction: float = FREE_GPU_MEMORY_FRACTION, progress: bool = True) -> TensorParallelGroup:
     """Start ranks 1..size-1, join them as rank 0, load rank 0's shard. See the module docstring."""
     if not isinstance(size, int) or size < 2:
         raise ValueError(f"start() needs tensor_parallel_size >= 2, got {size!r}")

@@ -20,6 +20,7 @@ import torch
 from trtllm_kernels.engine.config import ModelConfig
 
 CPU_DEFAULT_KV_TOKENS = 16384
+FREE_GPU_MEMORY_FRACTION = 0.9  # the cache's default share of the free memory (LLM, CLI)
 TP_MEMORY_RESERVE = 4 << 30  # activations and workspaces of a tensor-parallel rank (not measured)
 
 

@@ -69,7 +69,7 @@ class LLM:
     def __init__(
         self, model: str | os.PathLike | None = None, *, dtype: str = "auto",
         device: str | None = None, build_config: BuildConfig | None = None,
-        kv_cache_tokens: int | None = None, free_gpu_memory_fraction: float = 0.9,
+        kv_cache_tokens: int | None = None, free_gpu_memory_fraction: float = kv_sizing.FREE_GPU_MEMORY_FRACTION,
         max_batch_size: int | None = None, max_num_tokens: int | None = None,
         enable_prefix_caching: bool = True, cuda_graphs: bool = True, prefill_graph_tokens: int = 2048,
         overlap_scheduling: bool | None = None, seed: int = 0, progress: bool = True, tensor_parallel_size: int = 1,

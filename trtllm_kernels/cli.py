@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trtllm_kernels.runtime.kv_sizing import fraction_arg
+    from trtllm_kernels.runtime.kv_sizing import FREE_GPU_MEMORY_FRACTION, fraction_arg
 
     parser = argparse.ArgumentParser(prog="trtllm-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                           "(or set TRTLLM_KERNELS_API_KEY, which keeps it out of the process list)")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its file name)")
     srv.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
-    srv.add_argument("--free-gpu-memory-fraction", type=fraction_arg, default=0.9,
+    srv.add_argument("--free-gpu-memory-fraction", type=fraction_arg, default=FREE_GPU_MEMORY_FRACTION,
                      help="without --kv-cache-tokens, on CUDA: the KV cache's share of the GPU memory free "
-                          "after the weights and activations (default 0.9)")
+                          f"after the weights and activations (default {FREE_GPU_MEMORY_FRACTION})")
     srv.add_argument("--shape", default=None,
                      help="serve random weights at a known shape instead of MODEL (e.g. smollm2-135m), for load tests")
     srv.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over N GPUs")
