@@ -27,6 +27,10 @@
 #   profile_long  where the FP8 + FP8 KV 1000/1000 run's time goes (max batch 512): profile_step.py's
 #                phases and kernel tables (decode at the run's mean context), then step_timeline.py's
 #                GPU time of every step of the real run, with overlap on
+#   decode_cuda  the CUDA C++ decode kernel (csrc/paged_decode.cu) beside Triton's: the decode GPU
+#                tests, then decode_sweep.py --cuda with FP8 and bf16 pages
+#   decode_e2e   FP8 + FP8 KV 1000/1000 (max batch 512) with the op's decode dispatch against
+#                TRTLLM_KERNELS_DECODE_BACKEND=triton, then 128/128 at max batch 1024
 #   targets      issue 6's FP8 runs as TensorRT-LLM publishes them (FP8 weights, FP8 KV cache):
 #                128/128 at max batch 1024 with the default and a 16384-token step budget, and
 #                1000/1000 at max batch 512 and 1024; then the prefill attention kernel table
@@ -187,6 +191,22 @@ for stage in $stages; do
         --batch-sizes 512,1024 >> "$OUT/e2e.log" 2>&1
       timeout 90 trtllm-kernels bench kernels --graph --out "$OUT" --stem prefill_kernels --no-plot \
         --filter 'paged_attention_prefill|chunked' > "$OUT/bench_prefill.log" 2>&1
+      ;;
+    decode_cuda)
+      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -k decode tests/test_csrc.py \
+        tests/test_triton_attention.py 2>&1 | tail -30 > "$OUT/pytest_decode.txt"
+      for c in fp8 bf16; do
+        timeout 150 python3 benchmarks/decode_sweep.py --cuda --cache $c --out "$OUT" > "$OUT/decode_sweep_$c.log" 2>&1
+      done
+      ;;
+    decode_e2e)
+      for be in auto triton; do
+        TRTLLM_KERNELS_DECODE_BACKEND=$be timeout 190 $B throughput --shape llama-3.1-8b --out "$OUT" --max-seq-len 2048 \
+          --input-len 1000 --output-len 1000 --stem "throughput_fp8_fp8kv_1000_512_decode_$be" --num-requests 1000 \
+          --quantization fp8 --kv-cache-dtype fp8 --max-batch-size 512 >> "$OUT/e2e.log" 2>&1
+      done
+      timeout 110 $B throughput $S --stem throughput_fp8_fp8kv_128_1024 --num-requests 1000 --quantization fp8 \
+        --kv-cache-dtype fp8 --max-batch-size 1024 >> "$OUT/e2e.log" 2>&1
       ;;
     throughput|latency) ;;
     *) echo "unknown stage $stage" >> "$OUT/stages.log" ;;

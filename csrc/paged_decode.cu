@@ -2,15 +2,17 @@
 // C++ twin of trtllm_kernels/kernels/triton_attention.py's decode kernel, in two kernels:
 //   variant 0  paged_decode_kernel      dot products on CUDA cores (any page a multiple of 4);
 //   variant 2  paged_decode_mma_kernel  dot products on tensor cores (mma.sync m16n8k16, fp32
-//                                       accumulate; pages a multiple of 16), described below.
-// Both share the split-KV combine kernel, the workspace layout and the launcher.
-// Measured on H100 (32/8 heads, D128, page 16, CUDA graphs; .device/F-1, F-2), us, against the
-// Triton kernel: B64 x 4096 bf16 variant 2 362 / variant 0 407 / Triton 359; fp8 212 / 318 /
-// 200; B256 x 512 bf16 206 / 233 / 183; B4 x 32768 bf16 193 (16 splits) / 239 / 187, fp8 126
-// / 210 / 144. Variant 0 is bound by its CUDA-core work (shuffle reductions, redundant softmax:
-// ~75 instructions per key and warp against ~11 for variant 2). The op dispatches to variant 2
-// for FP8 pages with few long sequences only (trtllm_kernels.kernels.triton_attention.
-// cuda_decode_preferred); elsewhere Triton is as fast or faster.
+//                                       accumulate; pages a power of two of 16+), a warp per
+//                                       program, described below.
+// Both share the split-KV combine kernel and the workspace layout.
+// Variant 2 on H200 (benchmarks/decode_sweep.py --cuda, 32/8 heads, D 128, CUDA graphs), us
+// against the Triton kernel: FP8 pages B1024 x 128 78.8 / 105.4, B256 x 512 80.0 / 94.9,
+// B512 x 1536 (pages of 32) 382.7 / 451.8 (1.00 of copy bandwidth), B64 x 4096 141.6 / 186.1;
+// bf16 pages within 4% of Triton. Its loop is ~12 instructions per key and warp (ptxas, sm_90a)
+// against ~46 for Triton's FP8 tiles, which load V byte by byte to pair keys for the MMA. The
+// op dispatches FP8 pages at D 128 to it (triton_attention.cuda_decode_preferred). Variant 0
+// is bound by its CUDA-core work (shuffle reductions, redundant softmax: ~75 instructions per
+// key and warp) and only serves pages variant 2 does not take, when asked for.
 //
 // Layouts (as trtllm_kernels.kv_cache documents them): q [B, Hq, D]; k_cache / v_cache
 // [num_blocks, Hkv, page, D] (bf16/fp16 like q, or float8_e4m3fn with one fp32 k_scale /
@@ -335,42 +337,56 @@ __global__ void __launch_bounds__(D) paged_decode_combine_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Variant 2: the dot products on tensor cores (mma.sync m16n8k16, fp32 accumulate).
+// Variant 2: the dot products on tensor cores (mma.sync m16n8k16, fp32 accumulate), one warp
+// per (sequence, kv head, KV split), its next K/V step loaded while it computes the current one.
 //
-// A warp takes 16 keys per step. Lane (g = lane / 4, t = lane % 4) holds query head g (rows
-// 8..15 of the 16-row MMA tile are zero: up to 8 heads per kv head).
-// QK: S[8 heads, 8 keys] per n-tile. The reduction index is permuted so that every fragment is
-// a plain load: lane t owns head dims [t * D/4, (t+1) * D/4); virtual k index 2t, 2t+1 of
-// chunk c is dims t * D/4 + 4c + {0, 1} and 2t + 8, 2t + 9 is + {2, 3}, the same for q (A)
-// and K (B), so lane (g, t) loads key g's D/4 dims with 16-byte loads and q's A fragment is
-// its own D/4 dims of head g.
-// PV: O[8 heads, 8 dims] per n-tile, P (A) straight from the S accumulators (the usual
-// C-to-A fragment identity). V (B) needs two keys of one dim per register: lane (g, t) loads
-// keys 2t, 2t + 1, 2t + 8, 2t + 9 at dims 64h + 8g .. 64h + 8g + 7 (16 bytes each) and packs
-// the pairs with byte permutes; n-tile (h, e) is the dims 64h + 8n + e, n = 0..7.
+// A warp is a program of its own (a CTA holds 4 of them, nothing shared): no cross-warp merge,
+// and a short context is still streamed by one warp step after step, not cut in four. Split-KV
+// fills the GPU where pairs are few. A step is 16 keys; up to 8 query heads per kv head.
+// QK: S[8 heads, 8 keys] per n-tile j (keys 8j .. 8j + 7). The reduction index is permuted so
+// that every fragment is a plain load: lane t owns head dims [t * D/4, (t+1) * D/4); virtual k
+// index 2t, 2t+1 of chunk c is dims t * D/4 + 4c + {0, 1} and 2t + 8, 2t + 9 is + {2, 3}, the
+// same for q (A) and K (B), so lane (g, t) loads keys g and g + 8 as D/4 contiguous dims and
+// q's A fragment is its own D/4 dims of head g.
+// PV, transposed: O^T[16 dims, 8 heads] += V^T[16 dims, 16 keys] P^T[16 keys, 8 heads] per
+// m-tile e (e < D/16), so every accumulator register is used (row g of m-tile e is dim
+// g * D/8 + 2e, row g + 8 the dim after it). P^T (B) comes straight from the S accumulators
+// (lane (g, t) holds head g at keys 2t, 2t+1 | 2t+8, 2t+9, just what B wants). V^T (A) needs
+// two keys of one dim per register: lane (g, t) loads those four keys at dims g * D/8 ..
+// (g+1) * D/8 - 1 (16 bytes for fp8 at D 128) and pairs them with byte permutes. Its
+// accumulators are heads 2t and 2t + 1, whose running-max rescale it takes by shuffles.
 // FP8 pages are converted pairwise to fp16 (one cvt per fragment register) and the MMAs run
 // in fp16 with q pre-scaled; bf16/fp16 pages run in their own type and S is scaled in fp32.
+//
+// Pipelining: a step's loads go to one of two register sets while the other one's math runs,
+// and block ids are read one step further ahead, so each warp keeps a step (4 KB for fp8 at D
+// 128) in flight without waiting on the block table. Every step but a program's last is whole;
+// the last may run past seq_len inside its page (never past it: pages hold a multiple of 16
+// keys), and there the scores are masked and V zeroed (unused slots may hold NaN).
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void mma16816(float& d0, float& d1, uint32_t a0, uint32_t a2, uint32_t b0,
-                                         uint32_t b1, float c0, float c1, __nv_bfloat16) {
-  float x0 = c0, x1 = c1, x2 = 0.f, x3 = 0.f;  // rows 8..15 (x2, x3): zero query rows, unused
+// d[0..3] += a b (m16n8k16, fp32 accumulators, A row-major, B column-major)
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1, __nv_bfloat16) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
-      : "+f"(x0), "+f"(x1), "+f"(x2), "+f"(x3)
-      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  d0 = x0;
-  d1 = x1;
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ void mma16816(float& d0, float& d1, uint32_t a0, uint32_t a2, uint32_t b0,
-                                         uint32_t b1, float c0, float c1, __half) {
-  float x0 = c0, x1 = c1, x2 = 0.f, x3 = 0.f;  // rows 8..15 (x2, x3): zero query rows, unused
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1, __half) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
-      : "+f"(x0), "+f"(x1), "+f"(x2), "+f"(x3)
-      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  d0 = x0;
-  d1 = x1;
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// the 8 x 8 16-bit matrix a warp holds as mma fragments (lane (g, t): row g, cols 2t, 2t+1),
+// transposed in the same layout
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
 }
 
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16) {
@@ -387,15 +403,30 @@ __device__ __forceinline__ float2 unpack2(uint32_t w, __nv_bfloat16) {
 __device__ __forceinline__ float2 unpack2(uint32_t w, __half) {
   return __half22float2(*reinterpret_cast<__half2*>(&w));
 }
-// two e4m3 (low byte first) -> fp16x2 (low half first)
-__device__ __forceinline__ uint32_t e4m3x2_to_h2(uint32_t v) {
-  __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
-  return (uint32_t)r.x | ((uint32_t)r.y << 16);
+// four e4m3 (low byte first) -> two fp16x2: bytes 0, 1 in lo and 2, 3 in hi (the cvt reads
+// either half of the register in place, no shift)
+__device__ __forceinline__ void e4m3x4_to_h2x2(uint32_t v, uint32_t& lo, uint32_t& hi) {
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(v));
 }
 
-// CTAs per SM the launch bounds ask for: 16-bit pages at D 128 need ~170 registers (2 per SM,
-// 64 KB of loads in flight); fp8 pages or D 64 fit 3.
-template <typename C, int D> struct MmaMinBlocks { static constexpr int value = (sizeof(C) == 2 && D == 128) ? 2 : 3; };
+// One warp step's K and V as lane (g, t) holds them (see above).
+template <typename C, int D> struct MmaStep {
+  static constexpr int KN = D / 4 * (int)sizeof(C) / 16;  // 16-byte pieces of a K row's D/4 dims
+  static constexpr int VB = D / 8 * (int)sizeof(C);       // bytes of a V row's D/8 dims: 8, 16, 32
+  using VT = typename std::conditional<VB >= 16, uint4, uint2>::type;
+  static constexpr int VN = VB / (int)sizeof(VT);
+  uint4 k[2][KN];  // keys g, g + 8
+  VT v[4][VN];     // keys 2t, 2t + 1, 2t + 8, 2t + 9
+};
+
+// CTAs per SM the launch bounds ask for (ptxas, sm_90a, two steps of loads in registers):
+// fp8 pages at D 128 need 146 registers (3 per SM; at 4 they spill), 16-bit pages at D 128 216
+// (2), D 64 up to 126 (4).
+template <typename C, int D> struct MmaMinBlocks {
+  static constexpr int value = D == 64 ? 4 : sizeof(C) == 1 ? 3 : 2;
+};
 
 template <typename T, typename C, int D>
 __global__ void __launch_bounds__(kNW * 32, (MmaMinBlocks<C, D>::value)) paged_decode_mma_kernel(
@@ -404,35 +435,35 @@ __global__ void __launch_bounds__(kNW * 32, (MmaMinBlocks<C, D>::value)) paged_d
     float* __restrict__ part_acc, float* __restrict__ part_ml, int64_t stride_qb, int64_t stride_qh,
     int64_t stride_kb, int64_t stride_kh, int64_t stride_kt, int64_t stride_vb, int64_t stride_vh,
     int64_t stride_vt, int64_t stride_bt, int64_t stride_ob, int64_t stride_oh, int batch,
-    int num_kv_heads, int group, int page, int split_tokens, int num_splits, float q_scale,
+    int num_kv_heads, int group, int page_shift, int split_tokens, int num_splits, float q_scale,
     float v_scale) {
   constexpr bool kFp8 = sizeof(C) == 1;
   // the MMA input type: fp16 for fp8 pages (one cvt per pair), else the cache's own
   using MT = typename std::conditional<!kFp8 && std::is_same<T, __nv_bfloat16>::value, __nv_bfloat16,
                                        __half>::type;
-  using VT = typename Chunk<C>::type;              // 8 elements of a V row
-  constexpr int KW = 16;                           // keys per warp and step
-  constexpr int STEP = kNW * KW;                   // keys per CTA step
-  constexpr int NC = D / 16;                       // QK k-chunks
-  constexpr int KU = D / 4 * (int)sizeof(C) / 16;  // 16-byte pieces of a lane's K dims
-  constexpr int NH = D / 64;                       // 64-dim halves (PV n-tiles: NH x 8)
-  constexpr int GP = 8;
+  using Step = MmaStep<C, D>;
+  constexpr int KW = 16;            // keys per step
+  constexpr int NC = D / 16;        // QK k-chunks
+  constexpr int NM = D / 16;        // PV m-tiles
   static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
 
-  __shared__ float sm_acc[kNW][GP][D];
-  __shared__ float sm_m[kNW][GP];
-  __shared__ float sm_l[kNW][GP];
-
-  const int bh = blockIdx.x;
-  const int split = blockIdx.y;
+  // this warp's program: (sequence b, kv head, split), splits of one pair side by side
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int prog = blockIdx.x * kNW + warp;
+  if (prog >= batch * num_kv_heads * num_splits) return;
+  const int bh = prog / num_splits;
+  const int split = prog - bh * num_splits;
   const int b = bh / num_kv_heads;
   const int kvh = bh - b * num_kv_heads;
-  const int seq_len = seq_lens[b];
   const int lo = split * split_tokens;
+  const int* bt_row = block_tables + b * stride_bt;
+  // the first block id is read beside seq_len (lo is inside the table: the split exists)
+  const int64_t blk0 = bt_row[lo >> page_shift];
+  const int seq_len = seq_lens[b];
   if (lo >= seq_len) return;
   const int hi = min(seq_len, lo + split_tokens);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+  const int page_mask = (1 << page_shift) - 1;
 
   // q's A fragments: head g, dims t * D/4 + 4c + {0,1} (qa[c][0]) and + {2,3} (qa[c][1])
   uint32_t qa[NC][2];
@@ -459,139 +490,170 @@ __global__ void __launch_bounds__(kNW * 32, (MmaMinBlocks<C, D>::value)) paged_d
   }
   const float s_scale = kFp8 ? 1.f : q_scale;
 
-  float acc[NH][8][2];
+  float acc[NM][4];  // m-tile e: heads 2t, 2t+1 at dim g * D/8 + 2e, then at the dim after it
 #pragma unroll
-  for (int h = 0; h < NH; ++h)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[h][e][0] = acc[h][e][1] = 0.f;
-  float m = -INFINITY, l = 0.f;  // row g's running max and this lane's share of the sum
+  for (int e = 0; e < NM; ++e) acc[e][0] = acc[e][1] = acc[e][2] = acc[e][3] = 0.f;
+  // heads 2t, 2t + 1: running max and this lane's share of the sum
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-  const int* bt_row = block_tables + b * stride_bt;
-  const C* k_head = kc + kvh * stride_kh + t * (D / 4);
-  const C* v_head = vc + kvh * stride_vh + g * 8;
-  const int vkey[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+  const C* k_lane = kc + kvh * stride_kh + g * stride_kt + t * (D / 4);
+  const C* v_lane = vc + kvh * stride_vh + 2 * t * stride_vt + g * (D / 8);
+  constexpr int kVRow[4] = {0, 1, 8, 9};  // V rows past the lane's first (key 2t)
 
-  for (int base = lo + warp * KW; base - warp * KW < hi; base += STEP) {
-    uint4 kr[2][KU];
-    VT vr[4][NH];
-    if (base < hi) {  // 16 keys in one page (page % 16 == 0, base % 16 == 0)
-      const int64_t blk = bt_row[base / page];
-      const int off = base % page;
-      const C* kp = k_head + blk * stride_kb + off * stride_kt;
-      const C* vp = v_head + blk * stride_vb + off * stride_vt;
+  auto load = [&](Step& s, int64_t blk, int key0) {
+    const int off = key0 & page_mask;
+    const C* kp = k_lane + blk * stride_kb + off * stride_kt;
+    const C* vp = v_lane + blk * stride_vb + off * stride_vt;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const bool ok = base + 8 * j + g < hi;  // past the end: never read (may be NaN)
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int u = 0; u < KU; ++u)
-          kr[j][u] = ok ? __ldg(reinterpret_cast<const uint4*>(kp + (8 * j + g) * stride_kt) + u) : uint4{};
+      for (int u = 0; u < Step::KN; ++u)
+        s.k[j][u] = __ldg(reinterpret_cast<const uint4*>(kp + 8 * j * stride_kt) + u);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int u = 0; u < Step::VN; ++u)
+        s.v[r][u] = __ldg(reinterpret_cast<const typename Step::VT*>(vp + kVRow[r] * stride_vt) + u);
+  };
+
+  // One step: S^T = K q^T, the online softmax, O^T += V^T P^T. kTail: the warp's last step,
+  // which may run past seq_len (scores masked, V zeroed: unused slots may hold NaN).
+  auto compute = [&](Step& st, int key0, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    // sc: (key g, head 2t), (key g, head 2t+1), (key g+8, head 2t), (key g+8, head 2t+1)
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(st.k[0]);
+    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(st.k[1]);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      uint32_t a0, a1, a2, a3;
+      if constexpr (kFp8) {
+        e4m3x4_to_h2x2(w0[c], a0, a2);
+        e4m3x4_to_h2x2(w1[c], a1, a3);
+      } else {
+        a0 = w0[2 * c];
+        a2 = w0[2 * c + 1];
+        a1 = w1[2 * c];
+        a3 = w1[2 * c + 1];
       }
+      mma16816(sc, a0, a1, a2, a3, qa[c][0], qa[c][1], MT());
+    }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const bool ok = base + vkey[r] < hi;
-#pragma unroll
-        for (int h = 0; h < NH; ++h)
-          vr[r][h] = ok ? __ldg(reinterpret_cast<const VT*>(vp + vkey[r] * stride_vt + 64 * h)) : VT{};
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int u = 0; u < KU; ++u) kr[j][u] = uint4{};
+    for (int i = 0; i < 4; ++i) sc[i] *= s_scale;
+    if constexpr (kTail) {
+      if (key0 + g >= hi) sc[0] = sc[1] = -INFINITY;
+      if (key0 + g + 8 >= hi) sc[2] = sc[3] = -INFINITY;
 #pragma unroll
       for (int r = 0; r < 4; ++r)
+        if (key0 + 2 * t + kVRow[r] >= hi)
 #pragma unroll
-        for (int h = 0; h < NH; ++h) vr[r][h] = VT{};
+          for (int u = 0; u < Step::VN; ++u) st.v[r][u] = typename Step::VT{};
     }
-
-    // S = q K^T for keys base + 8j + 2t + {0, 1}
-    float s[2][2];
+    // each head's max over the 16 keys: across g (lane bits 2..4)
+    float mx0 = fmaxf(sc[0], sc[2]), mx1 = fmaxf(sc[1], sc[3]);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint32_t* w = reinterpret_cast<const uint32_t*>(kr[j]);
-      float c0 = 0.f, c1 = 0.f;
-#pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        uint32_t b0, b1;
-        if constexpr (kFp8) {
-          b0 = e4m3x2_to_h2(w[c]);
-          b1 = e4m3x2_to_h2(w[c] >> 16);
-        } else {
-          b0 = w[2 * c];
-          b1 = w[2 * c + 1];
-        }
-        mma16816(c0, c1, qa[c][0], qa[c][1], b0, b1, c0, c1, MT());
-      }
-      s[j][0] = c0 * s_scale;
-      s[j][1] = c1 * s_scale;
+    for (int o = 4; o < 32; o <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
     }
-    float mx = -INFINITY;
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: key0 < hi
+    const float alpha0 = fast_exp2(m0 - n0), alpha1 = fast_exp2(m1 - n1);
+    const float p0 = fast_exp2(sc[0] - n0), p1 = fast_exp2(sc[1] - n1);
+    const float p2 = fast_exp2(sc[2] - n0), p3 = fast_exp2(sc[3] - n1);
+    l0 = l0 * alpha0 + (p0 + p2);
+    l1 = l1 * alpha1 + (p1 + p3);
+    m0 = n0;
+    m1 = n1;
+    // P^T's B fragments (head g; keys 2t, 2t+1 | 2t+8, 2t+9): transposes of (key g; heads 2t,
+    // 2t+1) and (key g+8; heads 2t, 2t+1) as 8 x 8 16-bit matrices
+    const uint32_t pb0 = movmatrix_trans(pack2(p0, p1, MT())), pb1 = movmatrix_trans(pack2(p2, p3, MT()));
+    const uint32_t* v0 = reinterpret_cast<const uint32_t*>(st.v[0]);
+    const uint32_t* v1 = reinterpret_cast<const uint32_t*>(st.v[1]);
+    const uint32_t* v2 = reinterpret_cast<const uint32_t*>(st.v[2]);
+    const uint32_t* v3 = reinterpret_cast<const uint32_t*>(st.v[3]);
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (base + 8 * j + 2 * t + i >= hi) s[j][i] = -INFINITY;
-        mx = fmaxf(mx, s[j][i]);
+    for (int e = 0; e < NM; ++e) {
+      uint32_t a0, a1, a2, a3;
+      if constexpr (kFp8) {  // bytes 2e, 2e + 1 of rows (2t, 2t+1) and (2t+8, 2t+9)
+        const uint32_t x = 2 * e % 4, sel = x | ((4 + x) << 4) | ((x + 1) << 8) | ((5 + x) << 12);
+        e4m3x4_to_h2x2(__byte_perm(v0[e / 2], v1[e / 2], sel), a0, a1);
+        e4m3x4_to_h2x2(__byte_perm(v2[e / 2], v3[e / 2], sel), a2, a3);
+      } else {  // halves 2e, 2e + 1 (word e) of each row
+        a0 = __byte_perm(v0[e], v1[e], 0x5410u);
+        a1 = __byte_perm(v0[e], v1[e], 0x7632u);
+        a2 = __byte_perm(v2[e], v3[e], 0x5410u);
+        a3 = __byte_perm(v2[e], v3[e], 0x7632u);
       }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = fast_exp2(m - m_use);
-    float p[2][2], sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        p[j][i] = fast_exp2(s[j][i] - m_use);
-        sum += p[j][i];
-      }
-    l = l * alpha + sum;
-    m = m_new;
+      acc[e][0] *= alpha0;
+      acc[e][1] *= alpha1;
+      acc[e][2] *= alpha0;
+      acc[e][3] *= alpha1;
+      mma16816(acc[e], a0, a1, a2, a3, pb0, pb1, MT());
+    }
+  };
+  using Whole = std::integral_constant<bool, false>;
+  using Tail = std::integral_constant<bool, true>;
 
-    // O += P V: P's A fragment is S's accumulator layout (keys 2t, 2t+1 | 2t+8, 2t+9)
-    const uint32_t pa0 = pack2(p[0][0], p[0][1], MT()), pa2 = pack2(p[1][0], p[1][1], MT());
-#pragma unroll
-    for (int h = 0; h < NH; ++h) {
-      const uint32_t* v0 = reinterpret_cast<const uint32_t*>(&vr[0][h]);
-      const uint32_t* v1 = reinterpret_cast<const uint32_t*>(&vr[1][h]);
-      const uint32_t* v2 = reinterpret_cast<const uint32_t*>(&vr[2][h]);
-      const uint32_t* v3 = reinterpret_cast<const uint32_t*>(&vr[3][h]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        uint32_t b0, b1;
-        if constexpr (kFp8) {  // byte e of each row: (row 2t, row 2t+1) -> one fp16x2
-          const uint32_t sel = (uint32_t)(e % 4) | ((uint32_t)(4 + e % 4) << 4);
-          b0 = e4m3x2_to_h2(__byte_perm(v0[e / 4], v1[e / 4], sel));
-          b1 = e4m3x2_to_h2(__byte_perm(v2[e / 4], v3[e / 4], sel));
-        } else {  // half e of each row
-          const uint32_t sel = (e % 2) ? 0x7632u : 0x5410u;
-          b0 = __byte_perm(v0[e / 2], v1[e / 2], sel);
-          b1 = __byte_perm(v2[e / 2], v3[e / 2], sel);
-        }
-        mma16816(acc[h][e][0], acc[h][e][1], pa0, pa2, b0, b1, acc[h][e][0] * alpha,
-                 acc[h][e][1] * alpha, MT());
-      }
+  // The pipeline: load step base + KW (its block id read a step earlier) into `nxt` while
+  // computing `cur`, a whole step; a tail step is computed at once. False when the warp is done.
+  int base = lo;
+  Step s0, s1;
+  int64_t blk_next = 0;
+  auto stage = [&](Step& cur, Step& nxt) {
+    const int nb = base + KW;
+    int64_t blk_after = 0;
+    if (nb + KW < hi) blk_after = bt_row[(nb + KW) >> page_shift];
+    if (nb < hi) load(nxt, blk_next, nb);
+    compute(cur, base, Whole());
+    base = nb;
+    blk_next = blk_after;
+    if (nb < hi && nb + KW > hi) {
+      compute(nxt, nb, Tail());
+      return false;
+    }
+    return nb < hi;
+  };
+  load(s0, blk0, base);
+  if (base + KW < hi) blk_next = bt_row[(base + KW) >> page_shift];
+  if (base + KW > hi) {
+    compute(s0, base, Tail());
+  } else {
+    while (stage(s0, s1) && stage(s1, s0)) {
     }
   }
 
-  // row g: the four lanes' shares of the sum; then the warps through shared memory
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  // each head's sum over the lanes of its keys
 #pragma unroll
-  for (int h = 0; h < NH; ++h)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      sm_acc[warp][g][64 * h + 8 * (2 * t) + e] = acc[h][e][0];
-      sm_acc[warp][g][64 * h + 8 * (2 * t + 1) + e] = acc[h][e][1];
-    }
-  if (t == 0) {
-    sm_m[warp][g] = m;
-    sm_l[warp][g] = l;
+  for (int o = 4; o < 32; o <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
   }
-  __syncthreads();
-  merge_warps_and_store<T, D, GP>(sm_acc, sm_m, sm_l, b, kvh, split, group, num_kv_heads, num_splits, batch,
-                                  v_scale, out, stride_ob, stride_oh, part_acc, part_ml);
+  // heads 2t, 2t + 1 at dims g * D/8 + 2e, + 1: the output, or this split's unnormalized sums
+  // and (max, sum) for the combine kernel
+  const int num_heads = num_kv_heads * group;
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    if (2 * t + x >= group) continue;
+    const int h = kvh * group + 2 * t + x;
+    if (num_splits == 1) {
+      const float r = v_scale / (x ? l1 : l0);  // > 0: the split holds a key
+      T* o = out + b * stride_ob + h * stride_oh + g * (D / 8);
+#pragma unroll
+      for (int e = 0; e < NM; ++e) {
+        const uint32_t w = pack2(acc[e][x] * r, acc[e][2 + x] * r, T());
+        *reinterpret_cast<uint32_t*>(o + 2 * e) = w;
+      }
+    } else {
+      const int64_t row = ((int64_t)b * num_heads + h) * num_splits + split;
+      float* pa = part_acc + row * D + g * (D / 8);
+#pragma unroll
+      for (int e = 0; e < NM; ++e) *reinterpret_cast<float2*>(pa + 2 * e) = make_float2(acc[e][x], acc[e][2 + x]);
+      if (g == 0) {
+        part_ml[row] = x ? m1 : m0;
+        part_ml[(int64_t)batch * num_heads * num_splits + row] = x ? l1 : l0;
+      }
+    }
+  }
 }
 
 template <typename T, typename C, int D>
@@ -599,12 +661,14 @@ int launch_decode_mma(const void* q, const void* kc, const void* vc, const int* 
                       void* out, float* part_acc, float* part_ml, const int64_t* strides, int batch,
                       int num_kv_heads, int group, int page, int split_tokens, int num_splits,
                       float q_scale, float v_scale, cudaStream_t stream) {
-  if (page % 16 || split_tokens % (kNW * 16) || group > 8) return (int)cudaErrorInvalidValue;
-  dim3 grid(batch * num_kv_heads, num_splits);
+  // pages: a power of two of 16+ tokens (a warp step stays in one page; block ids by shift)
+  if (page < 16 || (page & (page - 1)) || split_tokens % 16 || group > 8) return (int)cudaErrorInvalidValue;
+  const int page_shift = __builtin_ctz((unsigned)page);
+  const int grid = (batch * num_kv_heads * num_splits + kNW - 1) / kNW;  // a warp per program
   paged_decode_mma_kernel<T, C, D><<<grid, kNW * 32, 0, stream>>>(
       (const T*)q, (const C*)kc, (const C*)vc, bt, sl, (T*)out, part_acc, part_ml, strides[0],
       strides[1], strides[2], strides[3], strides[4], strides[5], strides[6], strides[7],
-      strides[8], strides[9], strides[10], batch, num_kv_heads, group, page, split_tokens,
+      strides[8], strides[9], strides[10], batch, num_kv_heads, group, page_shift, split_tokens,
       num_splits, q_scale, v_scale);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || num_splits == 1) return (int)err;
@@ -681,14 +745,14 @@ int dispatch_dim(int head_dim, int variant, int gp, const void* q, const void* k
 // The keys one CTA step covers (split_tokens must be a multiple of it), or 0 if unsupported.
 extern "C" int tk_paged_decode_step_tokens(int head_dim, int group_pad, int variant) {
   if (head_dim != 64 && head_dim != 128) return 0;
-  if (variant == 2) return kNW * 16;
+  if (variant == 2) return 16;
   if (variant != 0) return 0;
   const int kpt = group_pad >= 8 ? 2 : 4;  // Tile<GP, 0>::KPT
   return kNW * (32 / (head_dim / 8)) * kpt;
 }
 
-// CTAs of the decode kernel resident per SM on the current device (for the split heuristic),
-// or a negative cudaError_t.
+// Programs of the decode kernel resident per SM on the current device (for the split
+// heuristic): CTAs for variant 0, warps (kNW per CTA) for variant 2; or a negative cudaError_t.
 extern "C" int tk_paged_decode_occupancy(int q_dtype, int cache_fp8, int head_dim, int group_pad,
                                          int variant) {
   int n = 0;
@@ -732,7 +796,7 @@ extern "C" int tk_paged_decode_occupancy(int q_dtype, int cache_fp8, int head_di
 #undef TK_OCC_D
 #undef TK_OCC_G
 #undef TK_OCC
-  return err == cudaSuccess ? n : -(int)err;
+  return err == cudaSuccess ? n * (variant == 2 ? kNW : 1) : -(int)err;
 }
 
 // q_dtype: tk::DType (fp16 or bf16); cache_fp8: 0 = cache in q's dtype, 1 = float8_e4m3fn.

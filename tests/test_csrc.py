@@ -85,14 +85,20 @@ def test_decode_dispatch_rule_and_support_checks(monkeypatch):
     monkeypatch.setenv("TRTLLM_KERNELS_DECODE_BACKEND", "triton")
     assert ta.decode_backend(q, kc, kc, bt) == "triton"
     assert [csrc.decode_group_pad(g) for g in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
-    # the measured rule: CUDA for FP8 pages with few long sequences, Triton elsewhere
-    assert ta.cuda_decode_preferred(4, 8, 4, 128, 32768, FP8, 132)
-    assert not ta.cuda_decode_preferred(4, 8, 4, 128, 32768, BF16, 132)
-    assert not ta.cuda_decode_preferred(64, 8, 4, 128, 4096, FP8, 132)
-    assert not ta.cuda_decode_preferred(256, 8, 4, 128, 512, FP8, 132)
+    # the measured rule: CUDA for FP8 pages at D 128 in the tensor-core kernel's pages, else Triton
+    assert ta.cuda_decode_preferred(128, 16, FP8) and ta.cuda_decode_preferred(128, 64, FP8)
+    assert not ta.cuda_decode_preferred(128, 16, BF16)
+    assert not ta.cuda_decode_preferred(64, 16, FP8)
+    assert not ta.cuda_decode_preferred(128, 48, FP8) and not ta.cuda_decode_preferred(128, 8, FP8)
+    # its splits fill one wave of resident warps: H200, 132 SMs x 12 warps
+    assert csrc.mma_decode_num_splits(64 * 8, 1584, 4096 // 16) == 3
+    assert csrc.mma_decode_num_splits(1024 * 8, 1584, 512 // 16) == 1
+    assert csrc.mma_decode_num_splits(4 * 8, 1584, 32768 // 16) == 49
+    assert csrc.mma_decode_num_splits(1, 1584, 32768 // 16) == ta.MAX_SPLITS
+    assert csrc.mma_decode_num_splits(1, 1584, 300 // 16) == 1  # no split under 256 tokens
     monkeypatch.delenv("TRTLLM_KERNELS_CSRC_DECODE_VARIANT", raising=False)
-    # tensor cores where pages are a multiple of 16, else the CUDA-core tilings
-    assert (csrc.decode_variant(128, 4, 16), csrc.decode_variant(128, 4, 8), csrc.decode_variant(64, 3, 64)) == (2, 0, 2)
+    # tensor cores where pages are powers of two of 16+ tokens, else the CUDA-core tilings
+    assert [csrc.decode_variant(128, 4, p) for p in (16, 8, 48, 64, 128)] == [2, 0, 0, 2, 2]
 
 
 def run_csrc_decode(seq_lens, hkv, group, head_dim, page, dtype, cache_dtype=None, k_scale=1.0, v_scale=1.0,
@@ -124,6 +130,7 @@ GPU_CSRC_DECODE = [
     (CTX, 2, 4, 128, 16, BF16, FP8),
     (CTX, 3, 3, 64, 64, FP16, FP8),
     (CTX, 1, 8, 128, 32, BF16, FP8),
+    ([1, 15, 16, 17, 63, 64, 65, 1500], 2, 6, 128, 32, BF16, FP8),  # every tail position of a warp step
     ([32768, 5, 4096], 2, 4, 128, 16, BF16, None),  # long context: split-KV
 ]
 
@@ -146,10 +153,11 @@ def test_gpu_csrc_decode_forced_splits(num_splits, variant):
 
 @pytest.mark.gpu
 def test_gpu_csrc_decode_variant_checks():
-    # pages of 8: only the CUDA-core kernel takes them; asking for the tensor-core one is an error
-    run_csrc_decode([1, 17, 97], 2, 4, 128, 8, BF16)
-    with pytest.raises(ValueError, match="variant"):
-        run_csrc_decode([17], 2, 4, 128, 8, BF16, variant=2)
+    # pages of 8 or 48: only the CUDA-core kernel takes them; asking for the tensor-core one is an error
+    for page in (8, 48):
+        run_csrc_decode([1, 17, 97], 2, 4, 128, page, BF16)
+        with pytest.raises(ValueError, match="variant"):
+            run_csrc_decode([17], 2, 4, 128, page, BF16, variant=2)
 
 
 @pytest.mark.gpu

@@ -195,7 +195,8 @@ def decode_step_tokens(head_dim: int, group_pad: int, variant: int) -> int:
 @lru_cache(maxsize=None)
 def decode_occupancy(q_dtype: torch.dtype, fp8: bool, head_dim: int, group_pad: int, variant: int,
                      device_index: int) -> int:
-    """CTAs of the decode kernel one SM runs at once (from the CUDA occupancy calculator)."""
+    """Programs of the decode kernel one SM runs at once (from the CUDA occupancy calculator):
+    CTAs of variant 0, warps of variant 2."""
     with torch.cuda.device(device_index):
         n = library().tk_paged_decode_occupancy(DTYPE_CODES[q_dtype], int(fp8), head_dim, group_pad, variant)
     if n <= 0:
@@ -203,13 +204,30 @@ def decode_occupancy(q_dtype: torch.dtype, fp8: bool, head_dim: int, group_pad: 
     return n
 
 
+def mma_page(page: int) -> bool:
+    """Pages the tensor-core decode kernel takes: powers of two of 16+ tokens."""
+    return page >= 16 and page & (page - 1) == 0
+
+
 def decode_variant(head_dim: int, group: int, page: int) -> int:
-    """Kernel of csrc/paged_decode.cu: 2 = tensor cores (mma.sync; pages a multiple of 16),
-    0 = CUDA cores (any page a multiple of 4). TRTLLM_KERNELS_CSRC_DECODE_VARIANT overrides."""
+    """Kernel of csrc/paged_decode.cu: 2 = tensor cores (mma.sync; `mma_page` pages), 0 = CUDA
+    cores (any page a multiple of 4). TRTLLM_KERNELS_CSRC_DECODE_VARIANT overrides."""
     env = os.environ.get("TRTLLM_KERNELS_CSRC_DECODE_VARIANT")
     if env is not None:
         return int(env)
-    return 2 if page % 16 == 0 else 0
+    return 2 if mma_page(page) else 0
+
+
+def mma_decode_num_splits(pairs: int, slots: int, steps: int, min_split_steps: int = 16) -> int:
+    """KV splits for the tensor-core kernel (its programs are warps, `slots` of them resident on
+    the GPU), from static sizes only: as many as one wave of the (sequence, kv head) pairs' splits
+    fills, none once the pairs alone fill it (a warp program is short, so a partly filled
+    later wave costs little: B1024 x 128 at 32/8 heads, 8192 pairs over 1584 slots on H200,
+    took 78.8 us unsplit against 122.5 split in two), no split under `min_split_steps` steps
+    (256 tokens) and at most MAX_SPLITS."""
+    from .triton_attention import MAX_SPLITS
+
+    return max(1, min(MAX_SPLITS, slots // max(1, pairs), steps // min_split_steps))
 
 
 _workspaces: dict = {}
@@ -251,7 +269,7 @@ def paged_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale=None, k
     group = num_heads // num_kv_heads
     gp = decode_group_pad(group)
     variant = decode_variant(head_dim, group, page) if variant is None else variant
-    if variant not in (0, 2) or (variant == 2 and page % 16):
+    if variant not in (0, 2) or (variant == 2 and not mma_page(page)):
         raise ValueError(f"csrc decode variant {variant} does not take pages of {page} tokens")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -264,7 +282,10 @@ def paged_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale=None, k
     if num_splits is None:
         dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
         per_sm = decode_occupancy(q.dtype, k_cache.dtype == _FP8, head_dim, gp, variant, dev)
-        num_splits = ta.decode_num_splits(batch, num_kv_heads, max_context, step, ta.num_sms(q.device), per_sm)
+        if variant == 2:
+            num_splits = mma_decode_num_splits(batch * num_kv_heads, ta.num_sms(q.device) * per_sm, steps)
+        else:
+            num_splits = ta.decode_num_splits(batch, num_kv_heads, max_context, step, ta.num_sms(q.device), per_sm)
     num_splits = max(1, min(num_splits, steps))
     split_tokens = -(-steps // num_splits) * step
     num_splits = -(-max_context // split_tokens)

@@ -68,8 +68,9 @@ automatic warp specialization did not apply to this loop on sm_90.
 
 Decode dispatch: trtllm_kernels::paged_attention_decode runs this Triton kernel or the CUDA C++
 one of csrc/paged_decode.cu (`decode_backend`, rule in `cuda_decode_preferred`, override with
-TRTLLM_KERNELS_DECODE_BACKEND=triton|cuda|auto): CUDA only for FP8 pages with few long
-sequences, where it measured 126 us against 144 (B4 x 32768); Triton everywhere else.
+TRTLLM_KERNELS_DECODE_BACKEND=triton|cuda|auto): CUDA for FP8 pages at head dim 128, where it
+measured 0.71-0.85x this kernel's time on H200 (it pays less per key for the FP8 conversion);
+Triton for bf16 / fp16 pages (as fast) and everything else.
 
 Tuning: `python -m trtllm_kernels.kernels.triton_attention [--sweep] [--warm N] [--out F]
 [--best-out F]` times decode / prefill / chunked prefill beside SDPA at the issue's shapes
@@ -737,20 +738,22 @@ def triton_paged_prefill(
 # --------------------------------------------------------------------------------------------
 
 
-def cuda_decode_preferred(batch: int, num_kv_heads: int, group: int, head_dim: int, max_context: int,
-                          cache_dtype: torch.dtype, sms: int = DEFAULT_NUM_SMS) -> bool:
+def cuda_decode_preferred(head_dim: int, page: int, cache_dtype: torch.dtype) -> bool:
     """The dispatch rule between the two decode kernels, from static shapes only: the CUDA C++
-    kernel (csrc/paged_decode.cu, tensor-core variant) for an FP8 cache in the split-KV regime
-    (no more (sequence, kv head) pairs than SMs, contexts of 16K and more), Triton elsewhere.
+    kernel (csrc/paged_decode.cu, tensor-core variant: a warp per program, two steps of K/V in
+    registers) for FP8 pages at head dim 128 in pages it takes (powers of two of 16+ tokens),
+    Triton elsewhere.
 
-    Measured on H100 (.device/F-2, 32/8 heads, D128, page 16, CUDA graphs), Triton / CUDA us:
-    B64 x 4096 bf16 358.8 / 361.8, fp8 199.8 / 211.5-218; B256 x 512 bf16 182.7 / 206, fp8
-    107.8 / 152; B4 x 32768 bf16 186.8 / 192.8 (16 splits; 209 auto), fp8 144.0 / 125.6. The
-    CUDA kernel wins only the last (fp8 pages, few long sequences: its pairwise e4m3 -> fp16
-    converts and split-KV keep more bytes in flight there), ties B64 x 4096 bf16, loses the
-    rest. `group` and `head_dim` are accepted for future rules (both kernels take D 64 / 128).
+    Measured on H200 (benchmarks/decode_sweep.py --cuda, 32/8 heads, D 128, CUDA graphs), Triton
+    / CUDA us, FP8 pages: B1024 x 128 105.4 / 78.8, B1024 x 256 188.6 / 143.4, B256 x 512 94.9 /
+    80.0, B512 x 1024 367.7 / 259.4, B512 x 1536 (pages of 32) 451.8 / 382.7, B64 x 4096 186.1 /
+    141.6 (3 splits); the CUDA kernel streams 0.80-1.00 of copy bandwidth where Triton's
+    conversions in registers hold it to 0.64-0.84. bf16 pages: within 4% either way (B1024 x 128
+    146.5 / 141.4, B64 x 4096 245.8 / 251.5), so Triton stays. D 64 was not measured.
     """
-    return cache_dtype == torch.float8_e4m3fn and batch * num_kv_heads <= sms and max_context >= 16384
+    from .csrc import mma_page
+
+    return cache_dtype == torch.float8_e4m3fn and head_dim == 128 and mma_page(page)
 
 
 def decode_backend(q, k_cache, v_cache, block_tables) -> str:
@@ -762,9 +765,7 @@ def decode_backend(q, k_cache, v_cache, block_tables) -> str:
     choice = os.environ.get("TRTLLM_KERNELS_DECODE_BACKEND", "auto")
     if choice == "triton":
         return "triton"
-    if choice != "cuda" and not cuda_decode_preferred(
-            q.shape[0], k_cache.shape[1], q.shape[1] // k_cache.shape[1], q.shape[2],
-            block_tables.shape[1] * k_cache.shape[2], k_cache.dtype, num_sms(q.device)):
+    if choice != "cuda" and not cuda_decode_preferred(q.shape[2], k_cache.shape[2], k_cache.dtype):
         return "triton"
     from . import csrc
 
