@@ -343,18 +343,20 @@ __global__ void __launch_bounds__(D) paged_decode_combine_kernel(
 // A warp is a program of its own (a CTA holds 4 of them, nothing shared): no cross-warp merge,
 // and a short context is still streamed by one warp step after step, not cut in four. Split-KV
 // fills the GPU where pairs are few. A step is 16 keys; up to 8 query heads per kv head.
-// QK: S[8 heads, 8 keys] per n-tile j (keys 8j .. 8j + 7). The reduction index is permuted so
+// Both products are transposed, so that every MMA accumulator is a real (key or dim, head)
+// pair and not a padding row; lane (g = lane / 4, t = lane % 4) accumulates heads 2t, 2t + 1.
+// QK: S^T[16 keys, 8 heads] = K[16 keys, D] q^T, D/16 MMAs. The reduction index is permuted so
 // that every fragment is a plain load: lane t owns head dims [t * D/4, (t+1) * D/4); virtual k
 // index 2t, 2t+1 of chunk c is dims t * D/4 + 4c + {0, 1} and 2t + 8, 2t + 9 is + {2, 3}, the
-// same for q (A) and K (B), so lane (g, t) loads keys g and g + 8 as D/4 contiguous dims and
-// q's A fragment is its own D/4 dims of head g.
-// PV, transposed: O^T[16 dims, 8 heads] += V^T[16 dims, 16 keys] P^T[16 keys, 8 heads] per
-// m-tile e (e < D/16), so every accumulator register is used (row g of m-tile e is dim
-// g * D/8 + 2e, row g + 8 the dim after it). P^T (B) comes straight from the S accumulators
-// (lane (g, t) holds head g at keys 2t, 2t+1 | 2t+8, 2t+9, just what B wants). V^T (A) needs
-// two keys of one dim per register: lane (g, t) loads those four keys at dims g * D/8 ..
-// (g+1) * D/8 - 1 (16 bytes for fp8 at D 128) and pairs them with byte permutes. Its
-// accumulators are heads 2t and 2t + 1, whose running-max rescale it takes by shuffles.
+// same for K (A) and q (B), so lane (g, t) loads keys g and g + 8 as D/4 contiguous dims and
+// q's B fragment is its own D/4 dims of head g. Each head's running max and sum over keys
+// reduce across g (shuffles), so every lane holds those of its own two heads.
+// PV: O^T[16 dims, 8 heads] += V^T[16 dims, 16 keys] P^T[16 keys, 8 heads] per m-tile e
+// (e < D/16; row g of m-tile e is dim g * D/8 + 2e, row g + 8 the dim after it). P^T's B
+// fragment (head g; keys 2t, 2t+1 | 2t+8, 2t+9) is the transpose of what S^T's accumulators
+// hold (keys g | g + 8; heads 2t, 2t+1): one movmatrix each. V^T (A) needs two keys of one dim
+// per register: lane (g, t) loads those four keys at dims g * D/8 .. (g+1) * D/8 - 1 (16 bytes
+// for fp8 at D 128) and pairs them with byte permutes.
 // FP8 pages are converted pairwise to fp16 (one cvt per fragment register) and the MMAs run
 // in fp16 with q pre-scaled; bf16/fp16 pages run in their own type and S is scaled in fp32.
 //
@@ -422,8 +424,8 @@ template <typename C, int D> struct MmaStep {
 };
 
 // CTAs per SM the launch bounds ask for (ptxas, sm_90a, two steps of loads in registers):
-// fp8 pages at D 128 need 146 registers (3 per SM; at 4 they spill), 16-bit pages at D 128 216
-// (2), D 64 up to 126 (4).
+// fp8 pages at D 128 need 148 registers (3 per SM; at 4 they spill), 16-bit pages at D 128 220
+// (2), D 64 up to 124 (4).
 template <typename C, int D> struct MmaMinBlocks {
   static constexpr int value = D == 64 ? 4 : sizeof(C) == 1 ? 3 : 2;
 };
@@ -801,10 +803,12 @@ extern "C" int tk_paged_decode_occupancy(int q_dtype, int cache_fp8, int head_di
 
 // q_dtype: tk::DType (fp16 or bf16); cache_fp8: 0 = cache in q's dtype, 1 = float8_e4m3fn.
 // group_pad: a power of two in {1, 2, 4, 8}, >= group. variant: 0 the CUDA-core kernel, 2 the
-// tensor-core kernel (pages a multiple of 16). strides (elements): q b, q h, k b, k h,
+// tensor-core kernel (pages a power of two of 16+). strides (elements): q b, q h, k b, k h,
 // k t, v b, v h, v t, block_tables row, out b, out h. q_scale = softmax scale * log2(e) *
-// k_scale. part_acc / part_ml: the workspace (see the top of this file), unused when
-// num_splits == 1. Returns a cudaError_t.
+// k_scale. split_tokens: a multiple of tk_paged_decode_step_tokens; every split must start
+// inside the block table (num_splits <= cdiv(max_blocks * page, split_tokens)): variant 2 reads
+// a split's first block id before it knows whether the split holds tokens. part_acc / part_ml:
+// the workspace (see the top of this file), unused when num_splits == 1. Returns a cudaError_t.
 extern "C" int tk_paged_decode(const void* q, const void* k_cache, const void* v_cache,
                                const int* block_tables, const int* seq_lens, void* out,
                                float* part_acc, float* part_ml, const int64_t* strides, int q_dtype,
