@@ -36,7 +36,7 @@ SHAPES = [(1024, 128, 16, 512), (1024, 256, 16, 512), (1024, 128, 64, 512), (102
 
 def configs(quick: bool, deep: bool = False, cuda: bool = False) -> list[dict]:
     out = [dict()]  # the default (decode_config)
-    if cuda:  # num_splits None: the kernel's own rule (one full wave of CTAs)
+    if cuda:  # num_splits None: the kernel's own rule (csrc.mma_decode_num_splits)
         return out + [dict(backend="cuda", num_splits=None), dict(backend="cuda", num_splits=1)]
     if deep:
         # Triton 3.6 keeps (num_stages - 2) // 2 K/V tiles in flight ahead of the math (one up
