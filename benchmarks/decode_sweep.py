@@ -1,9 +1,9 @@
 """Sweep the Triton paged decode kernel's launch knobs at the shapes a serving run meets: large
 batches at short contexts (a 128/128 throughput run decodes 1000 sequences at 128-256
-tokens), beside the issue's B256 x 512 and B64 x 4096. 32/8 heads, D 128; the block table as
-wide as a 512-token (or the context's) sequence, as in the decode graphs.
+tokens), beside the issue's B256 x 512 and B64 x 4096. 32/8 heads, D 128 (or --head-dim 64);
+the block table as wide as a 512-token (or the context's) sequence, as in the decode graphs.
 
-    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick] [--page N] [--deep] [--cuda] [--shapes I,J]
+    PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py --out DIR [--cache fp8|bf16] [--quick] [--page N] [--deep] [--cuda] [--head-dim 64] [--shapes I,J]
 
 --cuda: the Triton default beside the CUDA C++ tensor-core kernel (csrc/paged_decode.cu,
 variant 2) with its own split rule and with one split.
@@ -72,7 +72,7 @@ def plot(data: dict, png: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     ax.set_xticklabels([f"B{b} x {c}\np{p}" for b, c, p in shapes], fontsize=8)
     ax.set_ylabel("us (median, CUDA graphs)")
-    ax.set_title(f"paged decode, 32/8 heads, D 128, {data['device']}")
+    ax.set_title(f"paged decode, 32/8 heads, D {data.get('head_dim', 128)}, {data['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--deep", action="store_true", help="the deep-pipeline grid (stages 4-10)")
     ap.add_argument("--cuda", action="store_true", help="the CUDA C++ kernel beside Triton's default")
     ap.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated (default: all)")
+    ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
     ap.add_argument("--plot", default=None, help="only redraw the plot of this saved JSON (next to it)")
     args = ap.parse_args()
     if args.plot:
@@ -98,7 +99,7 @@ def main() -> None:
     dev = torch.device("cuda")
     cache_dtype = torch.float8_e4m3fn if args.cache == "fp8" else torch.bfloat16
     bw = measure_copy_bandwidth(dev)
-    hq, hkv, d = 32, 8, 128
+    hq, hkv, d = 32, 8, args.head_dim
     inputs = []
     for batch, ctx, page, width in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -133,9 +134,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     path = Path(args.out)
     stem = (f"decode_sweep_{args.cache}" + (f"_p{args.page}" if args.page else "") + ("_deep" if args.deep else "")
-            + ("_cuda" if args.cuda else ""))
+            + ("_cuda" if args.cuda else "") + (f"_d{d}" if d != 128 else ""))
     path.mkdir(parents=True, exist_ok=True)
-    data = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "rows": rows}
+    data = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "head_dim": d, "rows": rows}
     (path / f"{stem}.json").write_text(json.dumps(data, indent=1))
     if args.cuda:
         plot(data, path / f"{stem}.png")

@@ -8,11 +8,12 @@
 // Variant 2 on H200 (benchmarks/decode_sweep.py --cuda, 32/8 heads, D 128, CUDA graphs), us
 // against the Triton kernel: FP8 pages B1024 x 128 78.8 / 105.4, B256 x 512 80.0 / 94.9,
 // B512 x 1536 (pages of 32) 382.7 / 451.8 (1.00 of copy bandwidth), B64 x 4096 141.6 / 186.1;
-// bf16 pages within 4% of Triton. Its loop is ~12 instructions per key and warp (ptxas, sm_90a)
-// against ~46 for Triton's FP8 tiles, which load V byte by byte to pair keys for the MMA. The
-// op dispatches FP8 pages at D 128 to it (triton_attention.cuda_decode_preferred). Variant 0
-// is bound by its CUDA-core work (shuffle reductions, redundant softmax: ~75 instructions per
-// key and warp) and only serves pages variant 2 does not take, when asked for.
+// at D 64 0.54-0.77x Triton's time; bf16 pages within 4% of Triton. Its loop is ~12
+// instructions per key and warp (ptxas, sm_90a) against ~46 for Triton's FP8 tiles, which load
+// V byte by byte to pair keys for the MMA. The op dispatches FP8 pages at D 64 and 128 to it
+// (triton_attention.cuda_decode_preferred). Variant 0 is bound by its CUDA-core work (shuffle
+// reductions, redundant softmax: ~75 instructions per key and warp) and only serves pages
+// variant 2 does not take, when asked for.
 //
 // Layouts (as trtllm_kernels.kv_cache documents them): q [B, Hq, D]; k_cache / v_cache
 // [num_blocks, Hkv, page, D] (bf16/fp16 like q, or float8_e4m3fn with one fp32 k_scale /

@@ -85,10 +85,10 @@ def test_decode_dispatch_rule_and_support_checks(monkeypatch):
     monkeypatch.setenv("TRTLLM_KERNELS_DECODE_BACKEND", "triton")
     assert ta.decode_backend(q, kc, kc, bt) == "triton"
     assert [csrc.decode_group_pad(g) for g in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
-    # the measured rule: CUDA for FP8 pages at D 128 in the tensor-core kernel's pages, else Triton
-    assert ta.cuda_decode_preferred(128, 16, FP8) and ta.cuda_decode_preferred(128, 64, FP8)
+    # the measured rule: CUDA for FP8 pages at D 64 / 128 in the tensor-core kernel's pages, else Triton
+    assert ta.cuda_decode_preferred(128, 16, FP8) and ta.cuda_decode_preferred(64, 64, FP8)
     assert not ta.cuda_decode_preferred(128, 16, BF16)
-    assert not ta.cuda_decode_preferred(64, 16, FP8)
+    assert not ta.cuda_decode_preferred(256, 16, FP8)
     assert not ta.cuda_decode_preferred(128, 48, FP8) and not ta.cuda_decode_preferred(128, 8, FP8)
     # its splits fill one wave of resident warps: H200, 132 SMs x 12 warps
     assert csrc.mma_decode_num_splits(64 * 8, 1584, 4096 // 16) == 3

@@ -68,9 +68,9 @@ automatic warp specialization did not apply to this loop on sm_90.
 
 Decode dispatch: trtllm_kernels::paged_attention_decode runs this Triton kernel or the CUDA C++
 one of csrc/paged_decode.cu (`decode_backend`, rule in `cuda_decode_preferred`, override with
-TRTLLM_KERNELS_DECODE_BACKEND=triton|cuda|auto): CUDA for FP8 pages at head dim 128, where it
-measured 0.71-0.85x this kernel's time on H200 (it pays less per key for the FP8 conversion);
-Triton for bf16 / fp16 pages (as fast) and everything else.
+TRTLLM_KERNELS_DECODE_BACKEND=triton|cuda|auto): CUDA for FP8 pages at head dims 64 and 128,
+where it measured 0.54-0.85x this kernel's time on H200 (it pays less per key for the FP8
+conversion); Triton for bf16 / fp16 pages (as fast) and everything else.
 
 Tuning: `python -m trtllm_kernels.kernels.triton_attention [--sweep] [--warm N] [--out F]
 [--best-out F]` times decode / prefill / chunked prefill beside SDPA at the issue's shapes
@@ -741,19 +741,20 @@ def triton_paged_prefill(
 def cuda_decode_preferred(head_dim: int, page: int, cache_dtype: torch.dtype) -> bool:
     """The dispatch rule between the two decode kernels, from static shapes only: the CUDA C++
     kernel (csrc/paged_decode.cu, tensor-core variant: a warp per program, two steps of K/V in
-    registers) for FP8 pages at head dim 128 in pages it takes (powers of two of 16+ tokens),
-    Triton elsewhere.
+    registers) for FP8 pages at head dim 64 or 128 in pages it takes (powers of two of 16+
+    tokens), Triton elsewhere.
 
-    Measured on H200 (benchmarks/decode_sweep.py --cuda, 32/8 heads, D 128, CUDA graphs), Triton
-    / CUDA us, FP8 pages: B1024 x 128 105.4 / 78.8, B1024 x 256 188.6 / 143.4, B256 x 512 94.9 /
-    80.0, B512 x 1024 367.7 / 259.4, B512 x 1536 (pages of 32) 451.8 / 382.7, B64 x 4096 186.1 /
-    141.6 (3 splits); the CUDA kernel streams 0.80-1.00 of copy bandwidth where Triton's
-    conversions in registers hold it to 0.64-0.84. bf16 pages: within 4% either way (B1024 x 128
-    146.5 / 141.4, B64 x 4096 245.8 / 251.5), so Triton stays. D 64 was not measured.
+    Measured on H200 (benchmarks/decode_sweep.py --cuda, 32/8 heads, CUDA graphs), Triton / CUDA
+    us, FP8 pages at D 128: B1024 x 128 105.4 / 78.8, B1024 x 256 188.6 / 143.4, B256 x 512
+    94.9 / 80.0, B512 x 1024 367.7 / 259.4, B512 x 1536 (pages of 32) 451.8 / 382.7, B64 x 4096
+    186.1 / 141.6 (3 splits); the CUDA kernel streams 0.80-1.00 of copy bandwidth where Triton's
+    conversions in registers hold it to 0.64-0.84. At D 64 (--head-dim 64): 0.54-0.77x Triton's
+    time at every shape (B1024 x 128 69.2 / 43.4, B64 x 4096 92.8 / 71.1). bf16 pages at D 128:
+    within 4% either way (B1024 x 128 146.5 / 141.4, B64 x 4096 245.8 / 251.5), so Triton stays.
     """
     from .csrc import mma_page
 
-    return cache_dtype == torch.float8_e4m3fn and head_dim == 128 and mma_page(page)
+    return cache_dtype == torch.float8_e4m3fn and head_dim in (64, 128) and mma_page(page)
 
 
 def decode_backend(q, k_cache, v_cache, block_tables) -> str:
