@@ -94,9 +94,9 @@ template <typename T> __device__ __forceinline__ void load_q8(const T* p, float*
   to_float8(*reinterpret_cast<const uint4*>(p), f, T());
 }
 
-// The end of both decode kernels: merge the kNW warps' softmax states of one (sequence, kv
-// head) from shared memory, then write the group's outputs (one split) or this split's
-// unnormalized sums, max and denominator for the combine kernel (several).
+// The end of the CUDA-core kernel (variant 0): merge the kNW warps' softmax states of one
+// (sequence, kv head) from shared memory, then write the group's outputs (one split) or this
+// split's unnormalized sums, max and denominator for the combine kernel (several).
 template <typename T, int D, int GP>
 __device__ __forceinline__ void merge_warps_and_store(
     const float (&sm_acc)[kNW][GP][D], const float (&sm_m)[kNW][GP], const float (&sm_l)[kNW][GP], int b,
