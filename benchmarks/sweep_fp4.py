@@ -5,11 +5,14 @@ and print / save the best. csrc/fp4_gemm.cu's and (on Hopper, below 256 tokens) 
 Each timed call reads its weights from memory, as in a model: the calls rotate over copies of
 the packed weight that together exceed twice the L2 cache (the down weight alone fits in L2).
 Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule SWEEP_KERNELS=triton,csrc,wgmma]
-       python benchmarks/sweep_fp4.py [out.json]"""
+       python benchmarks/sweep_fp4.py [out.json]
+       python benchmarks/sweep_fp4.py --compare BEFORE.json AFTER.json out.png  (any machine: the
+       csrc kernels' rule times of two sweeps side by side, e.g. a kernel change's A/B)"""
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -136,5 +139,29 @@ def main():
             json.dump(rows, f, indent=1)
 
 
+def compare(before: str, after: str, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.load(open(path)) for path in (before, after)]
+    key = lambda r: (r["shape"], r["format"], r["M"])
+    rules = [{key(r): r[k]["us"] for r in rs for k in ("wgmma_rule", "csrc_rule") if k in r} for rs in rows]
+    cases = [c for c in rules[0] if c in rules[1]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases)), 4.5))
+    for i, (rule, label) in enumerate(zip(rules, (before, after))):
+        ax.bar([j + 0.4 * i for j in range(len(cases))], [rule[c] for c in cases], 0.4, label=Path(label).stem)
+    for j, c in enumerate(cases):
+        ax.annotate(f"{rules[1][c] / rules[0][c]:.2f}", (j + 0.4, rules[1][c]), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + 0.2 for j in range(len(cases))], [f"{s}\n{f}\nM={m}" for s, f, m in cases], fontsize=7)
+    ax.set_ylabel("us (launch rule's configuration)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--compare"]:
+        compare(*sys.argv[2:5])
+    else:
+        main()

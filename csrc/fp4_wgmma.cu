@@ -11,27 +11,33 @@
 // - A block is kWG warpgroups; each owns 64 weight rows (wgmma's M) and all kNT tokens of the
 //   block's tile (wgmma's N). K advances in steps of 64 bytes of each row: low columns
 //   [64s, 64s + 64) and high columns K/2 + [64s, 64s + 64), eight 16-column MMA chunks.
-// - Activations: per step two TMA boxes of [kNT tokens, 64 columns] (the low and the high
-//   columns) in a ring of kStages slots, 128-byte swizzled as wgmma reads them; one thread issues
-//   them, `full` mbarriers say a slot landed, `empty` ones that every warp's MMAs on it are done.
-//   Tokens past M come in as zeros from TMA's bounds check.
-// - Weights: a lane (group g = lane / 4, q = lane % 4 of its warp's 16 rows) loads 16 bytes of
-//   rows g and g + 8 per step, two steps ahead, straight from global memory. wgmma's register
-//   fragment wants, for every chunk c, the columns 16c + 2q, +1 and 16c + 8 + 2q, +1: two bytes
-//   out of each 8, spread over the four lanes' loads. The four lanes of a quad trade them with
-//   three shuffles (a 4 x 4 transpose of words); the bytes arrive in the order the bit-placement
-//   dequantization reads (see `quad_transpose`). The high nibbles of the same bytes are the
-//   high half's chunks, so one exchange feeds all eight chunks.
-// - Scales: an NVFP4 group (16 columns) or half an MXFP4 group is exactly one chunk, so every
-//   register of a fragment has a single scale; e2m1 -> bf16 by bit placement and the multiplies
-//   are exact (`kNVUnscale` in fp4.cuh); the global scale multiplies the fp32 accumulators last.
+// - Activations (the permuted copy below): per step two TMA boxes of [kNT tokens, 64 columns]
+//   (the low and the high columns) in a ring of kStages slots, 128-byte swizzled as wgmma reads
+//   them; one thread issues them, `full` mbarriers say a slot landed, `empty` ones that every
+//   warp's MMAs on it are done. Tokens past M come in as zeros from TMA's bounds check.
+// - The order of K inside the dot product is free as long as both operands agree. A lane (group
+//   g = lane / 4, q = lane % 4 of its warp's 16 rows) loads 16 bytes of rows g and g + 8 per step
+//   (bytes 16q .. 16q + 15), two steps ahead, straight from global memory into registers, and uses
+//   them as they are: word c of its bytes
+//   is its register fragment of chunk c (low nibbles) and 4 + c (high nibbles), as in
+//   fp4_gemm.cu. The activations are put in that K order instead, once per call, by
+//   `permute_x_kernel` (a read and a write of x: 1.5-3% of gate_up's bytes at 64-128 tokens)
+//   before TMA brings them in, so no lane trades weight bytes with another (a 4 x 4 transpose
+//   of words in each lane quad took ~60 of a step's ~410 instructions before: ptxas, sm_90a).
+// - Scales: a lane's 16 bytes of a row are one NVFP4 group (16 columns) of the low half and one
+//   of the high half (half an MXFP4 group), so a lane converts 4 scales a step (rows g, g + 8 x
+//   low, high), not 16; e2m1 -> bf16 by bit placement and the multiplies are exact
+//   (`kNVUnscale` in fp4.cuh); the global scale multiplies the fp32 accumulators last.
 // - Each step's eight MMAs go in two halves of four: a warpgroup dequantizes one half while the
 //   other runs.
 // - A K split over grid.y writes fp32 partials the caller sums in order (deterministic).
 //
-// What limits it (H100, benchmarks/results/h100-2026-11-28/fp4_wgmma): the instruction stream.
-// A warp spent ~330 instructions a step (call 4), most of them dequantizing, and with 8-16 warps
-// an SM (registers) the schedulers issue 0.4-0.55 a cycle; memory and tensor cores are half idle.
+// What limits it: the instruction stream and its latencies. Before the permuted activations a warp
+// spent ~330 instructions a step, most of them dequantizing, and with 8-16 warps an SM (registers)
+// the schedulers issued 0.4-0.55 a cycle (H100, benchmarks/results/h100-2026-11-28/fp4_wgmma). Now
+// ~310 (ptxas, NVFP4) and 13-18% less time at gate_up, 5-8% at down (H200, 32-128 tokens,
+// benchmarks/results/h200-2026-11-28-fp4); the warps still wait half of the cycles, on loads,
+// on the MMAs and on dependent arithmetic (Nsight Compute stall reasons, same folder).
 #include <cuda.h>
 
 #include <type_traits>
@@ -41,7 +47,6 @@
 
 namespace {
 
-using tk::bf16x2_splat;
 using tk::e2m1x2;
 using tk::kNVUnscale;
 using tk::load_stream;
@@ -160,40 +165,14 @@ __device__ __forceinline__ void wgmma<128>(float* d, const uint32_t* a, uint64_t
 
 // --- the weights of one step -----------------------------------------------------------------
 
-// A lane's 16 bytes u of a row (bytes 16q .. 16q + 15 of the step) -> p[c], c = 0..3: the bytes 16c
-// + 2q, 16c + 8 + 2q, 16c + 2q + 1, 16c + 8 + 2q + 1 of the step (in that order, so e2m1x2<0> of
-// fp4.cuh gives the fragment's k-slots 2q, 2q + 1 and e2m1x2<0> of the word >> 8 the slots 2q + 8,
-// 2q + 9). Lane q holds for lane d the word prmt(u[d / 2], u[2 + d / 2]) of the bytes at 2(d % 2)
-// and 2(d % 2) + 1; round x swaps words with lane q ^ x, whose word is chunk q ^ x's; a butterfly on q's bits puts
-// chunk c in p[c] (registers cannot be indexed by a lane-dependent number).
-__device__ __forceinline__ void quad_transpose(const uint4& u, int q, uint32_t* p) {
-  auto word_for = [&](int d) {
-    return __byte_perm(d & 2 ? u.y : u.x, d & 2 ? u.w : u.z, d & 1 ? 0x7362 : 0x5140);
-  };
-  uint32_t r0 = word_for(q);
-  uint32_t r1 = __shfl_xor_sync(0xffffffffu, word_for(q ^ 1), 1);
-  uint32_t r2 = __shfl_xor_sync(0xffffffffu, word_for(q ^ 2), 2);
-  uint32_t r3 = __shfl_xor_sync(0xffffffffu, word_for(q ^ 3), 3);
-  if (q & 1) {  // r[x] held chunk q ^ x: now chunk (q & 2) ^ x
-    const uint32_t t0 = r0, t2 = r2;
-    r0 = r1, r1 = t0, r2 = r3, r3 = t2;
-  }
-  if (q & 2) {
-    const uint32_t t0 = r0, t1 = r1;
-    r0 = r2, r1 = r3, r2 = t0, r3 = t1;
-  }
-  p[0] = r0, p[1] = r1, p[2] = r2, p[3] = r3;
-}
-
 // One step's raw weights of a lane: 16 bytes and the scale bytes of rows g and g + 8
-// (NVFP4: 4 scales of the low chunks, 4 of the high ones; MXFP4: 2 and 2).
 struct Raw {
   uint4 w[2];
-  uint32_t s[2][2];  // [row][low, high]
+  uint32_t s[2][2];  // [row][low, high half]
 };
 
-// wp[h]: this lane's bytes of row h (g, g + 8) at step 0; sp[h][hf]: the row's scales of the
-// low / high half at step 0
+// wp[h]: this lane's bytes of row h (g, g + 8) at step 0; sp[h][hf]: the scale byte of those
+// bytes' low / high nibbles at step 0
 template <bool kNV>
 __device__ __forceinline__ void load_raw(Raw& r, const uint8_t* const* wp, const uint8_t* const (*sp)[2],
                                          int step) {
@@ -202,60 +181,41 @@ __device__ __forceinline__ void load_raw(Raw& r, const uint8_t* const* wp, const
     r.w[h] = load_stream(wp[h] + step * kStepBytes);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf)
-      if constexpr (kNV)  // group 16: scales 4s .. 4s + 3
-        r.s[h][hf] = __ldg(reinterpret_cast<const uint32_t*>(sp[h][hf] + 4 * step));
-      else  // group 32: scales 2s, 2s + 1
-        r.s[h][hf] = __ldg(reinterpret_cast<const uint16_t*>(sp[h][hf] + 2 * step));
+      r.s[h][hf] = __ldg(sp[h][hf] + (kNV ? 4 : 2) * step);  // group 4s + q (NVFP4), 2s + q / 2 (MX)
   }
 }
 
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
-  uint32_t r;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)two_bytes));
-  return r;
-}
-
-// The bf16x2 that chunk c's codes are multiplied by (tk::scaled), from a row's scale word of one
-// half: NVFP4 converts its scales two at a time (e4m3x2 -> f16x2, exact, NaN kept)
-template <bool kNV>
-__device__ __forceinline__ uint32_t multiplier(uint32_t word, int c) {
-  if constexpr (kNV) {
-    const uint32_t f16 = e4m3x2_to_f16x2(c < 2 ? word & 0xFFFF : word >> 16);
-    const unsigned short bits = (unsigned short)(f16 >> (16 * (c % 2)));
-    return bf16x2_splat(__half2float(__ushort_as_half(bits)) * 0x1p117f);
-  } else {  // one e8m0 byte per two chunks
-    return scale_bf16x2<false>((word >> (8 * (c / 2))) & 0xFF);
-  }
-}
-
-// Half H of a step's fragments: chunks 2H, 2H + 1 (low nibbles of p[.][c]) and 4 + 2H, 5 + 2H
-// (their high nibbles) -> a[j][0..3] (rows g / g + 8, k-slots 2q.. / 2q + 8..), j as `chunk_of`.
-// p: the transposed words of rows g and g + 8; sw: their scale words [row][low, high half].
+// Half H of a step's fragments: chunks 2H, 2H + 1 (low nibbles of word c of each row's 16 bytes)
+// and 4 + 2H, 5 + 2H (their high nibbles) -> a[j][0..3] (rows g / g + 8, k-slots 2q.. / 2q + 8..),
+// j as `chunk_of`. w: the bytes of rows g and g + 8; m: their multipliers [row][low, high half].
 template <bool kNV, int H>
-__device__ __forceinline__ void dequant_half(const uint32_t (*p)[4], const uint32_t (*sw)[2], uint32_t (*a)[4]) {
+__device__ __forceinline__ void dequant_half(const uint4* w, const uint32_t (*m)[2], uint32_t (*a)[4]) {
 #pragma unroll
   for (int cc = 0; cc < 2; ++cc) {
     const int c = 2 * H + cc;
-    const uint32_t lo0 = multiplier<kNV>(sw[0][0], c), lo1 = multiplier<kNV>(sw[1][0], c);
-    const uint32_t hi0 = multiplier<kNV>(sw[0][1], c), hi1 = multiplier<kNV>(sw[1][1], c);
-    const uint32_t w0 = p[0][c], w1 = p[1][c], v0 = w0 >> 8, v1 = w1 >> 8;  // bytes 1, 3 down
-    a[cc][0] = scaled<kNV>(e2m1x2<0>(w0), lo0);
-    a[cc][1] = scaled<kNV>(e2m1x2<0>(w1), lo1);
-    a[cc][2] = scaled<kNV>(e2m1x2<0>(v0), lo0);
-    a[cc][3] = scaled<kNV>(e2m1x2<0>(v1), lo1);
-    a[2 + cc][0] = scaled<kNV>(e2m1x2<4>(w0), hi0);
-    a[2 + cc][1] = scaled<kNV>(e2m1x2<4>(w1), hi1);
-    a[2 + cc][2] = scaled<kNV>(e2m1x2<4>(v0), hi0);
-    a[2 + cc][3] = scaled<kNV>(e2m1x2<4>(v1), hi1);
+    const uint32_t w0 = reinterpret_cast<const uint32_t*>(&w[0])[c];  // row g
+    const uint32_t w1 = reinterpret_cast<const uint32_t*>(&w[1])[c];  // row g + 8
+    const uint32_t v0 = w0 >> 8, v1 = w1 >> 8;                        // bytes 1, 3 down
+    a[cc][0] = scaled<kNV>(e2m1x2<0>(w0), m[0][0]);
+    a[cc][1] = scaled<kNV>(e2m1x2<0>(w1), m[1][0]);
+    a[cc][2] = scaled<kNV>(e2m1x2<0>(v0), m[0][0]);
+    a[cc][3] = scaled<kNV>(e2m1x2<0>(v1), m[1][0]);
+    a[2 + cc][0] = scaled<kNV>(e2m1x2<4>(w0), m[0][1]);
+    a[2 + cc][1] = scaled<kNV>(e2m1x2<4>(w1), m[1][1]);
+    a[2 + cc][2] = scaled<kNV>(e2m1x2<4>(v0), m[0][1]);
+    a[2 + cc][3] = scaled<kNV>(e2m1x2<4>(v1), m[1][1]);
   }
 }
 
 // fragment j of half H -> its 16-column chunk of the step (0-3 low columns, 4-7 high)
 __device__ __forceinline__ constexpr int chunk_of(int H, int j) { return (j < 2 ? 0 : 4) + 2 * H + j % 2; }
 
+// The activation ring: 128 KB (8 steps) below 128-token tiles, 192 KB (6) at 128 tokens, where 6
+// slots against 4 took 70.0-70.5 us against 71.5-71.8 at gate_up (H200, benchmarks/results/
+// h200-2026-11-28-fp4); 12 slots for 64 tokens were no faster (43.9-44.4 against 43.7).
 template <int kNT>
-constexpr int stages_for() {  // activation ring: 32-128 KB (a power of two: slot and phase by bits)
-  return kNT >= 128 ? 4 : 8;
+constexpr int stages_for() {
+  return kNT >= 128 ? 6 : 8;
 }
 
 template <int kNT>
@@ -303,7 +263,7 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
   for (int h = 0; h < 2; ++h) {  // rows past N re-read row N - 1 and are never stored
     const int r = min(row0 + 8 * h + g, N - 1);
     wp[h] = w + r * stride_w + first * kStepBytes + 16 * q;
-    sp[h][0] = s + r * stride_s + first * kStepBytes / (kNV ? 16 : 32);
+    sp[h][0] = s + r * stride_s + (first * kStepBytes + 16 * q) / (kNV ? 16 : 32);
     sp[h][1] = sp[h][0] + half / (kNV ? 16 : 32);
   }
 
@@ -314,13 +274,12 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
   // the other half's MMAs run: the warpgroup keeps the tensor cores busy on its own, with the
   // registers of one step's fragments.
   uint32_t frag[2][4][4];  // [half][fragment][register]
-  uint32_t p[2][4], sw[2][2];  // the current step's transposed words and scale words
-  Raw raw[2];
-  auto unpack = [&](const Raw& r) {
-    quad_transpose(r.w[0], q, p[0]);
-    quad_transpose(r.w[1], q, p[1]);
+  uint32_t mult[2][2];  // the multipliers of the step being dequantized [row][low, high half]
+  Raw raw[2];  // steps loaded ahead: step i in raw[i % 2]
+  auto multipliers = [&](const Raw& r) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) sw[h][0] = r.s[h][0], sw[h][1] = r.s[h][1];
+    for (int h = 0; h < 2; ++h)
+      mult[h][0] = scale_bf16x2<kNV>(r.s[h][0]), mult[h][1] = scale_bf16x2<kNV>(r.s[h][1]);
   };
   auto fence_half = [&](uint32_t (*f)[4]) {
 #pragma unroll
@@ -343,19 +302,18 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
   if (count > 0) load_raw<kNV>(raw[0], wp, sp, 0);
   if (count > 1) load_raw<kNV>(raw[1], wp, sp, 1);
   if (count > 0) {
-    unpack(raw[0]);
-    dequant_half<kNV, 0>(p, sw, frag[0]);
+    multipliers(raw[0]);
+    dequant_half<kNV, 0>(raw[0].w, mult, frag[0]);
   }
-  if (count > 2) load_raw<kNV>(raw[0], wp, sp, 2);
 #pragma unroll
   for (int j = 0; j < kNT / 2; ++j) fence_reg(acc[j]);
 
-  // step i (its first half's fragments ready): thread 0 refills the slot two steps back once
-  // every warp has released it; wait for the step's activations; MMAs of half 0; once the
-  // previous step's half 1 is done (its slot is released), dequantize half 1 and issue it;
-  // unpack step i + 1 (raw `next`, loaded two steps ago; then load step i + 3 there); once
-  // half 0 is done, dequantize step i + 1's half 0.
-  auto step = [&](int i, Raw& next) {
+  // step i (its first half's fragments ready; its raw weights in `cur`, step i + 1's in `next`):
+  // thread 0 refills the slot two steps back once every warp has released it; wait for the
+  // step's activations; MMAs of half 0; once the previous step's half 1 is done (its slot is
+  // released), dequantize half 1 and issue it; load step i + 2 into `cur`; once half 0 is done,
+  // dequantize step i + 1's half 0.
+  auto step = [&](int i, Raw& cur, const Raw& next) {
     if (tid == 0 && i >= 2 && i - 2 + kStages < count) {
       mbar_wait(&empty[(i - 2) % kStages], ((i - 2) / kStages) & 1);
       issue(i - 2 + kStages);
@@ -368,22 +326,22 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
     fence_half(frag[1]);
     __syncwarp();
     if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % kStages]);
-    dequant_half<kNV, 1>(p, sw, frag[1]);
+    dequant_half<kNV, 1>(cur.w, mult, frag[1]);
     mma_half(H1(), desc);
-    if (i + 1 < count) {
-      unpack(next);
-      if (i + 3 < count) load_raw<kNV>(next, wp, sp, i + 3);
-    }
+    if (i + 2 < count) load_raw<kNV>(cur, wp, sp, i + 2);
     wgmma_wait<1>();
     fence_half(frag[0]);
-    if (i + 1 < count) dequant_half<kNV, 0>(p, sw, frag[0]);
+    if (i + 1 < count) {
+      multipliers(next);
+      dequant_half<kNV, 0>(next.w, mult, frag[0]);
+    }
   };
   int i = 0;
   for (; i + 1 < count; i += 2) {  // two steps a turn: the raw buffers alternate by name
-    step(i, raw[1]);
-    step(i + 1, raw[0]);
+    step(i, raw[0], raw[1]);
+    step(i + 1, raw[1], raw[0]);
   }
-  if (i < count) step(i, raw[1]);
+  if (i < count) step(i, raw[0], raw[1]);
   wgmma_wait<0>();
 #pragma unroll
   for (int j = 0; j < kNT / 2; ++j) fence_reg(acc[j]);
@@ -405,6 +363,29 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
         else
           out[t * stride_o + r] = __float2bfloat16_rn(v);
       }
+}
+
+// x [M, K] (row stride stride_x) -> xp [M, K] contiguous in the K order of the weights' fragments:
+// in each 64-column segment, chunk c (columns 16c .. 16c + 15 of xp) holds at k-slots 2q, 2q + 1 the
+// columns 16q + 4c and 16q + 4c + 2 of x, at k-slots 8 + 2q, 9 + 2q the columns 16q + 4c + 1 and
+// 16q + 4c + 3 (the columns of lane q's word c: bytes 0, 2 and 1, 3, the order e2m1x2 reads them).
+// One thread a chunk: four 8-byte loads, two 16-byte stores.
+__global__ void permute_x_kernel(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ xp, int K,
+                                 int64_t stride_x, int chunks) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= chunks) return;
+  const int per_row = K / 16, m = (int)(i / per_row), j = (int)(i % per_row);
+  const int seg = 64 * (j / 4), c = j % 4;
+  uint32_t lo[4], hi[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint2 v = *reinterpret_cast<const uint2*>(x + m * stride_x + seg + 16 * q + 4 * c);
+    lo[q] = __byte_perm(v.x, v.y, 0x5410);  // columns 4c, 4c + 2 of lane q's 16
+    hi[q] = __byte_perm(v.x, v.y, 0x7632);  // columns 4c + 1, 4c + 3
+  }
+  uint4* dst = reinterpret_cast<uint4*>(xp + (int64_t)m * K + seg + 16 * c);
+  dst[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  dst[1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -446,31 +427,36 @@ int launch(const CUtensorMap& xmap, const void* w, const void* s, const float* g
 
 }  // namespace
 
-// x: bf16 [M, K = 2 half] (row stride stride_x elements, a multiple of 8; 16-byte aligned);
+// x: bf16 [M, K = 2 half] (row stride stride_x elements, a multiple of 8; 16-byte aligned); xp:
+// bf16 [M, K] scratch for its permuted copy (16-byte aligned);
 // w: uint8 [N, half] packed codes (16-byte aligned rows); s: uint8 scale bytes [N, K / group]
-// (e4m3 for NVFP4, e8m0 for MXFP4; rows 4-byte aligned for NVFP4, 2-byte for MXFP4); g: the
+// (e4m3 for NVFP4, e8m0 for MXFP4); g: the
 // NVFP4 global scale (fp32, device) or null; out: bf16 [M, N] (row stride stride_o), or with
 // split > 1, partial: fp32 [split, M, N] to be summed over the split. half % 64 == 0.
 // tokens: the block's token tile (16, 32, 64 or 128; more tokens take more tiles over grid.z);
 // warpgroups: 1, 2 or 4 (64 weight rows each; 1 or 2 with 128-token tiles).
-extern "C" int tk_fp4_gemm_wgmma(const void* x, const void* w, const void* s, const float* g, void* out,
+extern "C" int tk_fp4_gemm_wgmma(const void* x, void* xp, const void* w, const void* s, const float* g, void* out,
                                  float* partial, int M, int N, int half, int64_t stride_x, int64_t stride_w,
                                  int64_t stride_s, int64_t stride_o, int nvfp4, int tokens, int warpgroups,
                                  int split, cudaStream_t stream) {
   if (M < 1 || N < 1 || half < kStepBytes || half % kStepBytes || stride_x % 8 || split < 1 ||
-      (split > 1 && !partial))
+      (split > 1 && !partial) || !xp)
     return (int)cudaErrorInvalidValue;
   EncodeTiled encode = encode_tiled();
   if (!encode) return (int)cudaErrorNotSupported;
   CUtensorMap xmap;
   const cuuint64_t dims[2] = {(cuuint64_t)2 * half, (cuuint64_t)M};
-  const cuuint64_t strides[1] = {(cuuint64_t)stride_x * 2};
+  const cuuint64_t strides[1] = {(cuuint64_t)half * 4};
   const cuuint32_t box[2] = {64, (cuuint32_t)tokens};
   const cuuint32_t unit[2] = {1, 1};
-  if (encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims, strides, box, unit,
+  if (encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, xp, dims, strides, box, unit,
              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return (int)cudaErrorInvalidValue;
+  const int chunks = M * (half / 8);  // 16-column chunks of x
+  permute_x_kernel<<<(chunks + 255) / 256, 256, 0, stream>>>((const __nv_bfloat16*)x, (__nv_bfloat16*)xp,
+                                                            2 * half, stride_x, chunks);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return (int)e;
 #define TK_WGMMA_LAUNCH(NV, NT, WG) \
   return launch<NV, NT, WG>(xmap, w, s, g, out, partial, M, N, half, stride_w, stride_s, stride_o, split, stream)
 #define TK_WGMMA_TOKENS(NV, WG)               \

@@ -1,5 +1,6 @@
 """csrc kernels: every .cu file compiles for sm_90a on any machine with nvcc (no GPU needed),
 and on the GPU each kernel matches its op's reference."""
+import re
 import subprocess
 
 import pytest
@@ -20,6 +21,20 @@ def test_compiles_for_sm90a(source, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.stat().st_size > 0
+
+
+@pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
+@pytest.mark.parametrize("name", ["fp4_wgmma.cu", "paged_decode.cu"])
+def test_register_resident_kernels_do_not_spill(name, tmp_path):
+    """The wgmma FP4 GEMM and the decode kernels keep their MMA fragments, accumulators and
+    loads in flight in registers, at the budget their launch bounds give (the wgmma kernel's
+    four-warpgroup blocks: 128 a thread); a spill to local memory there costs more than it saves."""
+    source = next(s for s in csrc.sources() if s.name == name)
+    cmd = csrc.nvcc_command(nvcc, [source], tmp_path / "k.cubin", (9, 0), shared=False) + ["-Xptxas", "-v"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr)]
+    assert spills and max(spills) == 0, result.stderr[-3000:]
 
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),

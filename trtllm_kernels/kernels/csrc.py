@@ -115,7 +115,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tk_paged_decode_occupancy.restype = i32
     lib.tk_fp4_gemm_small_m.argtypes = [p] * 6 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
     lib.tk_fp4_gemm_small_m.restype = i32
-    lib.tk_fp4_gemm_wgmma.argtypes = [p] * 6 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
+    lib.tk_fp4_gemm_wgmma.argtypes = [p] * 7 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
     lib.tk_fp4_gemm_wgmma.restype = i32
 
 
@@ -373,9 +373,10 @@ def fp4_gemm_small_m_cuda(x, w, scale, global_scale, config=None):
     return _fp4_launch("tk_fp4_gemm_small_m", x, w, scale, global_scale, config)
 
 
-def _fp4_launch(name, x, w, scale, global_scale, config):
-    """Run one of the FP4 GEMM launchers (same arguments; config ends with the K split) and
-    add the K shares' fp32 partials in order (deterministic)."""
+def _fp4_launch(name, x, w, scale, global_scale, config, *scratch):
+    """Run one of the FP4 GEMM launchers (same arguments, the wgmma one with a scratch buffer
+    after x; config ends with the K split) and add the K shares' fp32 partials in order
+    (deterministic)."""
     from .triton_tiles import sum_splits_kernel
 
     m, n, half = x.shape[0], w.shape[0], w.shape[1]
@@ -385,8 +386,8 @@ def _fp4_launch(name, x, w, scale, global_scale, config):
     nvfp4 = scale.dtype == _FP8
     scale = scale.view(torch.uint8)
     code = getattr(library(), name)(
-        _ptr(x), _ptr(w), _ptr(scale), _ptr(global_scale), _ptr(out), _ptr(part), m, n, half,
-        x.stride(0), w.stride(0), scale.stride(0), out.stride(0), int(nvfp4), *config, _stream(x.device))
+        _ptr(x), *map(_ptr, scratch), _ptr(w), _ptr(scale), _ptr(global_scale), _ptr(out), _ptr(part), m, n,
+        half, x.stride(0), w.stride(0), scale.stride(0), out.stride(0), int(nvfp4), *config, _stream(x.device))
     _check(code, name)
     if part is not None:
         sum_splits_kernel[(-(-m * n // 1024),)](part, out, m * n, SPLIT_K=split, BLOCK=1024, num_warps=4)
@@ -407,16 +408,14 @@ FP4_WGMMA_TOKENS = (16, 32, 64, 128)  # token tiles it is built for
 
 def fp4_wgmma_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether csrc/fp4_wgmma.cu takes these inputs on this GPU: Hopper (sm_90), bf16
-    activations with unit last stride, 16-byte aligned rows (TMA), K % 128 == 0, 16-byte
-    aligned weight rows, scale rows aligned for their word loads (4 bytes NVFP4, 2 MXFP4)."""
+    activations with unit last stride and 16-byte aligned rows, K % 128 == 0, 16-byte aligned
+    weight rows, scales with unit last stride."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= 1 and w.shape[0] > 0):
         return False
     if torch.cuda.get_device_capability(x.device) != (9, 0):
         return False
-    word = 4 if scale.dtype == _FP8 else 2
-    aligned = lambda t, n, b: t.stride(-1) == 1 and t.data_ptr() % b == 0 and t.stride(0) % n == 0
-    return (w.shape[1] % 64 == 0 and aligned(x, 8, 16) and aligned(w, 16, 16)
-            and aligned(scale, word, word))
+    aligned = lambda t, n: t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % n == 0
+    return w.shape[1] % 64 == 0 and aligned(x, 8) and aligned(w, 16) and scale.stride(-1) == 1
 
 
 def fp4_wgmma_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int]:
@@ -439,7 +438,8 @@ def fp4_gemm_wgmma_cuda(x, w, scale, global_scale, config=None):
     from .triton_tiles import num_sms
 
     config = config or fp4_wgmma_config(x.shape[0], w.shape[0], w.shape[1], num_sms(x.device))
-    return _fp4_launch("tk_fp4_gemm_wgmma", x, w, scale, global_scale, config)
+    xp = torch.empty(x.shape[0], 2 * w.shape[1], dtype=x.dtype, device=x.device)  # x in the kernel's K order
+    return _fp4_launch("tk_fp4_gemm_wgmma", x, w, scale, global_scale, config, xp)
 
 
 def register() -> None:
