@@ -144,7 +144,7 @@ def compare(before: str, after: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.load(open(path)) for path in (before, after)]
+    rows = [json.loads(Path(path).read_text()) for path in (before, after)]
     key = lambda r: (r["shape"], r["format"], r["M"])
     rules = [{key(r): r[k]["us"] for r in rs for k in ("wgmma_rule", "csrc_rule") if k in r} for rs in rows]
     cases = [c for c in rules[0] if c in rules[1]]

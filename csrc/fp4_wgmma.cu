@@ -35,7 +35,7 @@
 // What limits it: the instruction stream and its latencies. Before the permuted activations a warp
 // spent ~330 instructions a step, most of them dequantizing, and with 8-16 warps an SM (registers)
 // the schedulers issued 0.4-0.55 a cycle (H100, benchmarks/results/h100-2026-11-28/fp4_wgmma). Now
-// ~310 (ptxas, NVFP4) and 13-18% less time at gate_up, 5-8% at down (H200, 32-128 tokens,
+// ~310 (ptxas, NVFP4) and 13-19% less time at gate_up, 7-9% at down (H200, 32-128 tokens,
 // benchmarks/results/h200-2026-11-28-fp4); the warps still wait half of the cycles, on loads,
 // on the MMAs and on dependent arithmetic (Nsight Compute stall reasons, same folder).
 #include <cuda.h>
