@@ -388,6 +388,17 @@ def test_gpu_csrc_small_m(fmt, m, config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel, m", [("small_m", 1), ("small_m", 16), ("wgmma", 64)])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_csrc_reads_scales_at_any_byte_offset(fmt, kernel, m):
+    """Scale bytes are read from any address and row stride: the kernels' scale loads must not
+    assume the 4-byte alignment that the quantizer's own tensors happen to have."""
+    csrc = _require_wgmma() if kernel == "wgmma" else _require_csrc()
+    supported, gemm = getattr(csrc, f"fp4_{kernel}_supported"), getattr(csrc, f"fp4_gemm_{kernel}_cuda")
+    _check_csrc_gemm(supported, gemm, fmt, m, None, odd_scales=True)
+
+
+@pytest.mark.gpu
 def test_gpu_csrc_small_m_refuses_a_configuration_it_lacks():
     """A launch configuration the library has no kernel for (3 tiles a block) is a clear error."""
     csrc = _require_csrc()
@@ -397,11 +408,15 @@ def test_gpu_csrc_small_m_refuses_a_configuration_it_lacks():
         csrc.fp4_gemm_small_m_cuda(x, p, s, g, (3, 4, 1))
 
 
-def _check_csrc_gemm(supported, gemm, fmt, m, config):
+def _check_csrc_gemm(supported, gemm, fmt, m, config, odd_scales=False):
     """A csrc FP4 kernel against the float32 GEMM of the dequantized weights: 1000 rows (ragged
-    tiles), K 4352 (34 steps of 64 bytes), x a strided view."""
+    tiles), K 4352 (34 steps of 64 bytes), x a strided view; odd_scales: the scales a view that
+    starts 1 byte past an aligned address, rows 3 bytes apart beyond their length."""
     n, k = 1000, 4352
     p, s, g = tk.quantize_fp4(torch.randn(n, k, device="cuda") * k ** -0.5, fmt)
+    if odd_scales:
+        s = torch.zeros(n, s.shape[1] + 3, device="cuda", dtype=s.dtype)[:, 1:-2].copy_(s)
+        assert s.data_ptr() % 4 == 1 and s.stride(0) % 2 == 1
     x = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)[:, 64:]
     assert supported(x, p, s)
     out = gemm(x, p, s, g, config)
