@@ -61,6 +61,8 @@ def auto_split(cfg, m, n, half):
 
 def main():
     out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    if csrc.available():  # which tree's kernels this is (an A/B copy: benchmarks/tree_at.sh)
+        print("csrc sources:", csrc.source_dir(), flush=True)
     rows = []
     t0 = time.time()
     for (name, (n, k)), fmt in ((sh, f) for sh in SHAPES.items() for f in FORMATS):

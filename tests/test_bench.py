@@ -5,8 +5,13 @@ the GPU run takes, except CUDA events and graphs, covered by the `gpu` test at t
 import importlib.util
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +271,28 @@ def test_graph_mode_refuses_uncapturable_calls_and_recovers():
         time_fn(lambda t: (torch.cuda.synchronize(), t * 2), x, iters=5, graph=True)
     assert torch.randn(4, device="cuda").isfinite().all()  # the CUDA RNG still works
     assert time_fn(lambda t: t * 2, x, iters=5, graph=True)["mode"] == "cuda-graph"
+
+
+# --- same-machine A/B of two revisions -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="needs a git checkout")
+def test_tree_at_exports_a_revision_that_runs_its_own_engine_runtime_and_kernels(tmp_path):
+    """benchmarks/tree_at.sh's copy, on PYTHONPATH, imports its own engine and runtime and builds
+    its own csrc sources, not the working tree's (an editable install maps those subpackages to
+    the repository's folders); it refuses to overwrite a folder."""
+    copy = tmp_path / "old"
+    tree_at = ["bash", str(REPO / "benchmarks" / "tree_at.sh"), "HEAD", str(copy)]
+    subprocess.run(tree_at, check=True, capture_output=True)
+    probe = ("import trtllm_kernels.engine as e, trtllm_kernels.runtime as r\n"
+             "from trtllm_kernels.kernels import csrc\n"
+             "print(e.__file__, r.__file__, csrc.source_dir(), sep='\\n')")
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=env, check=True, capture_output=True,
+                         text=True).stdout.split("\n")[:3]
+    assert all(Path(p).resolve().is_relative_to(copy.resolve()) for p in out), out
+    assert (Path(out[2]) / "fp4_gemm.cu").is_file()
+    again = subprocess.run(tree_at, capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr
