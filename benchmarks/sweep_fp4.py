@@ -4,7 +4,7 @@ the fused kernel, the dequantize + torch.matmul path and bf16 torch.matmul under
 and print / save the best. csrc/fp4_gemm.cu's and (on Hopper, below 256 tokens) csrc/fp4_wgmma.cu's configurations too.
 Each timed call reads its weights from memory, as in a model: the calls rotate over copies of
 the packed weight that together exceed twice the L2 cache (the down weight alone fits in L2).
-Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule SWEEP_KERNELS=triton,csrc,wgmma]
+Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule SWEEP_CSRC=rule SWEEP_KERNELS=triton,csrc,wgmma]
        python benchmarks/sweep_fp4.py [out.json]
        python benchmarks/sweep_fp4.py --compare BEFORE.json AFTER.json out.png  (any machine: the
        csrc kernels' rule times of two sweeps side by side, e.g. a kernel change's A/B)"""
@@ -19,6 +19,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import trtllm_kernels as tk
+from trtllm_kernels.bench import measure_copy_bandwidth
 from trtllm_kernels.bench.timing import l2_cache_bytes, num_rotations
 from trtllm_kernels.kernels import csrc
 from trtllm_kernels.kernels import triton_fp4 as tf
@@ -63,6 +64,8 @@ def main():
     out_path = sys.argv[1] if len(sys.argv) > 1 else None
     if csrc.available():  # which tree's kernels this is (an A/B copy: benchmarks/tree_at.sh)
         print("csrc sources:", csrc.source_dir(), flush=True)
+    if any(m >= 1024 for m in MS):  # the dequantization's yardstick
+        print(f"copy bandwidth {measure_copy_bandwidth(torch.device('cuda')) / 1e9:.0f} GB/s", flush=True)
     rows = []
     t0 = time.time()
     for (name, (n, k)), fmt in ((sh, f) for sh in SHAPES.items() for f in FORMATS):
@@ -89,10 +92,13 @@ def main():
             except Exception as e:
                 print("tinygemm failed", str(e)[:200], flush=True)
             tf.CONFIG_OVERRIDE = None
-            if m >= 1024:
+            if m >= 1024:  # the dequantize + matmul path, and its dequantization alone
                 saved = tf.DEQUANT_MATMUL_MIN_M
                 tf.DEQUANT_MATMUL_MIN_M = 1
                 row["dequant_matmul_us"] = rotated(lambda pc, sc: tf.fp4_gemm_cuda(x, pc, sc, g))
+                us = row["dequant_us"] = rotated(lambda pc, sc: tf.fp4_dequantize_cuda(pc, sc, g, x.dtype))
+                moved = p.nbytes + s.nbytes + 2 * n * k  # packed weights and scales in, bf16 out
+                print(f"    dequantize: {us:.1f} us, {moved / us / 1e3:.0f} GB/s", flush=True)
                 tf.DEQUANT_MATMUL_MIN_M = saved
             triton = configs(m, n, k // 2) if m < 1024 and "triton" in KERNELS else []
             for cfg in triton[:1] if os.environ.get("SWEEP_TRITON") == "rule" else triton:
@@ -109,6 +115,7 @@ def main():
                     tf.CONFIG_OVERRIDE = None
                 row["results"].append(dict(cfg=cfg, us=t, rel_err=err))
             def sweep_csrc(key, gemm, grid, rule):  # a csrc kernel's grid and its rule's choice
+                grid = [] if os.environ.get("SWEEP_CSRC") == "rule" else grid
                 for cfg in grid + ([rule] if rule not in grid else []):
                     try:
                         err = float((gemm(x, p, s, g, cfg).float() - ref).abs().max() / ref.abs().max())
