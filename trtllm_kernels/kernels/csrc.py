@@ -427,7 +427,8 @@ def fp4_wgmma_config(m: int, n: int, half: int, sms: int) -> tuple[int, int, int
     24 configurations at gate_up 28672x4096 and down 4096x14336, M 32-200, both formats): the
     rule's choice was the fastest but at down with 32 tokens (25.5 us against 25.2 with two
     warpgroups). Stream-K (132 blocks sharing the tiles' K steps evenly, cut tiles summed in the
-    kernel) was slower at every shape on an H200: results/h200-2026-11-28-fp4-streamk."""
+    kernel) was slower on an H200 at every shape but gate_up with 200 tokens (6% faster):
+    results/h200-2026-11-28-fp4-streamk."""
     tokens = next((t for t in FP4_WGMMA_TOKENS if t >= m), FP4_WGMMA_TOKENS[-1])
     groups = 4 if tokens < 128 else 2
     return tokens, groups, _k_split(-(-n // (64 * groups)) * -(-m // tokens), half // 64, sms, 8)
