@@ -94,6 +94,28 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return x
 
 
+def argmax_rows(x: torch.Tensor, max_rows: int = 32) -> torch.Tensor:
+    """x.argmax(-1) of a 2-D x; on the GPU for up to max_rows rows by `argmax_two_pass`: torch
+    reduces a row in one pass of few threads (36 us for one row of Llama-3's 128,256 logits on
+    an H200, 1% of a batch-1 decode step)."""
+    if not x.is_cuda or x.shape[0] > max_rows or x.shape[1] < 1024:
+        return x.argmax(dim=-1)
+    return argmax_two_pass(x)
+
+
+def argmax_two_pass(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of a 2-D x in two passes: chunks of a vocabulary divisor near 512 (else -inf
+    padding) each give their first maximum, and the first chunk holding the row's maximum gives
+    the first index of it overall, as argmax does (NaN included: it is the maximum of both)."""
+    n, v = x.shape
+    c = next((c for c in range(512, 256, -1) if v % c == 0), 512)
+    if v % c:
+        x = torch.nn.functional.pad(x, (0, c - v % c), value=float("-inf"))
+    best, where = x.view(n, -1, c).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (chunk * c + where.gather(-1, chunk)).squeeze(-1)
+
+
 def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     # A 32-bit integer finaliser with full avalanche (Chris Wellons' "lowbias32" constants),
     # on int64 holding values < 2**32 so that >> is a logical shift; products wrap mod 2**64
@@ -276,7 +298,7 @@ class Sampler:
                 pairs = pairs.to(dev, non_blocking=True)
                 x = x.clone() if x is logits else x  # the runner's logits stay as they are
                 x[pairs[:, 0], pairs[:, 1]] = float("-inf")
-        tokens = x.argmax(dim=-1)
+        tokens = argmax_rows(x)
         sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPS]
         if sampled:
             ps = [params[i] for i in sampled]

@@ -10,7 +10,8 @@ import torch
 from trtllm_kernels.runtime.detokenizer import IncrementalDetokenizer
 from trtllm_kernels.runtime.request import Request
 from trtllm_kernels.runtime.sampler import (
-    PenaltyState, Sampler, apply_penalties, filter_logits, sample, seeded_child, seeded_exponential,
+    PenaltyState, Sampler, apply_penalties, argmax_rows, argmax_two_pass, filter_logits, sample,
+    seeded_child, seeded_exponential,
 )
 from trtllm_kernels.runtime.sampling_params import SamplingParams
 
@@ -182,6 +183,34 @@ def test_greedy_rows_take_argmax_of_penalised_logits():
     want = [int(ref_penalties(logits[0], [1], out[0], 5.0, 0, 0).argmax()), int(logits[1].argmax()),
             int(ref_penalties(logits[2], [2], out[2], 1.0, 1.0, 2.0).argmax())]
     assert got == want and got[0] != out[0][0]
+
+
+VOCABS = [128256, 49152, 1031, 1024]  # chunks of 501, 512, 512 padded, 512
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_is_argmax(vocab, dtype, device="cpu"):
+    """First index of the maximum, as torch's argmax: ties inside a chunk and across chunks, a
+    maximum in the padded last chunk, rows of -inf, and NaN (the maximum of argmax)."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g).to(dtype).to(device)
+    x[1, [3, 700, vocab - 1]] = 50  # ties across chunks: 3
+    x[2, [600, 601]] = 50  # ties inside a chunk
+    x[3, vocab - 1] = 50  # the last column (past the last whole chunk when padded)
+    x[4] = float("-inf")
+    x[5, [10, vocab - 2]] = float("nan")
+    x[6, 0] = 50
+    x[7] = 0  # all equal
+    assert torch.equal(argmax_two_pass(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_gpu_two_pass_argmax_is_argmax(vocab):
+    test_two_pass_argmax_is_argmax(vocab, torch.float32, "cuda")
+    test_two_pass_argmax_is_argmax(vocab, torch.bfloat16, "cuda")
 
 
 def test_logit_bias_is_added_before_the_penalties():

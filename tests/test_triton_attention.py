@@ -151,7 +151,8 @@ def test_decode_fp8_cache(f16_math):
 
 def test_decode_num_splits_rule():
     # programs that fill the GPU: no split; few programs and a long context: enough splits for
-    # one wave, none under 256 tokens; past one wave, splits that keep the last wave busy
+    # one wave, none under 256 tokens (unless a program per tile fits one wave); past one wave,
+    # splits that keep the last wave busy
     assert ta.decode_num_splits(256, 8, 512, 64) == 1
     assert ta.decode_num_splits(64, 8, 4096, 64, 132, 4) == 1   # 512 programs, 528 slots
     s = ta.decode_num_splits(4, 8, 32768, 64, 132, 4)
@@ -159,7 +160,10 @@ def test_decode_num_splits_rule():
     assert ta.decode_num_splits(72, 8, 4096, 64, 132, 4) > 1     # 576 programs: no near-empty wave
     assert ta.decode_num_splits(1, 1, 64, 64) == 1
     assert ta.decode_num_splits(1, 8, 100_000, 64) <= ta.MAX_SPLITS
-    assert ta.decode_num_splits(1, 8, 512, 64) <= 2
+    # a program per tile still one wave (batch 1, 512-token tables): a split per tile
+    assert ta.decode_num_splits(1, 8, 512, 64, 132, 4) == 8
+    assert ta.decode_num_splits(1, 8, 4096, 64, 132, 4) == 32  # 512 programs of one tile: 32 (> 16)
+    assert ta.decode_num_splits(2, 8, 4096, 64, 132, 4) == 16  # 1024: splits of 256+ tokens again
 
 
 def test_launch_configs(monkeypatch):

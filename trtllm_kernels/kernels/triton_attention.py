@@ -527,14 +527,20 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
     splitting P programs s ways costs ~ (full waves * slots + max(last wave, slots / 2)) / s,
     plus ~3% for the reduce pass. One full wave is best: every program starts at once and all
     finish together. Minimise that over s (at most MAX_SPLITS, no split shorter than
-    `min_split_tokens` of the largest possible context). H100 (132 SMs, 4 per SM): B64 x 4096
-    (8 kv heads) -> 1 (measured 357 us; 2 splits 362, 3 splits 368), B256 x 512 -> 1,
-    B4 x 32768 -> 9 (188 us, as fast as 32). Splits past a sequence's actual end exit at once.
+    `min_split_tokens` of the largest possible context unless a program per tile fits one
+    wave). H100 (132 SMs, 4 per SM): B64 x 4096 (8 kv heads) -> 1 (measured 357 us; 2 splits
+    362, 3 splits 368), B256 x 512 -> 1, B4 x 32768 -> 9 (188 us, as fast as 32). Splits past
+    a sequence's actual end exit at once.
     """
     programs = batch * num_kv_heads
     slots = max(1, sms * per_sm)
     tiles = triton.cdiv(max_context, block_n)
-    max_splits = min(MAX_SPLITS, max(1, tiles // max(1, min_split_tokens // block_n)))
+    # Where even a program per tile fits one wave, a program's time is its chain of dependent
+    # loads (block table, then K/V), tile after tile, not bandwidth: splits down to one tile
+    # run the chain once. Batch 1 (8 kv heads, 512-token tables): 8 splits, 8.4 -> 3.9 us a layer
+    # at context 192 on an H200 (results/h200-2026-11-28-batch1).
+    floor = 1 if programs * tiles <= slots else max(1, min_split_tokens // block_n)
+    max_splits = min(MAX_SPLITS, max(1, tiles // floor))
 
     def cost(s: int) -> float:
         full, last = divmod(programs * s, slots)
