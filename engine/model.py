@@ -107,16 +107,21 @@ class LlamaModel:
         qkv = tk.linear(x, layer["qkv"])
         return self.reduce(tk.linear(self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales), layer["o"]))
 
-    def _attend(self, qkv, positions, meta, k_cache, v_cache, kv_scales):
-        """qkv: [T, q_size + 2 kv_size] projections -> attention output [T, q_size]; rotary
-        embedding and the cache write are one fused op, then decodes and prefills attend."""
+    def _rope_and_cache(self, qkv, positions, meta, k_cache, v_cache, kv_scales):
+        """qkv: [T, q_size + 2 kv_size] projections -> rotated queries [T, Hq, D]; the rotary
+        embedding of q and k and the cache write of k and v are one fused op."""
         c = self.config
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, c.num_attention_heads, c.head_dim)
         k = k.view(-1, c.num_key_value_heads, c.head_dim)
         v = v.view(-1, c.num_key_value_heads, c.head_dim)
-        q = tk.rope_and_write_kv_cache(positions, q, k, v, self.cos_sin_cache, k_cache, v_cache,
-                                       meta.slot_mapping, *kv_scales)
+        return tk.rope_and_write_kv_cache(positions, q, k, v, self.cos_sin_cache, k_cache, v_cache,
+                                          meta.slot_mapping, *kv_scales)
+
+    def _attend(self, qkv, positions, meta, k_cache, v_cache, kv_scales):
+        """qkv: [T, q_size + 2 kv_size] projections -> attention output [T, q_size]: rotary
+        embedding and cache write, then decodes and prefills attend."""
+        q = self._rope_and_cache(qkv, positions, meta, k_cache, v_cache, kv_scales)
         n = meta.num_decodes
         parts = []
         if n:

@@ -9,7 +9,9 @@ norms and the LM head stay in the build dtype. At run time activations are quant
 dynamically, per token:
 - the two RMSNorms of each layer are fused with the residual add and the quantization of
   their output (`rms_norm_quant_fp8`), so qkv and the MLP read fp8 directly;
-- attention's output is quantized per token before the o projection (`fp8_linear`);
+- attention's output is quantized per token before the o projection; in small decode steps
+  the attention kernel does it in its epilogue (`paged_attention_decode_quant_fp8`), so no
+  pass of its own runs between attention and o;
 - the MLP is one op (`fused_mlp_fp8`): gate_up GEMM with SiLU-and-mul and a re-quantization
   to fp8 (one scale per 1 x 128 group of each token) in its epilogue, then the down GEMM.
 Every GEMM accumulates in fp32 and writes the activation dtype.
@@ -26,6 +28,11 @@ from .model import LlamaModel
 LINEAR_WEIGHTS = ("qkv", "o", "gate_up", "down")
 SCALE_SUFFIX = "_scale"
 FP8 = torch.float8_e4m3fn
+# Decode steps of up to this many tokens take attention's quantizing epilogue for o's input
+# (batch-1 FP8 TPOT on an H200: 3.094 -> 3.080 ms with it, benchmarks/results/
+# h200-2026-11-28-fused-tails); larger ones keep the pass of its own until the fused tail is
+# measured there.
+FUSED_O_QUANT_MAX_TOKENS = 16
 
 
 def scale_names(config: ModelConfig) -> list[str]:
@@ -83,6 +90,12 @@ class Fp8LlamaModel(LlamaModel):
 
     def _attention_fp8(self, layer, xq, xs, positions, meta, k_cache, v_cache, kv_scales):
         qkv = tk.fp8_gemm(xq, layer["qkv"], xs, layer["qkv_scale"], None, self.dtype)
+        if meta.num_decodes == qkv.shape[0] <= FUSED_O_QUANT_MAX_TOKENS and layer["o_scale"].shape[-1] == 1:
+            # a small decode step: attention hands o its input quantized per token
+            q = self._rope_and_cache(qkv, positions, meta, k_cache, v_cache, kv_scales)
+            hq, hs = tk.paged_attention_decode_quant_fp8(q, k_cache, v_cache, *meta.decode_part(), self.scale,
+                                                         *kv_scales)
+            return self.reduce(tk.fp8_gemm(hq, layer["o"], hs, layer["o_scale"], None, self.dtype))
         out = self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales)
         return self.reduce(tk.fp8_linear(out, layer["o"], layer["o_scale"]))
 

@@ -223,17 +223,24 @@ def tma_calls(monkeypatch):
 
 @pytest.fixture
 def split_sums(monkeypatch):
-    """Counts launches of the split-K sum kernel (a split_k the launcher ignored would still give
-    the right product)."""
+    """Counts split-K launches (they take arrival counters for the in-kernel sum; a split_k the
+    launcher ignored would still give the right product)."""
     calls = []
-    real = tf._sum_splits_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-    monkeypatch.setattr(tf, "_sum_splits_kernel", Spy())
+    real = tf.arrival_counters
+    monkeypatch.setattr(tf, "arrival_counters", lambda *a: calls.append(a) or real(*a))
     return calls
+
+
+def test_split_k_rule(monkeypatch):
+    """Plain GEMMs of at most one tile per two SMs and K >= 4096 split K in two (the 8B model's
+    o and down at batch 1); qkv (96 tiles), short K and 64 tokens do not."""
+    monkeypatch.setattr(tf, "_interpreting", lambda: False)
+
+    def split(n, k, m=1, in_loop=False):
+        return tf.gemm_config(m, n, k, False, in_loop).get("split_k", 1)
+
+    assert split(4096, 4096) == 2 and split(4096, 14336, in_loop=True) == 2
+    assert split(6144, 4096) == 1 and split(4096, 2048) == 1 and split(4096, 4096, m=64) == 1
 
 
 @pytest.mark.parametrize("swap", [True, False])
@@ -342,13 +349,16 @@ COMPILE_SCRIPT = textwrap.dedent(
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=dict(num_warps=8))
         print(fn.__name__, "ok")
     fn = tf._fp8_gemm_tma_kernel
-    for bm, bn, bk, warps, stages, a_mode, glu in [(64, 16, 256, 4, 3, 2, 0), (128, 256, 128, 8, 4, 2, 0),
-                                                    (128, 16, 256, 4, 3, 2, 1), (128, 128, 128, 8, 3, 3, 2)]:
-        cx = dict(A_MODE=a_mode, B_MODE=2, GLU=glu, QUANT_OUT=glu > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                  GROUP_M=1, NUM_STAGES=stages, INTERP=False)
+    # the last: the down GEMM at batch 1 (weight as A, group-scaled activations, split-K in two)
+    for bm, bn, bk, warps, stages, a_mode, glu, split in [
+            (64, 16, 256, 4, 3, 2, 0, 1), (128, 256, 128, 8, 4, 2, 0, 1), (128, 16, 256, 4, 3, 2, 1, 1),
+            (128, 128, 128, 8, 3, 3, 2, 1), (64, 16, 128, 4, 8, 2, 0, 2)]:
+        cx = dict(A_MODE=a_mode, B_MODE=3 if split > 1 else 2, GLU=glu, QUANT_OUT=glu > 0, SPLIT_K=split,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, NUM_STAGES=stages, INTERP=False)
         sig = {n: "i32" for n in fn.arg_names}
         sig.update(a_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", b_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>",
-                   C="*fp8e4nv" if glu else "*bf16", SA="*fp32", SB="*fp32", CS="*fp32")
+                   C="*fp8e4nv" if glu else "*bf16", SA="*fp32", SB="*fp32", CS="*fp32", P="*fp32",
+                   Counters="*i32")
         sig.update({n: "constexpr" for n in cx})
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
                            options=dict(num_warps=warps, num_stages=stages))
@@ -368,7 +378,7 @@ def test_kernels_compile_for_sm90():
     assert sum(line.startswith("gemm") for line in lines) == 4 and res.stdout.count(" ok") == 2, res.stdout
     assert all(line.split()[3] == "True" for line in lines if line.startswith("gemm 4096")), res.stdout
     tma = [line for line in lines if line.startswith("tma")]
-    assert len(tma) == 4 and all(line.endswith("True") for line in tma), res.stdout
+    assert len(tma) == 5 and all(line.endswith("True") for line in tma), res.stdout
 
 
 def test_registered_as_cuda_kernels():
@@ -377,6 +387,37 @@ def test_registered_as_cuda_kernels():
 
     assert cuda_kernel("fp8_gemm") is tf.fp8_gemm_cuda
     assert cuda_kernel("rms_norm_quant_fp8") is tf.rms_norm_quant_fp8_cuda
+
+
+def test_small_decode_steps_take_the_fused_o_quantization(monkeypatch):
+    """Decode steps of up to FUSED_O_QUANT_MAX_TOKENS tokens hand o its input quantized by the
+    attention op (`paged_attention_decode_quant_fp8`); the greedy tokens are those of the separate
+    quantization pass (on CPU both are the reference, bit for bit)."""
+    from trtllm_kernels.engine import BuildConfig
+    from trtllm_kernels.engine import quantize as eq
+    from trtllm_kernels.engine.config import ModelConfig
+    from trtllm_kernels.engine.random_weights import random_engine
+    from trtllm_kernels.runtime import LLM, SamplingParams
+
+    cfg = ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=256)
+    engine = random_engine(cfg, BuildConfig(max_seq_len=128, max_batch_size=4, quantization="fp8"),
+                           device="cpu", dtype=torch.float32)
+    calls = []
+    real = tk.paged_attention_decode_quant_fp8
+    monkeypatch.setattr(tk, "paged_attention_decode_quant_fp8", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    prompts = [[5, 6, 7], [9] * 20, [1, 2]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    def tokens(limit):
+        monkeypatch.setattr(eq, "FUSED_O_QUANT_MAX_TOKENS", limit)
+        llm = LLM(engine, cuda_graphs=False, kv_cache_tokens=1024, progress=False)
+        return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    fused = tokens(16)
+    assert calls and max(calls) <= 3
+    calls.clear()
+    assert tokens(0) == fused and not calls
 
 
 # ------------------------------------------------------------------------------------------

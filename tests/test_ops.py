@@ -159,6 +159,7 @@ def _opcheck_cases():
                                        torch.randn(3, 2, 16), tk.rope_cos_sin_cache(16, 8), kc.clone(), vc.clone(),
                                        torch.tensor([0, 5, -1]), 1.0, 1.0)),
         (OPS.paged_attention_decode, (torch.randn(2, 4, 16), kc, vc, tables, seq_lens, 0.25, 1.0, 1.0)),
+        (OPS.paged_attention_decode_quant_fp8, (torch.randn(2, 16, 16), kc, vc, tables, seq_lens, 0.25, 1.0, 1.0)),
         (OPS.paged_attention_prefill, (torch.randn(5, 4, 16), kc, vc, tables, seq_lens,
                                        torch.tensor([0, 3, 5], dtype=torch.int32), 0.25, 1.0, 1.0)),
     ] + _fp8_opcheck_cases() + _fp4_opcheck_cases()

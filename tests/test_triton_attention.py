@@ -149,6 +149,29 @@ def test_decode_fp8_cache(f16_math):
                f16_math=f16_math)
 
 
+@pytest.mark.parametrize("num_splits,head_dim", [(1, 128), (4, 128), (4, 64)])
+def test_decode_quant_out(num_splits, head_dim):
+    """The fp8 epilogue (the FP8 engine's o-projection input) gives the bits of the unfused
+    output quantized per token, merged splits or not; a row of length 0 (a padded CUDA-graph
+    batch) is zeros either way."""
+    from trtllm_kernels.fp8 import _quantize_per_token_ref
+
+    k_cache, v_cache, bt, sl = make_cache([1, 97, 40, 5], 2, head_dim, 16, torch.float16)
+    sl[3] = 0
+    q = torch.randn(4, 6, head_dim, device=DEV).to(torch.float16)
+    out = torch.full_like(q, float("nan"))
+    ta.triton_paged_decode(q, k_cache, v_cache, bt, sl, out=out, num_splits=num_splits, block_n=32,
+                           poison_scratch=True)
+    got, scale = ta.triton_paged_decode(q, k_cache, v_cache, bt, sl, num_splits=num_splits, block_n=32,
+                                        poison_scratch=True, quant_out=True)
+    want, want_scale = _quantize_per_token_ref(out.reshape(4, -1), 0)
+    assert got.shape == (4, 6 * head_dim) and scale.shape == (4, 1)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(scale, want_scale)
+    assert not out[:3].isnan().any() and (out[3] == 0).all()
+    ref = _decode_ref(q[:3].float(), k_cache.float(), v_cache.float(), bt[:3], sl[:3], head_dim ** -0.5, 1.0, 1.0)
+    assert_close(out[:3], ref, torch.float16)
+
+
 def test_decode_num_splits_rule():
     # programs that fill the GPU: no split; few programs and a long context: enough splits for
     # one wave, none under 256 tokens (unless a program per tile fits one wave); past one wave,
@@ -258,25 +281,25 @@ COMPILE_SCRIPT = textwrap.dedent(
     cache = torch.float8_e4m3fn if fp8 else torch.bfloat16
     pre = ta.prefill_config(D, torch.bfloat16, PAGE, cache)
     pre128 = ta.prefill_config(D, torch.bfloat16, 128, cache)
+    decode_types = dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
+                        Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
+                        Counters=ptr("i32"), QOut=ptr("fp8e4nv"), QScale=ptr("fp32"),
+                        qk_scale="fp32", v_scale="fp32", q_fold="fp32")
+    decode_consts = dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, MERGE_HEADS=GROUP, HEAD_DIM=D, PAGE=PAGE,
+                         BLOCK_N=dec["BLOCK_N"], SPLIT=True, SPLITS_PAD=8, DOT_PREC="tf32", F16_MATH=fp8,
+                         QUANT_OUT=False, ROW_PAD=4096, INTERP=False)
     jobs = [
         (ta._paged_decode_kernel,
-         dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
-              Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
-              qk_scale="fp32", v_scale="fp32", q_fold="fp32"),
-         dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=D, PAGE=PAGE,
-              BLOCK_N=dec["BLOCK_N"], SPLIT=True, DOT_PREC="tf32", F16_MATH=fp8),
+         decode_types,
+         decode_consts,
          dec["num_warps"], dec["num_stages"]),
         (ta._paged_decode_kernel,
-         dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), BT=ptr("i32"), SL=ptr("i32"),
-              Out=ptr("bf16"), PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"),
-              qk_scale="fp32", v_scale="fp32", q_fold="fp32"),
-         dict(NUM_KV_HEADS=8, GROUP=GROUP, GROUP_PAD=16, HEAD_DIM=D, PAGE=128,
-              BLOCK_N=dec["BLOCK_N"], SPLIT=False, DOT_PREC="tf32", F16_MATH=fp8),
+         decode_types,
+         dict(decode_consts, PAGE=128, SPLIT=False),
          dec["num_warps"], dec["num_stages"]),
-        (ta._decode_reduce_kernel,
-         dict(PartAcc=ptr("fp32"), PartM=ptr("fp32"), PartL=ptr("fp32"), SL=ptr("i32"),
-              Out=ptr("bf16")),
-         dict(NUM_HEADS=32, SPLITS_PAD=4, HEAD_DIM=D), 4, 1),
+        # the FP8 engine's o-projection input: splits merged and quantized in the epilogue
+        (ta._paged_decode_kernel, decode_types, dict(decode_consts, QUANT_OUT=True),
+         dec["num_warps"], dec["num_stages"]),
         (ta._paged_prefill_kernel,
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), KD=ptr(dtype), VD=ptr(dtype), BT=ptr("i32"),
               SL=ptr("i32"), QSL=ptr("i32"), Out=ptr("bf16"), qk_scale="fp32", v_scale="fp32"),
@@ -305,10 +328,10 @@ COMPILE_SCRIPT = textwrap.dedent(
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if name not in constexprs
                  and name not in ("stride_bt", "num_seqs", "num_splits", "qk_scale", "v_scale", "q_fold",
-                                  "KD", "VD")}
+                                  "KD", "VD", "seq_counters")}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         cfg = dec if fn is ta._paged_decode_kernel else pre if constexprs.get("PAGE") == PAGE else pre128
-        opts = dict(maxnreg=cfg["maxnreg"]) if fn is not ta._decode_reduce_kernel and cfg.get("maxnreg") else {}
+        opts = dict(maxnreg=cfg["maxnreg"]) if cfg.get("maxnreg") else {}
         k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages, **opts))
         assert k.asm.get("cubin"), fn.__name__
         print(fn.__name__, "ok", "mma" in k.asm["ptx"], k.metadata.shared)
@@ -393,6 +416,34 @@ def test_gpu_decode_fp8_variants(f16_math, block_n, maxnreg):
 @pytest.mark.parametrize("num_splits", [1, 3, 16, 64])
 def test_gpu_decode_forced_splits(num_splits):
     run_decode([1, 17, 97, 4095, 2048], 2, 4, 128, 16, BF16, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,num_splits", [([192], None), ([4095], None), ([1, 97, 0, 300, 64, 5, 2000], 3),
+                                             ([4095] * 64, None), ([300] * 256, None)])
+def test_gpu_decode_quant_out(lens, num_splits):
+    """The fp8 epilogue at the engine's shapes (32 / 8 heads, D 128, batch 1 with its one-tile
+    splits, a padded row of length 0): the bits of the unfused output quantized per token, and
+    the registered op takes the same path."""
+    import trtllm_kernels as tk
+    from trtllm_kernels.fp8 import _quantize_per_token_ref
+
+    kc, vc, bt, sl = make_cache([max(n, 1) for n in lens], 8, 128, 16, BF16)
+    sl.copy_(torch.tensor(lens, dtype=torch.int32))
+    q = torch.randn(len(lens), 32, 128, device=DEV, dtype=BF16)
+    out = torch.full_like(q, float("nan"))
+    ta.triton_paged_decode(q, kc, vc, bt, sl, out=out, num_splits=num_splits, poison_scratch=True)
+    got, scale = ta.triton_paged_decode(q, kc, vc, bt, sl, num_splits=num_splits, poison_scratch=True,
+                                        quant_out=True)
+    want, want_scale = _quantize_per_token_ref(out.reshape(len(lens), -1), 0)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(scale, want_scale)
+    live = sl > 0
+    assert_close(out[live], _decode_ref(q[live].float(), kc.float(), vc.float(), bt[live], sl[live],
+                                        128 ** -0.5, 1.0, 1.0), BF16)
+    assert (out[~live] == 0).all()
+    if num_splits is None:
+        op_q, op_s = tk.paged_attention_decode_quant_fp8(q, kc, vc, bt, sl)
+        assert torch.equal(op_q.view(torch.uint8), got.view(torch.uint8)) and torch.equal(op_s, scale)
 
 
 # q_lens, seq_lens, hkv, group, head_dim, page, dtype, cache dtype
@@ -518,4 +569,10 @@ def test_gpu_cuda_graph_capture_and_replay(page):
     g.replay()
     torch.cuda.synchronize()
     assert_close(out_d, _decode_ref(qd.float(), kc.float(), vc.float(), bt, sl, scale, 1.0, 1.0), BF16)
+    # again into poisoned outputs: the splits' arrival counters were left at zero
+    first = out_d.clone()
+    out_d.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out_d, first)
     assert_close(out_p, _prefill_ref(qp.float(), kc.float(), vc.float(), bt, sl, qsl, scale, 1.0, 1.0), BF16)

@@ -28,7 +28,7 @@ from .fp4 import (
     quantize_mxfp4,
     quantize_nvfp4,
 )
-from .attention import paged_attention_decode, paged_attention_prefill
+from .attention import paged_attention_decode, paged_attention_decode_quant_fp8, paged_attention_prefill
 from .kv_cache import rope_and_write_kv_cache, write_kv_cache
 from .linear import linear
 from .mlp import fused_mlp, gemm_silu_mul
@@ -62,6 +62,7 @@ __all__ = [
     "fused_add_rms_norm",
     "linear",
     "paged_attention_decode",
+    "paged_attention_decode_quant_fp8",
     "rope_and_write_kv_cache",
     "paged_attention_prefill",
     "rms_norm",

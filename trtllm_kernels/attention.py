@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._library import define_op
+from .fp8 import FP8, _quantize_per_token_ref
 from .kv_cache import check_kv_cache, dequantize_from_cache
 
 
@@ -80,6 +81,24 @@ _paged_attention_decode = define_op(
     _decode_ref,
     lambda q, *args: torch.empty_like(q),
 )
+
+
+def _decode_quant_fp8_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale):
+    out = _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+    return _quantize_per_token_ref(out.reshape(out.shape[0], -1), 0)
+
+
+def _decode_quant_fp8_fake(q, *args):
+    return (q.new_empty(q.shape[0], q.shape[1] * q.shape[2], dtype=FP8),
+            q.new_empty(q.shape[0], 1, dtype=torch.float32))
+
+
+_paged_attention_decode_quant_fp8 = define_op(
+    "paged_attention_decode_quant_fp8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor seq_lens, float scale, float k_scale, float v_scale) -> (Tensor, Tensor)",
+    _decode_quant_fp8_ref,
+    _decode_quant_fp8_fake,
+)
 _paged_attention_prefill = define_op(
     "paged_attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
     "Tensor seq_lens, Tensor query_start_loc, float scale, float k_scale, float v_scale) -> Tensor",
@@ -103,6 +122,24 @@ def paged_attention_decode(
         raise ValueError(f"decode takes one query per sequence: q has {q.shape[0]}, block_tables {block_tables.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+
+
+def paged_attention_decode_quant_fp8(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`paged_attention_decode` with its output quantized to fp8 per token, ready to be the A
+    operand of an FP8 GEMM (the o projection): the same as
+    `quantize_fp8_per_token(paged_attention_decode(...).reshape(B, -1))`, bit for bit (the output
+    is rounded to q's dtype before it is quantized), but on the GPU the attention kernel does the
+    quantization in its epilogue (no launch of its own between attention and o).
+    Returns (fp8 [B, Hq * D], fp32 scales [B, 1]).
+    """
+    _check_attention(q, k_cache, v_cache, block_tables, seq_lens)
+    if block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"decode takes one query per sequence: q has {q.shape[0]}, block_tables {block_tables.shape[0]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _paged_attention_decode_quant_fp8(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
 def paged_attention_prefill(

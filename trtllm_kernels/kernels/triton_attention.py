@@ -24,12 +24,23 @@ a program's next copy after its current tile's math; FP8 pages with long block t
 
 Split-KV (flash-decoding): the context is cut into `num_splits` chunks of `split_tokens`
 (a multiple of BLOCK_N); each program writes its unnormalised fp32 accumulator and its
-(max, sum) to scratch, and `_decode_reduce_kernel` merges the splits that hold tokens
+(max, sum) to scratch; the last of a (sequence, kv head)'s splits to finish (an arrival
+counter, `triton_tiles.last_to_arrive`) merges the splits that hold tokens
 (cdiv(seq_len, split_tokens) of them: splits past a sequence's end exit at once and are never
-read). `decode_num_splits` picks num_splits from static shapes only (batch * Hkv against the
-SMs' resident programs, aiming for one full wave, and the largest possible context
-block_tables.shape[1] * block_size), so no host sync on seq_lens happens and the launch is
-CUDA-graph safe. B64 x 4096 at 32/8 heads is 512 programs, one wave: no split, no reduce.
+read) in the same launch, with one load of their partials. `decode_num_splits` picks num_splits
+from static shapes only (batch * Hkv against the SMs' resident programs, aiming for one full
+wave, and the largest possible context block_tables.shape[1] * block_size), so no host sync on
+seq_lens happens and the launch is CUDA-graph safe. B64 x 4096 at 32/8 heads is 512 programs,
+one wave: no split, no merge.
+
+Quantized output (`quant_out`, `paged_attention_decode_quant_fp8`: the FP8 engine's input to
+the o projection): each (sequence, kv head) writes its rows, then the last of a sequence's kv
+heads to finish (a second counter) quantizes the whole row per token into fp8, the bits of
+`quantize_fp8_per_token` on the unfused output. Batch 1 on an H200 (Llama-3.1-8B shape, FP8):
+decode with merge and quantization 7.4 us a layer, against 4.0 + 1.8 + 1.9 us for the decode,
+merge and quantization kernels it replaces; TPOT 3.094 -> 3.080 ms for the quantization, the
+merge about even (benchmarks/results/h200-2026-11-28-fused-tails). A fence and a round trip to
+L2 cost about what a small kernel does.
 
 Prefill (`triton_paged_prefill`), ragged and causal
 ---------------------------------------------------
@@ -90,10 +101,18 @@ import triton
 import triton.language as tl
 
 from ..attention import _decode_ref, _prefill_ref
-from .triton_tiles import DEFAULT_NUM_SMS, num_sms
+from ..fp8 import FP8
+from .triton_fp8 import AMAX_MIN, FP8_MAX, _round_fp8
+from .triton_tiles import DEFAULT_NUM_SMS, arrival_counters, last_to_arrive, num_sms
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Longest output row (Hq x D values) the decode kernel quantizes in its epilogue: one program
+# holds the row in registers (16384 values: 128 heads of 128).
+QUANT_ROW_MAX = 16384
+# The merge of a (sequence, kv head)'s splits loads its heads' partials at once, in groups of
+# heads of up to this many values (heads x splits x D: 64 registers a thread at 4 warps).
+MERGE_VALUES = 8192
 
 
 def _interpreting() -> bool:
@@ -174,25 +193,75 @@ def _decode_step(q, k, v, acc, l_i, m_i, qk_scale, mask_n, DOT_PREC: tl.constexp
     return acc, l_i, m_new
 
 
+@triton.jit
+def _merge_splits(PartAcc, PartM, PartL, rows, mask_g, n_active, SPLITS_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """The output [G, HEAD_DIM] (fp32) of G heads from the partials of their first n_active
+    splits, head g's at scratch rows rows[g] .. rows[g] + n_active - 1, all loaded at once (one
+    round trip to L2, not one per head). A split with no key (m = -inf: a sequence of length 0,
+    as in a padded CUDA-graph batch) weighs nothing; no key at all gives zeros. Loads bypass L1
+    (.cg): other programs wrote the scratch during this launch."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    idx = rows[:, None] + offs_s[None, :]
+    mask = mask_g[:, None] & (offs_s < n_active)[None, :]
+    m = tl.load(PartM + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(PartL + idx, mask=mask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(PartAcc + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None],
+                  other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 1)
+    w = tl.math.exp2(tl.where(m > float("-inf"), m - m_max[:, None], float("-inf")))
+    num = tl.sum(acc * w[:, :, None], 1)
+    den = tl.sum(l * w, 1)
+    return num / tl.where(den > 0.0, den, 1.0)[:, None]
+
+
+@triton.jit
+def _store_rows(out, heads, mask_g, b, Out, stride_ob, stride_oh, HEAD_DIM: tl.constexpr):
+    """Writes the heads' output rows out [R, HEAD_DIM] (fp32) of sequence b in Out's dtype."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_g[:, None])
+
+
+@triton.jit
+def _quantize_row(Out, QOut, QScale, b, stride_ob, ROW: tl.constexpr, ROW_PAD: tl.constexpr,
+                  INTERP: tl.constexpr):
+    """Sequence b's whole output row (Hq x D contiguous in Out, written by this launch's
+    programs) -> fp8 QOut[b] and its scale QScale[b], as `quantize_fp8_per_token` quantizes it."""
+    offs = tl.arange(0, ROW_PAD)
+    mask = offs < ROW
+    x = tl.load(Out + b.to(tl.int64) * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_MIN) / FP8_MAX
+    q = _round_fp8(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX), INTERP)
+    tl.store(QScale + b, scale)
+    tl.store(QOut + b.to(tl.int64) * ROW + offs, q.to(QOut.dtype.element_ty), mask=mask)
+
+
 # Arguments that change from step to step (block-table width, split sizes, batch size; in the
 # prefill kernel also the metadata pointers, which a mixed step offsets past its decodes) are not
 # specialized: Triton would compile a variant for each value that is 1 or a multiple of 16 (each
 # pointer 16-byte aligned or not), seconds each in the middle of serving (a throughput run on an
 # H200 met four such compiles).
-@triton.jit(do_not_specialize=["stride_bt", "split_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["stride_bt", "split_tokens", "num_splits", "seq_counters"])
 def _paged_decode_kernel(
-    Q, K, V, BT, SL, Out, PartAcc, PartM, PartL,
+    Q, K, V, BT, SL, Out, PartAcc, PartM, PartL, Counters, QOut, QScale,
     qk_scale, v_scale, q_fold,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_bt, stride_ob, stride_oh,
-    split_tokens, num_splits,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    split_tokens, num_splits, seq_counters,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-    F16_MATH: tl.constexpr = False,
+    SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    QUANT_OUT: tl.constexpr, ROW_PAD: tl.constexpr, INTERP: tl.constexpr, F16_MATH: tl.constexpr = False,
 ):
+    """See the module docstring. Counters: arrival counters, Counters[pid] for a (sequence, kv
+    head)'s splits and, with QUANT_OUT, Counters[seq_counters + b] for sequence b's kv heads:
+    the last of them quantizes the sequence's output row (Out, then a scratch) into QOut /
+    QScale."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // NUM_KV_HEADS
@@ -201,7 +270,7 @@ def _paged_decode_kernel(
     lo = split * split_tokens
     hi = tl.minimum(seq_len, lo + split_tokens)
     if SPLIT:
-        if lo >= seq_len:  # this split holds no tokens; the reduce never reads it
+        if split > 0 and lo >= seq_len:  # this split holds no tokens: it neither counts nor is read
             return
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -233,9 +302,12 @@ def _paged_decode_kernel(
 
     if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc * (v_scale / l_safe)[:, None]
-        o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_g[:, None])
+        _store_rows(acc * (v_scale / l_safe)[:, None], heads, mask_g, b, Out, stride_ob, stride_oh,
+                    HEAD_DIM)
+        if QUANT_OUT:
+            if last_to_arrive(Counters + seq_counters + b, NUM_KV_HEADS):
+                _quantize_row(Out, QOut, QScale, b, stride_ob, NUM_KV_HEADS * GROUP * HEAD_DIM, ROW_PAD,
+                              INTERP)
     else:
         # scratch is [B, Hq, num_splits] (+ [D]) contiguous; acc keeps v_scale, not 1 / l
         row = (b * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_splits + split
@@ -243,34 +315,20 @@ def _paged_decode_kernel(
                  mask=mask_g[:, None])
         tl.store(PartM + row, m_i, mask=mask_g)
         tl.store(PartL + row, l_i, mask=mask_g)
-
-
-@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
-def _decode_reduce_kernel(
-    PartAcc, PartM, PartL, SL, Out,
-    stride_ob, stride_oh, split_tokens, num_splits,
-    NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // NUM_HEADS
-    h = pid % NUM_HEADS
-    seq_len = tl.load(SL + b)
-    n_active = tl.cdiv(seq_len, split_tokens)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = (offs_s < n_active) & (offs_s < num_splits)
-    row = pid.to(tl.int64) * num_splits + offs_s
-    m = tl.load(PartM + row, mask=mask_s, other=float("-inf"))
-    l = tl.load(PartL + row, mask=mask_s, other=0.0)
-    acc = tl.load(PartAcc + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None],
-                  other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.where(mask_s, tl.math.exp2(m - m_max), 0.0)
-    num = tl.sum(acc * w[:, None], 0)
-    den = tl.sum(l * w, 0)
-    out = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+        # the last split of this (sequence, kv head) to finish merges them all
+        n_active = tl.maximum(tl.cdiv(seq_len, split_tokens), 1)
+        if last_to_arrive(Counters + pid, n_active):
+            for h0 in tl.static_range(0, GROUP, MERGE_HEADS):  # MERGE_HEADS at a time
+                offs_h = h0 + tl.arange(0, MERGE_HEADS)
+                mask_h = offs_h < GROUP
+                merged = kvh * GROUP + offs_h
+                rows = (b * (NUM_KV_HEADS * GROUP) + merged).to(tl.int64) * num_splits
+                out = _merge_splits(PartAcc, PartM, PartL, rows, mask_h, n_active, SPLITS_PAD, HEAD_DIM)
+                _store_rows(out, merged, mask_h, b, Out, stride_ob, stride_oh, HEAD_DIM)
+            if QUANT_OUT:
+                if last_to_arrive(Counters + seq_counters + b, NUM_KV_HEADS):
+                    _quantize_row(Out, QOut, QScale, b, stride_ob, NUM_KV_HEADS * GROUP * HEAD_DIM, ROW_PAD,
+                                  INTERP)
 
 
 @triton.jit
@@ -581,25 +639,34 @@ def _dot_prec(dtype: torch.dtype) -> str:
 def triton_paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-    *, out: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, poison_scratch: bool = False,
-    f16_math: bool | None = None, maxnreg: int | None = None, per_sm: int | None = None,
-) -> torch.Tensor:
+    *, out: torch.Tensor | None = None, quant_out: bool = False, num_splits: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    poison_scratch: bool = False, f16_math: bool | None = None, maxnreg: int | None = None,
+    per_sm: int | None = None,
+):
     """Paged decode attention (see `trtllm_kernels.attention.paged_attention_decode`).
 
-    q [B, Hq, D]; returns (or writes `out`) [B, Hq, D]. Keyword-only knobs override the
-    launch config (for tests and tuning); `poison_scratch` fills the split-KV scratch with NaN.
+    q [B, Hq, D]; returns (or writes `out`) [B, Hq, D]. quant_out: returns instead the output
+    rows quantized to fp8 per token, (fp8 [B, Hq * D], fp32 scales [B, 1]), as
+    `paged_attention_decode_quant_fp8` (rows of up to QUANT_ROW_MAX values; `out`, if given,
+    receives the unquantized rows). Keyword-only knobs override the launch config (for tests and
+    tuning); `poison_scratch` fills the split-KV scratch with NaN.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    row = num_heads * head_dim
+    if quant_out and row > QUANT_ROW_MAX:
+        raise ValueError(f"quant_out takes rows of up to {QUANT_ROW_MAX} values, got {num_heads} x {head_dim}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()  # no-ops as a rule
-    if out is None:
+    if out is None or (quant_out and not out.is_contiguous()):  # quantization reads whole rows
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q_out = torch.empty(batch, row if quant_out else 0, dtype=FP8, device=q.device)
+    q_scale = torch.empty(batch, 1 if quant_out else 0, dtype=torch.float32, device=q.device)
     if batch == 0:
-        return out
+        return (q_out, q_scale) if quant_out else out
     scale = head_dim ** -0.5 if scale is None else scale
     max_context = block_tables.shape[1] * page
     cfg = decode_config(head_dim, k_cache.dtype, q.dtype, batch * num_kv_heads, max_context)
@@ -625,31 +692,29 @@ def triton_paged_decode(
         part_m, part_l = part_ml[0], part_ml[1]
     else:
         part_acc = part_m = part_l = out  # unused
+    # splits count in at [0, B * Hkv), a quantized output's kv heads at [B * Hkv, B * Hkv + B)
+    seq_counters = batch * num_kv_heads
+    counters = arrival_counters(q.device, seq_counters + batch) if quant_out or num_splits > 1 else out
 
     f16_math = bool(f16_math) and k_cache.dtype == torch.float8_e4m3fn
     qk_scale = float(scale) * LOG2E * float(k_scale)
+    splits_pad = max(2, triton.next_power_of_2(num_splits))
     _paged_decode_kernel[(batch * num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_m, part_l,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_m, part_l, counters, q_out, q_scale,
         float(k_scale) if f16_math else qk_scale, float(v_scale), float(scale) * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        split_tokens, num_splits,
+        split_tokens, num_splits, seq_counters,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        MERGE_HEADS=max(1, min(triton.next_power_of_2(group), MERGE_VALUES // (splits_pad * head_dim))),
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLIT=num_splits > 1,
-        DOT_PREC=_dot_prec(q.dtype), F16_MATH=f16_math,
+        SPLITS_PAD=splits_pad, DOT_PREC=_dot_prec(q.dtype),
+        QUANT_OUT=quant_out, ROW_PAD=triton.next_power_of_2(row), INTERP=_interpreting(), F16_MATH=f16_math,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch * num_heads,)](
-            part_acc, part_m, part_l, seq_lens, out,
-            out.stride(0), out.stride(1), split_tokens, num_splits,
-            NUM_HEADS=num_heads, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            HEAD_DIM=head_dim,
-            num_warps=4 if head_dim * num_splits <= 8192 else 8, num_stages=1,
-        )
-    return out
+    return (q_out, q_scale) if quant_out else out
 
 
 def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
@@ -791,6 +856,19 @@ def paged_attention_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, sca
     return triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
+def paged_attention_decode_quant_fp8_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale):
+    """The Triton kernel's quantizing epilogue where the Triton kernel runs; elsewhere the decode
+    op's kernel, then the same quantization as a pass of its own."""
+    if (q.shape[1] * q.shape[2] <= QUANT_ROW_MAX and supported(q, k_cache) and v_cache.stride(-1) == 1
+            and decode_backend(q, k_cache, v_cache, block_tables) == "triton"):
+        return triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
+                                   quant_out=True)
+    from .triton_fp8 import quantize_per_token_cuda
+
+    out = paged_attention_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+    return quantize_per_token_cuda(out.reshape(out.shape[0], -1), 0)
+
+
 # Below this many query tokens in a call the Triton prefill kernel stays: the Gluon kernel's
 # fixed cost (its work counter's memset, 12-warp persistent programs, a pipeline drained per
 # item) is a few microseconds. H100, 32/8 heads, D 128, pages of 16, Triton / Gluon us
@@ -833,6 +911,7 @@ def register() -> None:
     from .._library import register_cuda_kernel
 
     register_cuda_kernel("paged_attention_decode", paged_attention_decode_cuda)
+    register_cuda_kernel("paged_attention_decode_quant_fp8", paged_attention_decode_quant_fp8_cuda)
     register_cuda_kernel("paged_attention_prefill", paged_attention_prefill_cuda)
 
 

@@ -24,10 +24,12 @@ wherever the operands allow it (16-byte aligned rows, no bias); else the pointer
   Swap A and B (C^T = B A^T): weight rows fill the 64-row wgmma tile, the tokens its narrow
   side (16 / 32 / 64), BLOCK_K 256: 256-byte row segments of the weight per request and 3-4
   stages in flight (128-byte ones and twice the stages where scales change along K, as in the
-  MLP's down GEMM). Where that leaves at most one tile per two SMs and K is long (down at
-  M <= 16: 64 tiles, K 14336; 27.7 -> 19.2 us on H200), split-K in two (o, K 4096, gained
-  nothing). Between 33 and 128 tokens the 64 x 32 tiles must fit in one wave (two programs per
-  SM); where they do not (qkv at M = 128 ran at 0.86x), 64 x 64 tiles with pointer loads.
+  MLP's down GEMM). Where that leaves at most one tile per two SMs and K >= 4096, split-K in
+  two (down at M <= 16: 64 tiles, K 14336, 27.7 -> 19.2 us on H200; o, K 4096: nothing while
+  the partials were summed by a second kernel, FP8 batch-1 TPOT 3.092 -> 3.082 ms on H200
+  since they are summed in the kernel). Between 33 and 128 tokens the 64 x 32 tiles must fit
+  in one wave (two programs per SM); where they do not (qkv at M = 128 ran at 0.86x), 64 x 64
+  tiles with pointer loads.
 - gate_up (N >= 16384) at 65-128 tokens: 128 x 128 x 128 tiles, 8 warps, 3 stages.
 - GLU (the fused FP8 MLP's gate_up) at M <= 16: swapped, 128 gate + 128 up weight rows per
   program (so each token's 1 x 128 output group is in one tile: its scale is computed there),
@@ -54,8 +56,7 @@ from ..fp8 import AMAX_MIN as _AMAX_MIN
 from ..fp8 import FP8
 from ..fp8 import FP8_MAX as _FP8_MAX
 from ..fp8 import SCALE_BLOCK
-from .triton_tiles import grouped_tile, num_sms
-from .triton_tiles import sum_splits_kernel as _sum_splits_kernel
+from .triton_tiles import arrival_counters, grouped_tile, last_to_arrive, num_sms
 
 FP8_MAX = tl.constexpr(_FP8_MAX)
 AMAX_MIN = tl.constexpr(_AMAX_MIN)
@@ -304,8 +305,8 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _fp8_gemm_tma_kernel(
-    a_desc, b_desc, C, SA, SB, CS, M, N, K, GLU_OFF,
-    stride_cm, stride_cn, stride_sa, stride_sb, stride_cs, stride_split,
+    a_desc, b_desc, C, SA, SB, CS, P, Counters, M, N, K, GLU_OFF,
+    stride_cm, stride_cn, stride_sa, stride_sb, stride_cs, stride_pm, stride_pn, stride_split,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, GLU: tl.constexpr, QUANT_OUT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -319,8 +320,10 @@ def _fp8_gemm_tma_kernel(
     group of a token's output row is one tile's extent on the weight side (BLOCK_N or BLOCK_M
     = 128), so its scale is computed here. Scale modes 3-4 need BLOCK_K to divide 128.
     SPLIT_K > 1 (plain GEMMs whose tiles are too few to fill the GPU): program (tile, s) runs the
-    s-th share of the K loop and writes its scaled fp32 partial to C + s * stride_split; the
-    partials are then summed in a fixed order by `_sum_splits_kernel` (deterministic, no atomics)."""
+    s-th share of the K loop and writes its scaled fp32 partial to P + s * stride_split; the last
+    of a tile's programs to finish (`last_to_arrive`) sums the partials in the order s = 0, 1, ...
+    (the same bits whichever finishes last) and writes C: at batch 1 on an H200 about 0.9 us in
+    the down GEMM, where the separate sum kernel took 1.1 us and a launch of its own."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
@@ -339,7 +342,6 @@ def _fp8_gemm_tma_kernel(
         share = tl.cdiv(k_tiles, SPLIT_K)
         k_lo = tl.program_id(1) * share
         k_tiles = min(k_tiles, k_lo + share)
-        C += tl.program_id(1).to(tl.int64) * stride_split
     for kk in tl.range(k_lo, k_tiles, num_stages=NUM_STAGES):
         k0 = kk * BLOCK_K
         a = a_desc.load([off_m, k0])
@@ -385,7 +387,15 @@ def _fp8_gemm_tma_kernel(
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    if QUANT_OUT:
+    if SPLIT_K > 1:
+        p_tile = P + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn
+        tl.store(p_tile + tl.program_id(1).to(tl.int64) * stride_split, acc, mask=mask)
+        if last_to_arrive(Counters + tl.program_id(0), SPLIT_K):
+            acc = tl.load(p_tile, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                acc += tl.load(p_tile + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    elif QUANT_OUT:
         if GLU == 1:  # tokens along N: one scale per column
             amax = tl.max(tl.where(mask, tl.abs(acc), 0.0), axis=0)
             scale = tl.maximum(amax, AMAX_MIN) / FP8_MAX
@@ -426,24 +436,24 @@ def _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, out_scale, glu
     b_desc = TensorDescriptor(b, list(b.shape), [b.stride(0), 1], [bn, bk])
     cs = out_scale if out_scale is not None else out
     split = cfg.get("split_k", 1)
-    final = out
-    if split > 1:  # fp32 partials [split, rows, cols] of the (unswapped) output, summed below
-        assert glu == 0 and out_scale is None and out.is_contiguous()
-        out = torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
-        scm, scn = (out.stride(2), out.stride(1)) if swap else (out.stride(1), out.stride(2))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-    _fp8_gemm_tma_kernel[grid](a_desc, b_desc, out, a_scale, b_scale, cs, m, n, k, glu_off, scm, scn,
-                               a_scale.stride(0) if a_mode != MODE_TENSOR else 0,
-                               b_scale.stride(0) if b_mode != MODE_TENSOR else 0,
-                               out_scale.stride(0) if out_scale is not None else 0,
-                               out.stride(0) if split > 1 else 0,
-                               A_MODE=a_mode, B_MODE=b_mode, GLU=glu, QUANT_OUT=out_scale is not None,
-                               SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                               GROUP_M=cfg["GROUP_M"], NUM_STAGES=cfg["num_stages"], INTERP=_interpreting(),
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        numel = final.numel()
-        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](out, final, numel, SPLIT_K=split, BLOCK=1024, num_warps=4)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    part = counters = out  # unused without split-K
+    spm = spn = 0
+    if split > 1:  # fp32 partials [split, rows, cols] of the (unswapped) output, summed in the kernel
+        assert glu == 0 and out_scale is None
+        part = torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
+        spm, spn = (part.stride(2), part.stride(1)) if swap else (part.stride(1), part.stride(2))
+        counters = arrival_counters(out.device, tiles)
+    _fp8_gemm_tma_kernel[(tiles, split)](
+        a_desc, b_desc, out, a_scale, b_scale, cs, part, counters, m, n, k, glu_off, scm, scn,
+        a_scale.stride(0) if a_mode != MODE_TENSOR else 0,
+        b_scale.stride(0) if b_mode != MODE_TENSOR else 0,
+        out_scale.stride(0) if out_scale is not None else 0,
+        spm, spn, part.stride(0) if split > 1 else 0,
+        A_MODE=a_mode, B_MODE=b_mode, GLU=glu, QUANT_OUT=out_scale is not None,
+        SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=cfg["GROUP_M"], NUM_STAGES=cfg["num_stages"], INTERP=_interpreting(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def scale_mode(scale: torch.Tensor, rows: int, block_rows: bool) -> int:
@@ -484,7 +494,8 @@ def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
         if in_loop_scale:
             bk, stages = 128, 2 * stages
         tiles = triton.cdiv(n, 64) * triton.cdiv(m, bn)
-        split = 2 if tiles <= num_sms() // 2 and k >= 8192 else 1  # down at M <= 16: 64 tiles, K 14336
+        # at most one tile per two SMs: split K in two (down and o at M <= 16: 64 tiles)
+        split = 2 if tiles <= num_sms() // 2 and k >= 4096 else 1
         return dict(swap=True, tma=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=4,
                     num_stages=stages, split_k=split)
     if not glu and m <= 128 and n >= 16384:  # gate_up, 65-128 tokens: 1.01x against 0.96x for 64 x 128

@@ -39,6 +39,38 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
+# Arrival counters: int32 zeros that kernels whose programs split one piece of work (a tile's K
+# loop, a sequence's KV) count into, so that the last program of a piece merges the others'
+# partials in the same launch instead of a second kernel (about 2 us a launch at batch 1, where
+# the work itself is a few us). Every kernel leaves the counters it used at zero, so kernels
+# in order on one stream share one buffer; each (device, stream) has its own, and buffers are
+# never freed (a CUDA graph keeps their address).
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
+MIN_COUNTERS = 1 << 16
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 counters for kernels on the current stream of `device`."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    bufs = _COUNTERS.setdefault((str(device), stream), [])
+    if not bufs or bufs[-1].numel() < n:  # grown buffers keep the old alive for captured graphs
+        bufs.append(torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+@triton.jit
+def last_to_arrive(counter, arrivals):
+    """Counts this program in at `counter` and returns whether it is the last of `arrivals`;
+    the last one resets the counter to zero. Stores made before the call are visible to the
+    last program's loads after it (load those with cache_modifier=".cg"): the barrier orders
+    the program's stores before the release of its arrival, the acquire orders the last
+    program's loads after every release."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    tl.store(counter, 0, mask=last)
+    return last
+
+
 @triton.jit
 def sum_splits_kernel(P, OUT, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """OUT[i] = sum over s of P[s, i], in order s = 0, 1, ... (P: split-K partials, fp32).
