@@ -33,20 +33,6 @@ from trtllm_kernels.runtime.llm import LLM
 from trtllm_kernels.runtime.sampling_params import SamplingParams
 
 
-def record_compiles() -> list[dict]:
-    """Triton kernel variants compiled from now on (name, time, specialization key), via its JIT hook."""
-    import triton
-
-    compiles: list[dict] = []
-
-    def hook(*, fn, key, **_):  # key: argument types with their specializations, options
-        compiles.append({"t": time.perf_counter(), "kernel": fn.name, "key": str(key)[:1500]})
-        return None  # compile as usual
-
-    triton.knobs.runtime.jit_cache_hook = hook
-    return compiles
-
-
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -152,7 +138,6 @@ def main() -> None:
         ("_fp8kv" if args.kv_cache_dtype == "fp8" else "")
     build = BuildConfig(max_seq_len=max(512, 2 * args.len + 16), max_batch_size=args.max_batch_size,
                         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size)
-    compiles = record_compiles()
     if tp > 1:  # rank 0's view: its phases include waiting for the other ranks in the collectives
         from trtllm_kernels.runtime.distributed import RandomWeights
 
@@ -170,7 +155,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "shape": args.shape,
               "quantization": args.quantization, "run": run, "steps": timer.summary(graphs),
               "steps_total": len(timer.records),
-              "compiled_during_run": [dict(c, t=round(c["t"] - start, 3)) for c in compiles if c["t"] >= start],
+              "compiled_during_run": run["triton_jit_in_run"],
               "eager_steps": [{k: round(v, 3) for k, v in r.items() if k != "t"} for r in timer.records
                               if r.get("decodes") != r.get("seqs") or r.get("seqs", 0) > max(graphs, default=0)],
               # what LLM.generate spends outside Executor.step: outputs, detokenizer, bookkeeping

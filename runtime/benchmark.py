@@ -9,6 +9,7 @@ every request makes exactly --output-len tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -36,10 +37,38 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
+@contextlib.contextmanager
+def triton_jit_builds():
+    """Records the Triton kernel variants the JIT builds inside the block, compiled or loaded
+    from its disk cache: up to seconds each, work a timed run should not contain (a warm-up
+    misses the shapes it never saw). Yields a list that fills with {"kernel", "t"
+    (time.perf_counter()), "key" (the specialization)}. This process only, not the workers of
+    a tensor-parallel run."""
+    records: list[dict] = []
+    try:
+        from triton import knobs
+    except ImportError:
+        yield records
+        return
+    prev = knobs.runtime.jit_cache_hook
+
+    def hook(*, fn, key, **kw):
+        records.append({"kernel": fn.name, "t": time.perf_counter(), "key": str(key)[:1500]})
+        return prev(fn=fn, key=key, **kw) if prev is not None else None  # None: build as usual
+
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield records
+    finally:
+        knobs.runtime.jit_cache_hook = prev
+
+
 def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int, seed: int = 0) -> dict:
     """All requests at once; output tokens per second over the whole run. Another seed gives
     other prompts (a second run of the same ones would find them in the prefix cache; 1 is
-    the warm-up's)."""
+    the warm-up's). `triton_jit_in_run` lists the Triton builds inside the timed run (seconds
+    from its start): a run with any is not comparable with one without (the suspect in a 13%
+    same-machine A/B gap, benchmarks/results/h200-2026-11-28-fused-tails)."""
     vocab = llm.engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(random_prompts(min(num_requests, 8), input_len, vocab, seed=1), params, use_tqdm=False)  # warm-up
@@ -47,10 +76,11 @@ def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int, see
     ex = llm.executor
     counts = (ex.scheduler.num_preemptions, ex.num_launched_ahead)
     _sync(llm)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    _sync(llm)
-    seconds = time.perf_counter() - start
+    with triton_jit_builds() as builds:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        _sync(llm)
+        seconds = time.perf_counter() - start
     generated = sum(len(o.token_ids) for o in outs)
     return {"num_requests": num_requests, "input_len": input_len, "output_len": output_len,
             "max_batch_size": ex.scheduler.max_batch_size, "seconds": seconds,
@@ -59,7 +89,8 @@ def throughput(llm: LLM, num_requests: int, input_len: int, output_len: int, see
             "requests_s": num_requests / seconds,
             # how the run went: requests preempted (recomputed later), steps launched ahead
             "preemptions": ex.scheduler.num_preemptions - counts[0],
-            "steps_launched_ahead": ex.num_launched_ahead - counts[1]}
+            "steps_launched_ahead": ex.num_launched_ahead - counts[1],
+            "triton_jit_in_run": [dict(b, t=round(b["t"] - start, 3)) for b in builds]}
 
 
 def _time_request(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, float]:
@@ -210,6 +241,10 @@ def cmd_throughput(args) -> int:
         runs[-1]["memory_plan_bytes"] = llm.memory_plan  # what the cache was sized from (None: given or CPU)
         runs[-1]["overlap_scheduling"] = llm.executor.overlap
         print(f"max_batch_size {bs}: {runs[-1]['output_tok_s']:.0f} output tok/s", flush=True)
+        if runs[-1]["triton_jit_in_run"]:
+            names = sorted({b["kernel"] for b in runs[-1]["triton_jit_in_run"]})
+            print(f"  warning: {len(runs[-1]['triton_jit_in_run'])} Triton kernel builds inside the timed run "
+                  f"({', '.join(names)}): its time includes JIT work; compare runs without", flush=True)
         if args.out:  # written before shutdown, so a run's numbers survive a stuck teardown
             _write(args.out, args.stem or "throughput", dict(result, runs=runs), echo=False)
         llm.shutdown()

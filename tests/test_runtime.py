@@ -407,6 +407,27 @@ def test_prefix_cache_eviction_is_lru_and_never_touches_used_blocks():
     assert kv.block_table("c") == [3] and kv.match_prefix(b) == [2]
 
 
+def test_triton_jit_builds_records_inside_the_block_and_restores_the_hook():
+    """The timed run's JIT record (bench throughput's `triton_jit_in_run`): the Triton hook it
+    installs records each build, passes it on to a hook set before it, and is removed after."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from trtllm_kernels.runtime.benchmark import triton_jit_builds
+
+    outer = []
+    knobs.runtime.jit_cache_hook = lambda *, fn, key, **kw: outer.append(key)
+    try:
+        with triton_jit_builds() as builds:
+            assert knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="_k"), key=("sig", 16)) is None
+        assert [b["kernel"] for b in builds] == ["_k"] and "16" in builds[0]["key"] and outer == [("sig", 16)]
+        knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="_later"), key="x")
+        assert len(builds) == 1 and outer[-1] == "x"
+    finally:
+        knobs.runtime.jit_cache_hook = None
+
+
 def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
     from trtllm_kernels.engine import BuildConfig
     from trtllm_kernels.engine.random_weights import random_engine, weight_shapes
@@ -425,6 +446,7 @@ def test_random_engine_llm_and_e2e_benchmarks_run_on_cpu():
     t = throughput(llm, num_requests=6, input_len=7, output_len=4)
     assert t["output_tokens"] == 24 and t["output_tok_s"] > 0 and t["preemptions"] == 0
     assert t["steps_launched_ahead"] == 0  # CPU: overlap off by default
+    assert t["triton_jit_in_run"] == []  # the interpreter builds nothing
     lat = latency(llm, input_len=5, output_len=4, repeats=1)
     assert lat["ttft_ms"] > 0 and lat["tpot_ms"] > 0
     pre = prefix_ttft(llm, input_len=100, shared_fraction=0.9, repeats=1)
