@@ -41,10 +41,11 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 # Arrival counters: int32 zeros that kernels whose programs split one piece of work (a tile's K
 # loop, a sequence's KV) count into, so that the last program of a piece merges the others'
-# partials in the same launch instead of a second kernel (about 2 us a launch at batch 1, where
-# the work itself is a few us). Every kernel leaves the counters it used at zero, so kernels
-# in order on one stream share one buffer; each (device, stream) has its own, and buffers are
-# never freed (a CUDA graph keeps their address).
+# partials in the same launch instead of a second kernel. At batch 1 on an H200 those kernels
+# took 1.1-1.9 us each; the fence and L2 round trip of an arrival cost nearly as much, for 1.2%
+# of FP8 decode time in all (benchmarks/results/h200-2026-11-28-fused-tails). Every kernel
+# leaves the counters it used at zero, so kernels in order on one stream share one buffer; each
+# (device, stream) has its own, and buffers are never freed (a CUDA graph keeps their address).
 _COUNTERS: dict[tuple, list[torch.Tensor]] = {}
 MIN_COUNTERS = 1 << 16
 
