@@ -170,6 +170,8 @@ def test_decode_quant_out(num_splits, head_dim):
     assert not out[:3].isnan().any() and (out[3] == 0).all()
     ref = _decode_ref(q[:3].float(), k_cache.float(), v_cache.float(), bt[:3], sl[:3], head_dim ** -0.5, 1.0, 1.0)
     assert_close(out[:3], ref, torch.float16)
+    with pytest.raises(ValueError, match="contiguous"):
+        ta.triton_paged_decode(q, k_cache, v_cache, bt, sl, out=out.transpose(1, 2), quant_out=True)
 
 
 def test_decode_num_splits_rule():

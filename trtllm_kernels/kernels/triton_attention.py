@@ -661,7 +661,9 @@ def triton_paged_decode(
     if q.stride(-1) != 1:
         q = q.contiguous()
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()  # no-ops as a rule
-    if out is None or (quant_out and not out.is_contiguous()):  # quantization reads whole rows
+    if quant_out and out is not None and not out.is_contiguous():
+        raise ValueError("quant_out reads whole output rows back: `out` must be contiguous")
+    if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     q_out = torch.empty(batch, row if quant_out else 0, dtype=FP8, device=q.device)
     q_scale = torch.empty(batch, 1 if quant_out else 0, dtype=torch.float32, device=q.device)
