@@ -102,7 +102,7 @@ import triton.language as tl
 
 from ..attention import _decode_ref, _prefill_ref
 from ..fp8 import FP8
-from .triton_fp8 import AMAX_MIN, FP8_MAX, _round_fp8
+from .triton_fp8 import quantize_dynamic
 from .triton_tiles import DEFAULT_NUM_SMS, arrival_counters, last_to_arrive, num_sms
 
 LOG2E = 1.4426950408889634
@@ -232,9 +232,7 @@ def _quantize_row(Out, QOut, QScale, b, stride_ob, ROW: tl.constexpr, ROW_PAD: t
     offs = tl.arange(0, ROW_PAD)
     mask = offs < ROW
     x = tl.load(Out + b.to(tl.int64) * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    x = x.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_MIN) / FP8_MAX
-    q = _round_fp8(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX), INTERP)
+    q, scale = quantize_dynamic(x.to(tl.float32), INTERP)
     tl.store(QScale + b, scale)
     tl.store(QOut + b.to(tl.int64) * ROW + offs, q.to(QOut.dtype.element_ty), mask=mask)
 

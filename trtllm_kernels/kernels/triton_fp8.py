@@ -87,6 +87,14 @@ def _round_fp8(x, INTERP: tl.constexpr):
 
 
 @triton.jit
+def quantize_dynamic(x, INTERP: tl.constexpr):
+    """A row x (fp32, 1-D, zeros past its end) on the e4m3 grid with its dynamic scale
+    max(max|x|, AMAX_MIN) / 448: returns (q in fp32, ready for `.to(fp8)`, scale)."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_MIN) / FP8_MAX
+    return _round_fp8(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX), INTERP), scale
+
+
+@triton.jit
 def _quant_rows_kernel(X, Q, S, SCALE, K, stride_x, stride_q, stride_s,
                        STATIC: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
                        INTERP: tl.constexpr):
@@ -99,10 +107,10 @@ def _quant_rows_kernel(X, Q, S, SCALE, K, stride_x, stride_q, stride_s,
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if STATIC:
         scale = tl.load(SCALE)
+        q = _round_fp8(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX), INTERP)
     else:
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), AMAX_MIN) / FP8_MAX
+        q, scale = quantize_dynamic(x, INTERP)
         tl.store(S + row * stride_s + j, scale)
-    q = _round_fp8(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX), INTERP)
     tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
 
 
@@ -167,10 +175,8 @@ def _rms_norm_quant_kernel(X, R, W, Q, S, RO, H, eps, stride_x, stride_r, stride
         sf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / H + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = sf * inv * w
-    scale = tl.maximum(tl.max(tl.abs(y), axis=0), AMAX_MIN) / FP8_MAX
+    q, scale = quantize_dynamic(sf * inv * w, INTERP)
     tl.store(S + row, scale)
-    q = _round_fp8(tl.clamp(tl.math.div_rn(y, scale), -FP8_MAX, FP8_MAX), INTERP)
     tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
 
 
