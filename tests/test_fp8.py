@@ -243,6 +243,26 @@ def test_split_k_rule(monkeypatch):
     assert split(6144, 4096) == 1 and split(4096, 2048) == 1 and split(4096, 4096, m=64) == 1
 
 
+def test_pdl_rule(monkeypatch):
+    """Programmatic dependent launch: Hopper or newer, compiled kernels (not the interpreter),
+    steps of up to PDL_MAX_TOKENS tokens, and PDL=0 turns it off."""
+    from trtllm_kernels.kernels import triton_tiles as tt
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(tt, "_capability", lambda index: (9, 0))
+    gpu = torch.device("cuda", 0)
+    assert tt.pdl(gpu, 1) and tt.pdl(gpu, tt.PDL_MAX_TOKENS)
+    assert not tt.pdl(gpu, tt.PDL_MAX_TOKENS + 1) and not tt.pdl(torch.device("cpu"), 1)
+    monkeypatch.setattr(tt, "PDL", 0)
+    assert not tt.pdl(gpu, 1)
+    monkeypatch.setattr(tt, "PDL", 1)
+    monkeypatch.setattr(tt, "_capability", lambda index: (8, 0))
+    assert not tt.pdl(gpu, 1)
+    monkeypatch.setattr(tt, "_capability", lambda index: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tt.pdl(gpu, 1)
+
+
 @pytest.mark.parametrize("swap", [True, False])
 @pytest.mark.parametrize("mnk", [(1, 96, 128), (7, 64, 320)])
 @pytest.mark.parametrize("a_mode, b_mode", [("token", "channel"), ("tensor", "tensor"), ("group", "block"),
@@ -341,7 +361,7 @@ COMPILE_SCRIPT = textwrap.dedent(
         (tf._quant_rows_kernel, dict(X="*bf16", Q="*fp8e4nv", S="*fp32", SCALE="*fp32"),
          dict(STATIC=False, GROUP=128, BLOCK=128, INTERP=False)),
         (tf._rms_norm_quant_kernel, dict(X="*bf16", R="*bf16", W="*bf16", Q="*fp8e4nv", S="*fp32", RO="*bf16", eps="fp32"),
-         dict(HAS_RES=True, BLOCK=4096, INTERP=False)),
+         dict(HAS_RES=True, BLOCK=4096, INTERP=False, PDL=True)),
     ]:
         sig = {n: types.get(n, "i32") for n in fn.arg_names}
         for n in cx:
@@ -349,21 +369,28 @@ COMPILE_SCRIPT = textwrap.dedent(
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=dict(num_warps=8))
         print(fn.__name__, "ok")
     fn = tf._fp8_gemm_tma_kernel
-    # the last: the down GEMM at batch 1 (weight as A, group-scaled activations, split-K in two)
-    for bm, bn, bk, warps, stages, a_mode, glu, split in [
-            (64, 16, 256, 4, 3, 2, 0, 1), (128, 256, 128, 8, 4, 2, 0, 1), (128, 16, 256, 4, 3, 2, 1, 1),
-            (128, 128, 128, 8, 3, 3, 2, 1), (64, 16, 128, 4, 8, 2, 0, 2)]:
+    # the last two: the batch-1 gate_up and down GEMMs (weight as A; down with group-scaled
+    # activations and split-K in two) as the engine launches them, with PDL
+    for bm, bn, bk, warps, stages, a_mode, glu, split, pdl in [
+            (64, 16, 256, 4, 3, 2, 0, 1, 0), (128, 256, 128, 8, 4, 2, 0, 1, 0), (128, 16, 256, 4, 3, 2, 1, 1, 0),
+            (128, 128, 128, 8, 3, 3, 2, 1, 0), (64, 16, 128, 4, 8, 2, 0, 2, 0), (128, 16, 256, 4, 3, 2, 1, 1, 1),
+            (64, 16, 128, 4, 8, 2, 0, 2, 1)]:
         cx = dict(A_MODE=a_mode, B_MODE=3 if split > 1 else 2, GLU=glu, QUANT_OUT=glu > 0, SPLIT_K=split,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, NUM_STAGES=stages, INTERP=False)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, NUM_STAGES=stages, INTERP=False,
+                  PDL=bool(pdl))
         sig = {n: "i32" for n in fn.arg_names}
         sig.update(a_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", b_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>",
                    C="*fp8e4nv" if glu else "*bf16", SA="*fp32", SB="*fp32", CS="*fp32", P="*fp32",
                    Counters="*i32")
         sig.update({n: "constexpr" for n in cx})
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
-                           options=dict(num_warps=warps, num_stages=stages))
+                           options=dict(num_warps=warps, num_stages=stages, launch_pdl=bool(pdl)))
         ptx = k.asm["ptx"]
-        print("tma", bm, "wgmma" in ptx and "cp.async.bulk.tensor" in ptx)
+        ok = "wgmma" in ptx and "cp.async.bulk.tensor" in ptx
+        if pdl:  # the wait before the first tile load (none hoisted above it); no trigger
+            wait = ptx.find("griddepcontrol.wait")
+            ok = ok and 0 <= wait < ptx.find("cp.async.bulk.tensor") and "launch_dependents" not in ptx
+        print("tma", bm, ok)
     """
 )
 
@@ -378,7 +405,7 @@ def test_kernels_compile_for_sm90():
     assert sum(line.startswith("gemm") for line in lines) == 4 and res.stdout.count(" ok") == 2, res.stdout
     assert all(line.split()[3] == "True" for line in lines if line.startswith("gemm 4096")), res.stdout
     tma = [line for line in lines if line.startswith("tma")]
-    assert len(tma) == 5 and all(line.endswith("True") for line in tma), res.stdout
+    assert len(tma) == 7 and all(line.endswith("True") for line in tma), res.stdout
 
 
 def test_registered_as_cuda_kernels():
@@ -563,3 +590,66 @@ def test_gpu_graph_capture_and_compile():
     assert similarity_gap(y, ref) < 1e-3
     compiled = torch.compile(lambda a: tk.fp8_linear(a, wq, ws), fullgraph=True)
     assert similarity_gap(compiled(x), ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_chain_in_a_graph_gives_the_bits_of_plain_launches(monkeypatch):
+    """With PDL a GEMM starts before the kernel it reads from has finished and waits in-kernel:
+    a chain of 24 RMSNorm+quant -> GEMM pairs, each reading the last one's output, gives plain
+    launches' bits, eager and replayed from a CUDA graph on a new input (a read that raced would
+    see the old one's values)."""
+    from trtllm_kernels.kernels import triton_tiles as tt
+
+    torch.manual_seed(0)
+    weights = [tk.quantize_fp8_per_channel(torch.randn(4096, 4096, device="cuda") / 64) for _ in range(3)]
+    norm = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    inputs = [torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+
+    def chain(x):
+        res = torch.zeros_like(x)
+        for i in range(24):
+            q, s, res = tk.rms_norm_quant_fp8(x, norm, 1e-5, res)
+            wq, ws = weights[i % 3]
+            x = tk.fp8_gemm(q, wq, s, ws)
+        return torch.cat([x, res])
+
+    monkeypatch.setattr(tt, "PDL", 0)
+    expect = [chain(x) for x in inputs]
+    monkeypatch.setattr(tt, "PDL", 1)
+    assert tt.pdl(inputs[0].device, 1)
+    assert all(torch.equal(chain(x), e) for x, e in zip(inputs, expect))
+    static = inputs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static)
+    for x, e in zip(inputs, expect):
+        static.copy_(x)
+        graph.replay()
+        assert torch.equal(out, e)
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_keeps_the_fp8_engine_greedy_tokens(monkeypatch):
+    """The FP8 engine's decode steps (GEMMs launched with PDL after the norm, rope and attention
+    kernels that let them start) under CUDA graphs give the same greedy tokens as PDL off."""
+    from trtllm_kernels.engine import BuildConfig
+    from trtllm_kernels.engine.config import ModelConfig
+    from trtllm_kernels.engine.random_weights import random_engine
+    from trtllm_kernels.kernels import triton_tiles as tt
+    from trtllm_kernels.runtime import LLM, SamplingParams
+
+    cfg = ModelConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=128, vocab_size=2048, max_position_embeddings=1024)
+    engine = random_engine(cfg, BuildConfig(max_seq_len=512, max_batch_size=4, quantization="fp8"), device="cuda")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in (5, 40, 130)]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+    def tokens(pdl):
+        monkeypatch.setattr(tt, "PDL", pdl)
+        llm = LLM(engine, kv_cache_tokens=4096, progress=False)
+        assert llm.executor.runner.graphs
+        alone = [llm.generate(p, params, use_tqdm=False)[0].token_ids for p in prompts]  # batch 1
+        return alone, [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert tokens(1) == tokens(0)

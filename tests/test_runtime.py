@@ -253,6 +253,11 @@ def test_warmup_steps_fit_the_budgets_and_write_nothing(budgets):
     for decodes, prompts in steps:
         assert decodes + len(prompts) <= max_batch and decodes + sum(prompts) <= max_num_tokens
         assert all(1 <= n < max_seq_len for n in prompts)
+    # every binary-search variant of the Triton prefill kernel that fits the budgets is built
+    from trtllm_kernels.kernels.triton_attention import GLUON_PREFILL_MIN_TOKENS, prefill_search_iters
+    searches = {prefill_search_iters(len(p)) for _, p in steps if p and sum(p) < GLUON_PREFILL_MIN_TOKENS}
+    expected = {0, 4, 8} if max_batch >= 17 and max_num_tokens >= 17 * 7 else {0}
+    assert expected <= searches
     if max_seq_len > TINY.max_position_embeddings:
         return
     kv = KVCacheManager(TINY, 128, 4, torch.float32, torch.device("cpu"))

@@ -299,8 +299,9 @@ COMPILE_SCRIPT = textwrap.dedent(
          decode_types,
          dict(decode_consts, PAGE=128, SPLIT=False),
          dec["num_warps"], dec["num_stages"]),
-        # the FP8 engine's o-projection input: splits merged and quantized in the epilogue
-        (ta._paged_decode_kernel, decode_types, dict(decode_consts, QUANT_OUT=True),
+        # the FP8 engine's o-projection input: splits merged and quantized in the epilogue,
+        # launched with PDL as at batch 1
+        (ta._paged_decode_kernel, decode_types, dict(decode_consts, QUANT_OUT=True, PDL=True),
          dec["num_warps"], dec["num_stages"]),
         (ta._paged_prefill_kernel,
          dict(Q=ptr("bf16"), K=ptr(dtype), V=ptr(dtype), KD=ptr(dtype), VD=ptr(dtype), BT=ptr("i32"),

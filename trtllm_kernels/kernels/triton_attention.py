@@ -103,7 +103,7 @@ import triton.language as tl
 from ..attention import _decode_ref, _prefill_ref
 from ..fp8 import FP8
 from .triton_fp8 import quantize_dynamic
-from .triton_tiles import DEFAULT_NUM_SMS, arrival_counters, last_to_arrive, num_sms
+from .triton_tiles import DEFAULT_NUM_SMS, arrival_counters, last_to_arrive, num_sms, pdl, pdl_trigger
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -255,11 +255,13 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     QUANT_OUT: tl.constexpr, ROW_PAD: tl.constexpr, INTERP: tl.constexpr, F16_MATH: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """See the module docstring. Counters: arrival counters, Counters[pid] for a (sequence, kv
     head)'s splits and, with QUANT_OUT, Counters[seq_counters + b] for sequence b's kv heads:
     the last of them quantizes the sequence's output row (Out, then a scratch) into QOut /
     QScale."""
+    pdl_trigger(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // NUM_KV_HEADS
@@ -712,7 +714,7 @@ def triton_paged_decode(
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLIT=num_splits > 1,
         SPLITS_PAD=splits_pad, DOT_PREC=_dot_prec(q.dtype),
         QUANT_OUT=quant_out, ROW_PAD=triton.next_power_of_2(row), INTERP=_interpreting(), F16_MATH=f16_math,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PDL=pdl(q.device, q.shape[0]), num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return (q_out, q_scale) if quant_out else out
 

@@ -56,7 +56,7 @@ from ..fp8 import AMAX_MIN as _AMAX_MIN
 from ..fp8 import FP8
 from ..fp8 import FP8_MAX as _FP8_MAX
 from ..fp8 import SCALE_BLOCK
-from .triton_tiles import arrival_counters, grouped_tile, last_to_arrive, num_sms
+from .triton_tiles import arrival_counters, grouped_tile, last_to_arrive, num_sms, pdl, pdl_trigger, pdl_wait
 
 FP8_MAX = tl.constexpr(_FP8_MAX)
 AMAX_MIN = tl.constexpr(_AMAX_MIN)
@@ -161,7 +161,9 @@ def _row_warps(block: int) -> int:
 
 @triton.jit
 def _rms_norm_quant_kernel(X, R, W, Q, S, RO, H, eps, stride_x, stride_r, stride_ro, stride_q,
-                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -196,7 +198,7 @@ def rms_norm_quant_fp8_cuda(x, residual, weight, eps):
         _rms_norm_quant_kernel[(rows,)](
             x2, r2, weight.contiguous(), q, s, ro if residual is not None else x2, h, float(eps),
             x2.stride(0), r2.stride(0), h, h, HAS_RES=residual is not None, BLOCK=block,
-            num_warps=_row_warps(block), INTERP=_interpreting())
+            num_warps=_row_warps(block), INTERP=_interpreting(), PDL=pdl(x.device, rows))
     out_res = ro.reshape(x.shape) if residual is not None else ro
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1), out_res
 
@@ -316,7 +318,7 @@ def _fp8_gemm_tma_kernel(
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, GLU: tl.constexpr, QUANT_OUT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """`_fp8_gemm_kernel` without bias, its operand tiles fetched by TMA (host-side tensor
     descriptors): one instruction per tile instead of per-thread 16-byte loads, zero padding past
@@ -329,7 +331,9 @@ def _fp8_gemm_tma_kernel(
     s-th share of the K loop and writes its scaled fp32 partial to P + s * stride_split; the last
     of a tile's programs to finish (`last_to_arrive`) sums the partials in the order s = 0, 1, ...
     (the same bits whichever finishes last) and writes C: at batch 1 on an H200 about 0.9 us in
-    the down GEMM, where the separate sum kernel took 1.1 us and a launch of its own."""
+    the down GEMM, where the separate sum kernel took 1.1 us and a launch of its own.
+    PDL: launched with programmatic dependent launch (triton_tiles.PDL): the program sets up its
+    tile and pipeline while the kernel before it finishes, and waits before its first load."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
@@ -348,6 +352,7 @@ def _fp8_gemm_tma_kernel(
         share = tl.cdiv(k_tiles, SPLIT_K)
         k_lo = tl.program_id(1) * share
         k_tiles = min(k_tiles, k_lo + share)
+    pdl_wait(PDL)
     for kk in tl.range(k_lo, k_tiles, num_stages=NUM_STAGES):
         k0 = kk * BLOCK_K
         a = a_desc.load([off_m, k0])
@@ -450,6 +455,7 @@ def _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, out_scale, glu
         part = torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
         spm, spn = (part.stride(2), part.stride(1)) if swap else (part.stride(1), part.stride(2))
         counters = arrival_counters(out.device, tiles)
+    use_pdl = pdl(out.device, out.shape[0])  # out: [tokens, N] either way
     _fp8_gemm_tma_kernel[(tiles, split)](
         a_desc, b_desc, out, a_scale, b_scale, cs, part, counters, m, n, k, glu_off, scm, scn,
         a_scale.stride(0) if a_mode != MODE_TENSOR else 0,
@@ -459,6 +465,7 @@ def _launch_gemm_tma(a, b, a_scale, b_scale, a_mode, b_mode, out, out_scale, glu
         A_MODE=a_mode, B_MODE=b_mode, GLU=glu, QUANT_OUT=out_scale is not None,
         SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=cfg["GROUP_M"], NUM_STAGES=cfg["num_stages"], INTERP=_interpreting(),
+        PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

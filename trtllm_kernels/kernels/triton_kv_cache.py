@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..kv_cache import FP8_E4M3_MAX, _rope_and_write_kv_cache_ref, _write_kv_cache_ref
 from ..rotary import _rotary_ref
+from .triton_tiles import pdl, pdl_trigger
 
 FP8 = torch.float8_e4m3fn
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,8 +84,9 @@ def _rope_kv_kernel(
     HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr,
     ROPE: tl.constexpr, WRITE: tl.constexpr, K_FP8: tl.constexpr, V_FP8: tl.constexpr,
-    EMULATE_RNE: tl.constexpr = False,
+    EMULATE_RNE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_trigger(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
     mask_d = offs_d < HALF
@@ -166,7 +168,7 @@ def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, s
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HQ_PAD=hq_pad, HKV_PAD=hkv_pad,
         HALF=half, HALF_PAD=half_pad, PAGE=page, ROPE=rope, WRITE=write,
         K_FP8=write and k_cache.dtype == FP8, V_FP8=write and v_cache.dtype == FP8,
-        EMULATE_RNE=_interpreting(),
+        EMULATE_RNE=_interpreting(), PDL=pdl(k.device, tokens),
         num_warps=_num_warps(max(hq_pad, hkv_pad), half_pad),
         enable_fp_fusion=False,  # x1 * cos - x2 * sin rounded as the reference rounds it
     )
