@@ -714,7 +714,8 @@ def triton_paged_decode(
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, SPLIT=num_splits > 1,
         SPLITS_PAD=splits_pad, DOT_PREC=_dot_prec(q.dtype),
         QUANT_OUT=quant_out, ROW_PAD=triton.next_power_of_2(row), INTERP=_interpreting(), F16_MATH=f16_math,
-        PDL=pdl(q.device, q.shape[0]), num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PDL=pdl(q.device, batch), num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return (q_out, q_scale) if quant_out else out
 

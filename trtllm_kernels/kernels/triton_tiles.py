@@ -34,15 +34,16 @@ def num_sms(device: torch.device | None = None) -> int:
 # `gdc_launch_dependents` (`pdl_trigger`: first thing in the RMSNorm+quant, rope and decode
 # attention kernels), sets up its tile and pipeline, and waits (`gdc_wait`) for that kernel to
 # finish and its writes to be visible before its first load. On an H200 this took the FP8 batch-1
-# TPOT from 3.094 to 3.059 ms (benchmarks/results/h200-2026-11-28-pdl). Only GEMMs are launched with PDL and they trigger nothing, so at
-# most one kernel runs ahead: letting every kernel launch the next at once made TPOT 12% worse
-# (3.098 -> 3.465 ms), kernels starting launches ahead and taking SMs before the work they waited
-# for was done. Asking L2 for the GEMM's weight before the wait (cp.async.bulk.prefetch, up to
-# 16 MB a GEMM) made it 3% worse (3.194 ms): these GEMMs are bound by latency, not bandwidth.
-# Steps of more than PDL_MAX_TOKENS tokens launch as before: at batch 256 (1000 x 128/128) PDL cost
-# 0.8% of throughput (23,181 / 23,168 tok/s off, 23,013 / 22,960 on, alternating). Kernels without
-# PDL wait as always, so the chain mixes freely with torch's and cuBLAS's kernels. 0 turns it off
-# (A/B runs: benchmarks/ab_run.py kernels.triton_tiles.PDL=0).
+# TPOT from 3.094 to 3.059 ms (benchmarks/results/h200-2026-11-28-pdl). Only GEMMs are launched
+# with PDL and they trigger nothing, so at most one kernel runs ahead: letting every kernel launch
+# the next at once made TPOT 12% worse (3.098 -> 3.465 ms), kernels starting launches ahead and
+# taking SMs before the work they waited for was done. Asking L2 for the GEMM's weight before the
+# wait (cp.async.bulk.prefetch, up to 16 MB a GEMM) made it 3% worse (3.194 ms): these GEMMs are
+# bound by latency, not bandwidth. Steps of more than PDL_MAX_TOKENS tokens launch as before: at
+# batch 256 (1000 x 128/128) PDL cost 0.8% of throughput (23,181 / 23,168 tok/s off, 23,013 /
+# 22,960 on, alternating). Kernels without PDL wait as always, so the chain mixes freely with
+# torch's and cuBLAS's kernels. 0 turns it off (A/B runs: benchmarks/ab_run.py
+# kernels.triton_tiles.PDL=0).
 PDL = int(os.environ.get("TRTLLM_KERNELS_PDL", "1"))
 PDL_MAX_TOKENS = 16
 
@@ -55,7 +56,9 @@ def _capability(device_index: int) -> tuple[int, int]:
 def pdl(device: torch.device, tokens: int) -> bool:
     """Whether kernels of a step of `tokens` tokens on `device` take part in programmatic
     dependent launch (see PDL)."""
-    if not PDL or tokens > PDL_MAX_TOKENS or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not PDL or tokens > PDL_MAX_TOKENS or device.type != "cuda":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 
