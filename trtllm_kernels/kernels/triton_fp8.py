@@ -15,7 +15,11 @@ accumulators (gate rows n and up rows I + n) and writes silu(gate) * up, optiona
 to fp8 with one scale per 1 x 128 group (BLOCK_N = 128: a group is one tile's row; the TMA
 kernel also takes the weight as A, a group then being one tile's column).
 
-Kernel choice (`gemm_config`), the documented rule (tuned by sweeps of launch configurations
+Kernel choice. Hopper, 1-16 tokens, per-channel weight scales and activation scales per tensor,
+token or 1 x 128 group (the FP8 engine's decode GEMMs): the Gluon kernel of
+kernels/gluon_decode_gemm.py, which requests its weight before waiting for the kernel that
+feeds it (`_launch_gemm`; TRTLLM_KERNELS_DECODE_GEMM=triton keeps this module's). Otherwise
+`gemm_config`, the documented rule (tuned by sweeps of launch configurations
 against torch._scaled_mm, benchmarks/sweep_fp8_mlp.py: the sets main / extra on H100, decode /
 split on H200 for the FP8 engine's own calls). Tiles come by TMA (`_fp8_gemm_tma_kernel`)
 wherever the operands allow it (16-byte aligned rows, no bias); else the pointer kernel.
@@ -56,6 +60,7 @@ from ..fp8 import AMAX_MIN as _AMAX_MIN
 from ..fp8 import FP8
 from ..fp8 import FP8_MAX as _FP8_MAX
 from ..fp8 import SCALE_BLOCK
+from . import gluon_decode_gemm
 from .triton_tiles import arrival_counters, grouped_tile, last_to_arrive, num_sms, pdl, pdl_trigger, pdl_wait
 
 FP8_MAX = tl.constexpr(_FP8_MAX)
@@ -539,6 +544,9 @@ def _launch_gemm(a, b, a_scale, b_scale, bias, out, out_scale, glu: bool):
     sa_stride = a_scale.stride(0) if a_mode != MODE_TENSOR else 0
     sb_stride = b_scale.stride(0) if b_mode != MODE_TENSOR else 0
     if m == 0 or n == 0:
+        return
+    if CONFIG_OVERRIDE is None and gluon_decode_gemm.supported(a, b, a_mode, b_mode, bias, glu):
+        gluon_decode_gemm.decode_gemm(a, b, a_scale, b_scale, a_mode == MODE_ROW_GROUP, out, out_scale, glu)
         return
     if in_loop:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], SCALE_BLOCK)
