@@ -40,7 +40,8 @@ COMPILE = textwrap.dedent(
     types = dict(WD=desc([rows, g.BK]), XD=desc([g.TOKENS, g.BK]), WS="*fp32", XS="*fp32",
                  Out="*fp8e4nv" if quant else "*bf16", OS="*fp32", P="*fp32", Counters="*i32")
     const = dict(ROWS=rows, HALVES=g.HALVES, STAGES=g.STAGES[bool(glu)], SPLIT_K=split, GLU=bool(glu),
-                 QUANT_OUT=bool(quant), GROUP_SCALES=bool(group), PDL=bool(pdl), num_warps=g.NUM_WARPS[bool(glu)])
+                 QUANT_OUT=bool(quant), GROUP_SCALES=bool(group), PDL=bool(pdl), GLU_TRIGGER=bool(glu),
+                 num_warps=g.NUM_WARPS[bool(glu)])
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=g.NUM_WARPS[bool(glu)]))
@@ -69,6 +70,8 @@ def test_lowers_for_sm90_with_the_weight_before_the_wait(glu, quant, group, spli
         assert any(d != weight for pos, d in loads if pos > wait)
     else:
         assert wait == -1
+    # the GLU gate_up lets the down GEMM after it start (with PDL); nothing else triggers
+    assert ("griddepcontrol.launch_dependents" in ptx) == bool(glu and pdl)
     assert ptxas_spill_bytes(raw) == 0
 
 
@@ -163,17 +166,20 @@ def test_gpu_glu_epilogue(m, inter, k, quant, calls):
 @pytest.mark.parametrize("case", ["plain", "split", "group", "glu"])
 def test_gpu_pdl_gives_the_bits_of_plain_launches(case, monkeypatch, calls):
     """Launched with PDL the kernel requests its weight before waiting for the kernel before it:
-    the same bits as a plain launch, right after a kernel that writes its activations."""
+    the same bits as a plain launch, right after a kernel that writes its activations and lets it
+    start early (RMSNorm+quant; for down the GLU gate_up GEMM)."""
     from trtllm_kernels.kernels import triton_tiles as tt
 
     n, k = {"plain": (6144, 4096), "split": (4096, 4096), "group": (4096, 14336), "glu": (2 * 14336, 4096)}[case]
     x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
     b, sb = _weights(n, k, 1)
     norm = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    gu, gus = _weights(2 * k, 4096, 2) if case == "group" else (None, None)  # group: a [gate; up] 4096 -> k
 
     def run():
-        if case == "group":  # written by the row quantizer, as the GLU GEMM's output would be
-            a, sa = tk.quantize_fp8_per_token(x, 128)
+        if case == "group":  # written by the GLU gate_up GEMM, which lets the down GEMM start early
+            xq, xs, _ = tk.rms_norm_quant_fp8(x[:, :4096].contiguous(), norm[:4096], 1e-5)
+            a, sa = tk.fp8_gemm_silu_mul(xq, gu, xs, gus, True)
         else:  # written by RMSNorm+quant, which lets a PDL launch start early
             a, sa, _ = tk.rms_norm_quant_fp8(x, norm, 1e-5)
         if case == "glu":

@@ -22,7 +22,10 @@ Measured on an H200 (benchmarks/results/h200-2026-11-29-decode-gemm, `decode_gem
 CUDA graphs, weights past L2): each GEMM right after the kernel feeding it, 1 token, us (Triton
 -> Gluon): qkv 11.08 -> 10.06, o 9.33 -> 8.94, gate_up 33.46 -> 32.90; down (after the GLU
 gate_up) 47.79 -> 49.06. FP8 batch-1 TPOT at Llama-3.1-8B shape 3.058 -> 2.983 ms (3.000 with
-only qkv and o on it). Tried and dropped: 128-wide slots (qkv 10.04 against 8.92 us back to
+only qkv and o on it). The GLU gate_up kernel also lets the down GEMM after it launch at once
+(`GLU_TRIGGER`), so that one's programs set up and request their weight while the GLU runs (on
+the SMs it leaves free: the mechanism is inferred, not profiled): 2.986 -> 2.907 ms on another
+machine. Tried and dropped: 128-wide slots (qkv 10.04 against 8.92 us back to
 back at 16 tokens: 128-byte weight runs read slower), a product left in flight across slots
 (its slot refilled a step later: qkv 11.9 us).
 
@@ -63,6 +66,8 @@ DECODE_GEMM = os.environ.get("TRTLLM_KERNELS_DECODE_GEMM", "gluon")
 # GLU epilogue: gate_up), "group" (per-1x128-group activation scales: down). All four measured
 # best end to end (results README).
 KINDS = "plain,glu,group"
+# 1: the GLU gate_up GEMM lets the (PDL-launched) down GEMM after it start at once
+GLU_TRIGGER = 1
 
 
 @gluon.jit
@@ -71,6 +76,14 @@ def _gdc_wait(PDL: gl.constexpr):
     visible; a no-op without PDL."""
     if PDL:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_trigger(PDL: gl.constexpr):
+    """Let the kernel after this one, if launched with PDL, start now (a no-op without PDL)."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -106,7 +119,8 @@ def _last_to_arrive(counter, arrivals):
 def _decode_gemm_kernel(WD, XD, WS, XS, Out, OS, P, Counters, M, N, K_TILES, glu_off, stride_xs, stride_om,
                         stride_os, ROWS: gl.constexpr, HALVES: gl.constexpr, STAGES: gl.constexpr,
                         SPLIT_K: gl.constexpr, GLU: gl.constexpr, QUANT_OUT: gl.constexpr,
-                        GROUP_SCALES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                        GROUP_SCALES: gl.constexpr, PDL: gl.constexpr, GLU_TRIGGER: gl.constexpr,
+                        num_warps: gl.constexpr):
     """out[t, n] = sum_k x[t, k] w[n, k] * scales for the rows [row0, row0 + ROWS) of this
     program's tile and its share of the K steps (see the module docstring). WD: the weight's
     descriptor ([ROWS, 128] boxes), XD: the activations' ([16, 128]). Out: [M, N] (GLU: [M, glu_off]),
@@ -120,6 +134,8 @@ def _decode_gemm_kernel(WD, XD, WS, XS, Out, OS, P, Counters, M, N, K_TILES, glu
     k_lo = split * share
     n_s = gl.cdiv(gl.maximum(gl.minimum(K_TILES - k_lo, share), 0), HALVES)  # slots of this split
 
+    if GLU_TRIGGER:  # the down GEMM after it may start streaming its weight now
+        _gdc_trigger(PDL)
     w_bufs = gl.allocate_shared_memory(WD.dtype, [STAGES * HALVES, W_TILE, 128], WD.layout)
     x_bufs = gl.allocate_shared_memory(XD.dtype, [STAGES * HALVES, 16, 128], XD.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -268,5 +284,5 @@ def decode_gemm(a, b, a_scale, b_scale, group_scales: bool, out, out_scale=None,
         m, n, k_tiles, n if glu else 0, 0 if a_scale.numel() == 1 else a_scale.stride(0), out.stride(0),
         out_scale.stride(0) if out_scale is not None else 0,
         ROWS=rows, HALVES=HALVES, STAGES=STAGES[glu], SPLIT_K=split, GLU=glu, QUANT_OUT=out_scale is not None,
-        GROUP_SCALES=group_scales, PDL=use_pdl,
+        GROUP_SCALES=group_scales, PDL=use_pdl, GLU_TRIGGER=bool(glu and GLU_TRIGGER),
         launch_pdl=use_pdl, num_warps=NUM_WARPS[glu])

@@ -29,21 +29,24 @@ def num_sms(device: torch.device | None = None) -> int:
     return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Programmatic dependent launch (PDL, sm_90+) of the Triton FP8 GEMM. A GEMM launched with it
+# Programmatic dependent launch (PDL, sm_90+) of the FP8 decode GEMMs. A GEMM launched with it
 # (`launch_pdl=True`) starts as soon as every program of the kernel before it has called
 # `gdc_launch_dependents` (`pdl_trigger`: first thing in the RMSNorm+quant, rope and decode
 # attention kernels), sets up its tile and pipeline, and waits (`gdc_wait`) for that kernel to
-# finish and its writes to be visible before its first load. On an H200 this took the FP8 batch-1
-# TPOT from 3.094 to 3.059 ms (benchmarks/results/h200-2026-11-28-pdl). Only GEMMs are launched
-# with PDL and they trigger nothing, so at most one kernel runs ahead: letting every kernel launch
-# the next at once made TPOT 12% worse (3.098 -> 3.465 ms), kernels starting launches ahead and
-# taking SMs before the work they waited for was done. Asking L2 for the GEMM's weight before the
-# wait (cp.async.bulk.prefetch, up to 16 MB a GEMM) made it 3% worse (3.194 ms): these GEMMs are
-# bound by latency, not bandwidth. Steps of more than PDL_MAX_TOKENS tokens launch as before: at
-# batch 256 (1000 x 128/128) PDL cost 0.8% of throughput (23,181 / 23,168 tok/s off, 23,013 /
-# 22,960 on, alternating). Kernels without PDL wait as always, so the chain mixes freely with
-# torch's and cuBLAS's kernels. 0 turns it off (A/B runs: benchmarks/ab_run.py
-# kernels.triton_tiles.PDL=0).
+# finish and its writes to be visible before it reads them. On an H200 this took the FP8 batch-1
+# TPOT from 3.094 to 3.059 ms with the Triton GEMM (benchmarks/results/h200-2026-11-28-pdl); the
+# Gluon one of kernels/gluon_decode_gemm.py also streams its weight before the wait, and its GLU
+# gate_up triggers the down GEMM after it (3.058 -> 2.983 ms, then 2.986 -> 2.907 ms, two
+# machines, benchmarks/results/h200-2026-11-29-decode-gemm). Only GEMMs are launched with PDL
+# and only that GLU GEMM triggers one, so no launch runs more than one GEMM ahead: letting every
+# kernel launch the next at once made TPOT 12% worse (3.098 -> 3.465 ms), kernels starting
+# launches ahead and taking SMs before the work they waited for was done. Asking L2 for the
+# Triton GEMM's weight before the wait (cp.async.bulk.prefetch, up to 16 MB a GEMM) made it 3%
+# worse (3.194 ms).
+# Steps of more than PDL_MAX_TOKENS tokens launch as before: at batch 256 (1000 x 128/128) PDL
+# cost 0.8% of throughput (23,181 / 23,168 tok/s off, 23,013 / 22,960 on, alternating). Kernels
+# without PDL wait as always, so the chain mixes freely with torch's and cuBLAS's kernels. 0 turns
+# it off (A/B runs: benchmarks/ab_run.py kernels.triton_tiles.PDL=0).
 PDL = int(os.environ.get("TRTLLM_KERNELS_PDL", "1"))
 PDL_MAX_TOKENS = 16
 

@@ -24,24 +24,27 @@ calls = [  # (call, [(bar, pattern)]); call 1's "Gluon" runs took Triton at batc
     ("call 3: 256-wide\nslots", [("Triton", "call3_*/lat_triton_*.json"), ("Gluon", "call3_*/lat_gluon_*.json")]),
     ("call 4: GLU on two\nwarpgroups", [("Triton", "call4_*/lat_triton_*.json"), ("Gluon qkv, o", "call4_*/lat_plain_*.json"),
                                        ("Gluon", "call4_*/lat_all_*.json")]),
-    ("call 5: final", [("Triton", "call5_*/lat_triton_*.json"), ("Gluon qkv, o", "call5_*/lat_plain_*.json"),
-                       ("Gluon", "call5_*/lat_all_[12].json")]),
+    ("call 5: all four", [("Triton", "call5_*/lat_triton_*.json"), ("Gluon qkv, o", "call5_*/lat_plain_*.json"),
+                          ("Gluon", "call5_*/lat_all_[12].json")]),
+    ("call 7: GLU lets\ndown start", [("Gluon", "call7_*/lat_trig0_*.json"),
+                                      ("Gluon + GLU trigger", "call7_*/lat_trig1_*.json")]),
 ]
-colors = {"Triton": "#888888", "Gluon qkv, o": "#dd8452", "Gluon": "#4c72b0"}
+colors = {"Triton": "#888888", "Gluon qkv, o": "#dd8452", "Gluon": "#4c72b0", "Gluon + GLU trigger": "#55a868"}
 summary = {"tpot_ms": {}, "throughput_128_128_tok_s (call 6, run 0 warm-up)": {
     "Gluon": tok_s("call6_*/tp_gluon_*.json"), "Triton": tok_s("call6_*/tp_triton_*.json")}}
 bench = json.load(open(os.path.join(d, "call4_glu_two_warpgroups/decode_gemm.json")))["rows"]
 summary["gemm_us_call4"] = bench
 fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.2, 1]})
-x, ticks, labels = 0, [], []
+x, ticks, labels, seen = 0, [], [], set()
 for call, bars in calls:
     for name, pattern in bars:
         vals = tpot(pattern)
         summary["tpot_ms"][f"{call.replace(chr(10), ' ')}: {name}"] = vals
-        ax.bar(x, sum(vals) / len(vals), color=colors[name], label=name if call.startswith("call 5") else None)
+        ax.bar(x, sum(vals) / len(vals), color=colors[name], label=None if name in seen else name)
+        seen.add(name)
         ax.plot([x] * len(vals), vals, "k.", ms=4)
         ticks.append(x)
-        labels.append(call if name == "Triton" else "")
+        labels.append(call if name == bars[0][0] else "")
         x += 1
     x += 0.6
 ax.set_xticks(ticks)
