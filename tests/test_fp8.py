@@ -241,6 +241,12 @@ def test_split_k_rule(monkeypatch):
 
     assert split(4096, 4096) == 2 and split(4096, 14336, in_loop=True) == 2
     assert split(6144, 4096) == 1 and split(4096, 2048) == 1 and split(4096, 4096, m=64) == 1
+    # the rule itself, which the Gluon decode GEMM shares (64-row tiles; no GPU: 132 SMs)
+    from trtllm_kernels.kernels.triton_tiles import split_k_in_two
+
+    cpu = torch.device("cpu")
+    assert split_k_in_two(64, 4096, cpu) == split_k_in_two(66, 14336, cpu) == 2
+    assert split_k_in_two(67, 4096, cpu) == split_k_in_two(96, 4096, cpu) == split_k_in_two(64, 4095, cpu) == 1
 
 
 def test_pdl_rule(monkeypatch):

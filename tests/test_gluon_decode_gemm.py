@@ -75,17 +75,6 @@ def test_lowers_for_sm90_with_the_weight_before_the_wait(glu, quant, group, spli
     assert ptxas_spill_bytes(raw) == 0
 
 
-def test_split_rule():
-    """K in two where the weight tiles fill at most half the SMs and K >= 4096, as the Triton
-    kernel's rule (o and down at 1-16 tokens: 64 tiles of 64 rows)."""
-    from trtllm_kernels.kernels import gluon_decode_gemm as g
-
-    cpu = torch.device("cpu")  # no GPU: the rule assumes 132 SMs
-    assert g.split_k(4096, 4096, cpu) == g.split_k(4096, 14336, cpu) == 2
-    assert g.split_k(6144, 4096, cpu) == 1  # qkv: 96 tiles
-    assert g.split_k(4096, 2048, cpu) == 1
-
-
 def test_not_taken_without_a_hopper_gpu():
     from trtllm_kernels.kernels import gluon_decode_gemm as g
     from trtllm_kernels.kernels.triton_fp8 import MODE_ROW

@@ -25,9 +25,9 @@ gate_up) 47.79 -> 49.06. FP8 batch-1 TPOT at Llama-3.1-8B shape 3.058 -> 2.983 m
 only qkv and o on it). The GLU gate_up kernel also lets the down GEMM after it launch at once
 (`GLU_TRIGGER`), so that one's programs set up and request their weight while the GLU runs (on
 the SMs it leaves free: the mechanism is inferred, not profiled): 2.986 -> 2.907 ms on another
-machine. Tried and dropped: 128-wide slots (qkv 10.04 against 8.92 us back to
-back at 16 tokens: 128-byte weight runs read slower), a product left in flight across slots
-(its slot refilled a step later: qkv 11.9 us).
+machine. Tried and dropped: 128-wide slots (qkv 10.04 against 8.92 us back to back at 16
+tokens: 128-byte weight runs read slower), a product left in flight across slots (its slot
+refilled a step later: qkv 11.9 us).
 
 Scales (the FP8 engine's decode GEMMs): weights per output channel; activations per token
 (qkv, o, the GLU gate_up: applied once in the epilogue) or per 1 x 128 group (the fused MLP's
@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ..fp8 import AMAX_MIN as _AMAX_MIN
 from ..fp8 import FP8, SCALE_BLOCK
 from ..fp8 import FP8_MAX as _FP8_MAX
-from .triton_tiles import arrival_counters, num_sms, pdl
+from .triton_tiles import arrival_counters, capability, pdl, split_k_in_two
 
 FP8_MAX = gl.constexpr(_FP8_MAX)
 AMAX_MIN = gl.constexpr(_AMAX_MIN)
@@ -245,16 +245,10 @@ def supported(a: torch.Tensor, b: torch.Tensor, a_mode: int, b_mode: int, bias, 
     m, k = a.shape
     kind = "glu" if glu else "group" if a_mode == MODE_ROW_GROUP else "plain"
     return (DECODE_GEMM == "gluon" and kind in KINDS.split(",") and not _interpreting() and a.is_cuda
-            and torch.cuda.get_device_capability(a.device)[0] == 9 and 1 <= m <= TOKENS and bias is None
+            and capability(a.device)[0] == 9 and 1 <= m <= TOKENS and bias is None
             and a.dtype == b.dtype == FP8 and b_mode == MODE_ROW and a_mode in (MODE_TENSOR, MODE_ROW, MODE_ROW_GROUP)
             and not (glu and (a_mode == MODE_ROW_GROUP or (b.shape[0] // 2) % GLU_ROWS))
             and k % 16 == 0 and a.stride(1) == b.stride(1) == 1 and _tma_ok(a) and _tma_ok(b))
-
-
-def split_k(n: int, k: int, device: torch.device) -> int:
-    """K split in two where the weight tiles would fill at most half the SMs and K >= 4096 (o and
-    down at 1-16 tokens: 64 tiles), as the Triton kernel's rule."""
-    return 2 if triton.cdiv(n, W_ROWS) <= num_sms(device) // 2 and k >= 4096 else 1
 
 
 def decode_gemm(a, b, a_scale, b_scale, group_scales: bool, out, out_scale=None, glu: bool = False):
@@ -268,7 +262,7 @@ def decode_gemm(a, b, a_scale, b_scale, group_scales: bool, out, out_scale=None,
     n = out.shape[1]
     rows = GLU_ROWS if glu else W_ROWS
     k_tiles = triton.cdiv(k, BK)
-    split = 1 if glu else split_k(n, k, a.device)
+    split = 1 if glu else split_k_in_two(triton.cdiv(n, W_ROWS), k, a.device)
     w_layout = gl.NVMMASharedLayout.get_default_for([rows, BK], gl.float8e4nv)
     x_layout = gl.NVMMASharedLayout.get_default_for([TOKENS, BK], gl.float8e4nv)
     wd = TensorDescriptor(b, list(b.shape), [b.stride(0), 1], [rows, BK], w_layout)

@@ -61,7 +61,8 @@ from ..fp8 import FP8
 from ..fp8 import FP8_MAX as _FP8_MAX
 from ..fp8 import SCALE_BLOCK
 from . import gluon_decode_gemm
-from .triton_tiles import arrival_counters, grouped_tile, last_to_arrive, num_sms, pdl, pdl_trigger, pdl_wait
+from .triton_tiles import arrival_counters, grouped_tile, last_to_arrive, num_sms, pdl, pdl_trigger, pdl_wait, \
+    split_k_in_two
 
 FP8_MAX = tl.constexpr(_FP8_MAX)
 AMAX_MIN = tl.constexpr(_AMAX_MIN)
@@ -513,7 +514,7 @@ def gemm_config(m: int, n: int, k: int, glu: bool, in_loop_scale: bool) -> dict:
             bk, stages = 128, 2 * stages
         tiles = triton.cdiv(n, 64) * triton.cdiv(m, bn)
         # at most one tile per two SMs: split K in two (down and o at M <= 16: 64 tiles)
-        split = 2 if tiles <= num_sms() // 2 and k >= 4096 else 1
+        split = split_k_in_two(tiles, k)
         return dict(swap=True, tma=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=4,
                     num_stages=stages, split_k=split)
     if not glu and m <= 128 and n >= 16384:  # gate_up, 65-128 tokens: 1.01x against 0.96x for 64 x 128

@@ -51,6 +51,13 @@ PDL = int(os.environ.get("TRTLLM_KERNELS_PDL", "1"))
 PDL_MAX_TOKENS = 16
 
 
+def split_k_in_two(tiles: int, k: int, device: torch.device | None = None) -> int:
+    """The memory-bound small-M FP8 GEMMs' split of K (Triton's and Gluon's kernels): 2 where the
+    weight tiles fill at most half the SMs and K >= 4096 (o and down at 1-16 tokens: 64 tiles of
+    64 rows), else 1."""
+    return 2 if tiles <= num_sms(device) // 2 and k >= 4096 else 1
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
@@ -63,7 +70,12 @@ def pdl(device: torch.device, tokens: int) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    return capability(device)[0] >= 9
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability (cached: launch rules ask on every call)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit
