@@ -4,7 +4,8 @@ the fused kernel, the dequantize + torch.matmul path and bf16 torch.matmul under
 and print / save the best. csrc/fp4_gemm.cu's and (on Hopper, below 256 tokens) csrc/fp4_wgmma.cu's configurations too.
 Each timed call reads its weights from memory, as in a model: the calls rotate over copies of
 the packed weight that together exceed twice the L2 cache (the down weight alone fits in L2).
-Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule SWEEP_CSRC=rule SWEEP_KERNELS=triton,csrc,wgmma]
+MXFP4 also runs the W4A8 kernel (fp8 activations: its rel_err includes their quantization).
+Usage: [SWEEP_MS=1,16 SWEEP_FORMATS=nvfp4,mxfp4 SWEEP_TRITON=rule SWEEP_CSRC=rule SWEEP_KERNELS=triton,csrc,wgmma,w4a8]
        python benchmarks/sweep_fp4.py [out.json]
        python benchmarks/sweep_fp4.py --compare BEFORE.json AFTER.json out.png  (any machine: the
        csrc kernels' rule times of two sweeps side by side, e.g. a kernel change's A/B)"""
@@ -28,7 +29,7 @@ from trtllm_kernels.kernels.triton_tiles import num_sms
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = tuple(int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,128,4096").split(","))
 FORMATS = os.environ.get("SWEEP_FORMATS", "nvfp4").split(",")
-KERNELS = os.environ.get("SWEEP_KERNELS", "triton,csrc,wgmma").split(",")
+KERNELS = os.environ.get("SWEEP_KERNELS", "triton,csrc,wgmma,w4a8").split(",")
 
 
 def configs(m, n, half):
@@ -132,15 +133,17 @@ def main():
                 sweep_csrc("csrc", csrc.fp4_gemm_small_m_cuda,
                            [(t, wp, sp) for t in ((1, 2, 4) if m <= 16 else (1, 2)) for wp in (2, 4, 8) for sp in (1, 2, 4)],
                            csrc.fp4_small_m_config(m, n, k // 2, num_sms()))
+            tokens = [t for t in csrc.FP4_WGMMA_TOKENS if t >= m][:2] or [128]  # csrc/fp4_wgmma.cu's grid
+            grid = [(t, wg, sp) for t in tokens for wg in (1, 2, 4) for sp in (1, 2, 4, 8) if (t, wg) != (128, 4)]
+            rule = csrc.fp4_wgmma_config(m, n, k // 2, num_sms())
             if (m < tf.DEQUANT_MATMUL_MIN_M and csrc.available() and csrc.fp4_wgmma_supported(x, p, s)
-                    and "wgmma" in KERNELS):  # csrc/fp4_wgmma.cu
-                tokens = [t for t in csrc.FP4_WGMMA_TOKENS if t >= m][:2] or [128]
-                sweep_csrc("wgmma", csrc.fp4_gemm_wgmma_cuda,
-                           [(t, wg, sp) for t in tokens for wg in (1, 2, 4) for sp in (1, 2, 4, 8) if (t, wg) != (128, 4)],
-                           csrc.fp4_wgmma_config(m, n, k // 2, num_sms()))
+                    and "wgmma" in KERNELS):
+                sweep_csrc("wgmma", csrc.fp4_gemm_wgmma_cuda, grid, rule)
+            if fmt == "mxfp4" and csrc.available() and csrc.fp4_w4a8_supported(x, p, s) and "w4a8" in KERNELS:
+                sweep_csrc("w4a8", lambda x, p, s, g, cfg: csrc.fp4_gemm_w4a8_cuda(x, p, s, cfg), grid, rule)
             row["results"].sort(key=lambda r: r["us"])
             best = row["results"][0] if row["results"] else None
-            for key in ("csrc_rule", "wgmma_rule"):
+            for key in ("csrc_rule", "wgmma_rule", "w4a8_rule"):
                 if key in row:
                     print(f"    {key}: {row[key]['us']:.1f} us {row[key]['cfg']}", flush=True)
             print(f"{name} {fmt} M={m}: bf16 {bf16 * 1e3:.1f} us, tinygemm {row.get('tinygemm_us', float('nan')):.1f}, dequant+mm {row.get('dequant_matmul_us', float('nan')):.1f}, "

@@ -31,24 +31,36 @@ struct alignas(16) Vec {
   T v[N];
 };
 
-__device__ __forceinline__ float warp_sum(float x) {
+struct Sum {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float x, Op op) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
-// Sum over the block; every thread gets the result. blockDim.x must be a multiple of 32.
-__device__ __forceinline__ float block_sum(float x) {
+// Reduce over the block; every thread gets the result. blockDim.x must be a multiple of 32.
+template <class Op>
+__device__ __forceinline__ float block_reduce(float x, Op op) {
   __shared__ float partial[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  x = warp_sum(x);
+  x = warp_reduce(x, op);
   if (lane == 0) partial[warp] = x;
   __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < warps; ++w) total += partial[w];  // same-address reads: a broadcast
+  float total = partial[0];
+  for (int w = 1; w < warps; ++w) total = op(total, partial[w]);  // same-address reads: a broadcast
   __syncthreads();  // partial[] may be reused by a later call
   return total;
 }
+
+__device__ __forceinline__ float block_sum(float x) { return block_reduce(x, Sum()); }
+__device__ __forceinline__ float block_max(float x) { return block_reduce(x, Max()); }
 
 }  // namespace tk
 

@@ -118,49 +118,42 @@ __device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r):
   "+f"(d[o + 0]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), "+f"(d[o + 5]), \
       "+f"(d[o + 6]), "+f"(d[o + 7])
 
-// d[64 x kNT] += a (64 x 16 bf16, registers) * b (16 x kNT bf16, shared memory, K-major)
-template <int kNT>
+// d[64 x kNT] += a (64 x 16 bf16, or 64 x 32 e4m3 with kE4M3; registers) * b (16 or 32 x kNT of the
+// same type, shared memory, K-major)
+template <int kNT, bool kE4M3>
 __device__ __forceinline__ void wgmma(float* d, const uint32_t* a, uint64_t b);
 
-template <>
-__device__ __forceinline__ void wgmma<16>(float* d, const uint32_t* a, uint64_t b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
-      : TK_ACC8(d, 0)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
+// Both A types of one token tile: D the accumulator placeholders, AB those of A's registers and
+// B's descriptor, then the accumulator constraints.
+#define TK_WGMMA(NT, D, AB, ...)                                                                        \
+  template <>                                                                                            \
+  __device__ __forceinline__ void wgmma<NT, false>(float* d, const uint32_t* a, uint64_t b) {            \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" #NT "k16.f32.bf16.bf16 {" D "}, " AB ", 1, 1, 1, 0;" \
+                 : __VA_ARGS__                                                                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                   \
+  }                                                                                                      \
+  template <>                                                                                            \
+  __device__ __forceinline__ void wgmma<NT, true>(float* d, const uint32_t* a, uint64_t b) {             \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" #NT "k32.f32.e4m3.e4m3 {" D "}, " AB ", 1, 1, 1;"    \
+                 : __VA_ARGS__                                                                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                   \
+  }
 
-template <>
-__device__ __forceinline__ void wgmma<32>(float* d, const uint32_t* a, uint64_t b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
-      "%11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
-      : TK_ACC8(d, 0), TK_ACC8(d, 8)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
-
-template <>
-__device__ __forceinline__ void wgmma<64>(float* d, const uint32_t* a, uint64_t b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
-      "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
-      "%31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-      : TK_ACC8(d, 0), TK_ACC8(d, 8), TK_ACC8(d, 16), TK_ACC8(d, 24)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
-
-template <>
-__device__ __forceinline__ void wgmma<128>(float* d, const uint32_t* a, uint64_t b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
-      "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
-      "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, "
-      "%51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
-      : TK_ACC8(d, 0), TK_ACC8(d, 8), TK_ACC8(d, 16), TK_ACC8(d, 24), TK_ACC8(d, 32), TK_ACC8(d, 40),
-        TK_ACC8(d, 48), TK_ACC8(d, 56)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
+TK_WGMMA(16, "%0, %1, %2, %3, %4, %5, %6, %7", "{%8, %9, %10, %11}, %12", TK_ACC8(d, 0))
+TK_WGMMA(32, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15",
+         "{%16, %17, %18, %19}, %20", TK_ACC8(d, 0), TK_ACC8(d, 8))
+TK_WGMMA(64,
+         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+         "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31",
+         "{%32, %33, %34, %35}, %36", TK_ACC8(d, 0), TK_ACC8(d, 8), TK_ACC8(d, 16), TK_ACC8(d, 24))
+TK_WGMMA(128,
+         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+         "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+         "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
+         "%62, %63",
+         "{%64, %65, %66, %67}, %68", TK_ACC8(d, 0), TK_ACC8(d, 8), TK_ACC8(d, 16), TK_ACC8(d, 24),
+         TK_ACC8(d, 32), TK_ACC8(d, 40), TK_ACC8(d, 48), TK_ACC8(d, 56))
+#undef TK_WGMMA
 #undef TK_ACC8
 
 // --- the weights of one step -----------------------------------------------------------------
@@ -210,29 +203,89 @@ __device__ __forceinline__ void dequant_half(const uint4* w, const uint32_t (*m)
 // fragment j of half H -> its 16-column chunk of the step (0-3 low columns, 4-7 high)
 __device__ __forceinline__ constexpr int chunk_of(int H, int j) { return (j < 2 ? 0 : 4) + 2 * H + j % 2; }
 
+// --- W4A8: MXFP4 weights as e4m3 against fp8 activations ---------------------------------------
+//
+// A code times its group's scale 2^(e - 127) is e2m1 * 2^(e - E + 6) * 2^(E - 133), E the largest
+// scale byte of the row in the block's K share. The first factor is an e4m3 value (at most
+// 6 * 2^6 = 384), exact while e >= E - 14 (its smallest code, 0.5 * 2^-8, is e4m3's smallest
+// subnormal) and rounded to nearest even below; the second multiplies the row's fp32 accumulators
+// in the epilogue. Each (row, group) converts its codes through an 8-byte table of the e4m3 bytes
+// of the magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6} x 2^(e - E + 6): entry i of the block's table is
+// that for e - E = i - kLutTop (entries below 0 are clamped to entry 0, all zeros by then), entry
+// kLutNaN (a NaN scale byte, 255) all NaN.
+constexpr int kLutTop = 22, kLutNaN = 23, kLutEntries = 24;
+
+__device__ __forceinline__ uint2 lut_entry(int i) {
+  const float mags[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  uint32_t b[2] = {0, 0};
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const float v = ldexpf(mags[c], i - kLutTop + 6);
+    const uint32_t e = i == kLutNaN ? 0x7Fu : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    b[c / 4] |= e << (8 * (c % 4));
+  }
+  return make_uint2(b[0], b[1]);
+}
+
+// Four codes, in the high nibble of each byte of v -> their e4m3 bytes through the group's table,
+// in the order of v's bytes 2, 0, 3, 1: their magnitudes become prmt's selector nibbles with one
+// add (m >> 20 brings bytes 2, 3 down between bytes 0, 1; no bits overlap), and a second prmt
+// replicates each byte's sign bit. Five instructions for four codes.
+__device__ __forceinline__ uint32_t e2m1x4_e4m3(uint32_t v, uint2 lut) {
+  const uint32_t m = v & 0x70707070u;
+  const uint32_t sel = m + (m >> 20);
+  uint32_t mag, sgn;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(mag) : "r"(lut.x), "r"(lut.y), "r"(sel));
+  asm("prmt.b32 %0, %1, %1, 0x9B8A;" : "=r"(sgn) : "r"(v));
+  return mag | (sgn & 0x80808080u);
+}
+
+// Half H of a step's W4A8 fragments: chunks 2H, 2H + 1 (32 k-slots each) from word c = 2H, 2H + 1
+// of each row's 16 bytes: a[cc] = {row g, row g + 8} x {low nibbles: k-slots 4q..4q + 3, high
+// nibbles: 16 + 4q..}. lut: the tables of rows g, g + 8 x low, high half.
+template <int H>
+__device__ __forceinline__ void dequant_half_e4m3(const uint4* w, const uint2 (*lut)[2], uint32_t (*a)[4]) {
+#pragma unroll
+  for (int cc = 0; cc < 2; ++cc) {
+    const uint32_t w0 = reinterpret_cast<const uint32_t*>(&w[0])[2 * H + cc];
+    const uint32_t w1 = reinterpret_cast<const uint32_t*>(&w[1])[2 * H + cc];
+    a[cc][0] = e2m1x4_e4m3(w0 << 4, lut[0][0]);
+    a[cc][1] = e2m1x4_e4m3(w1 << 4, lut[1][0]);
+    a[cc][2] = e2m1x4_e4m3(w0, lut[0][1]);
+    a[cc][3] = e2m1x4_e4m3(w1, lut[1][1]);
+  }
+}
+
 // The activation ring: 128 KB (8 steps) below 128-token tiles, 192 KB (6) at 128 tokens, where 6
 // slots against 4 took 70.0-70.5 us against 71.5-71.8 at gate_up (H200, benchmarks/results/
-// h200-2026-11-28-fp4); 12 slots for 64 tokens were no faster (43.9-44.4 against 43.7).
+// h200-2026-11-28-fp4); 12 slots for 64 tokens were no faster (43.9-44.4 against 43.7). A W4A8
+// step's activations are half as many bytes (one fp8 box, not two bf16 ones).
 template <int kNT>
 constexpr int stages_for() {
   return kNT >= 128 ? 6 : 8;
 }
 
-template <int kNT>
+template <bool kA8, int kNT>
 constexpr int smem_bytes() {
-  return stages_for<kNT>() * 2 * kNT * 128 + 1024;  // + alignment of the ring to 1024 bytes
+  return stages_for<kNT>() * (kA8 ? 1 : 2) * kNT * 128 + 1024;  // + alignment of the ring to 1024 bytes
 }
 
-template <bool kNV, int kNT, int kWG>
+// kA8: W4A8 (MXFP4 weights; xs the per-token scales of the fp8 activations), else W4A16.
+template <bool kNV, bool kA8, int kNT, int kWG>
 __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
     const __grid_constant__ CUtensorMap xmap, const uint8_t* __restrict__ w, const uint8_t* __restrict__ s,
-    const float* __restrict__ gscale, __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int M,
-    int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o, int steps_per_split) {
+    const float* __restrict__ gscale, const float* __restrict__ xs, __nv_bfloat16* __restrict__ out,
+    float* __restrict__ partial, int M, int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o,
+    int steps_per_split) {
+  static_assert(!(kNV && kA8), "W4A8 takes MXFP4 weights");
   constexpr int kStages = stages_for<kNT>();
-  constexpr int kBox = kNT * 128;  // bytes of one [kNT, 64] bf16 box
+  constexpr int kBox = kNT * 128;  // bytes of one [kNT, 64] bf16 box ([kNT, 128] fp8)
+  constexpr int kSlot = (kA8 ? 1 : 2) * kBox;
+  constexpr int kFrags = kA8 ? 2 : 4;  // MMAs (fragments) a half step
   constexpr int kWarps = 4 * kWG;
   extern __shared__ uint8_t smem_raw[];
   __shared__ uint64_t full[kStages], empty[kStages];
+  __shared__ uint2 luts[kA8 ? kLutEntries : 1];
   uint8_t* ring = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -246,13 +299,18 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
     for (int i = 0; i < kStages; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  if (kA8 && tid < kLutEntries) luts[tid] = lut_entry(tid);
   __syncthreads();
   auto issue = [&](int i) {  // activations of the split's step i into slot i % kStages
-    uint8_t* dst = ring + (i % kStages) * 2 * kBox;
+    uint8_t* dst = ring + (i % kStages) * kSlot;
     uint64_t* bar = &full[i % kStages];
-    mbar_expect_tx(bar, 2 * kBox);
-    tma_load(dst, &xmap, (first + i) * kStepBytes, tok0, bar);
-    tma_load(dst + kBox, &xmap, half + (first + i) * kStepBytes, tok0, bar);
+    mbar_expect_tx(bar, kSlot);
+    if constexpr (kA8) {
+      tma_load(dst, &xmap, (first + i) * 2 * kStepBytes, tok0, bar);
+    } else {
+      tma_load(dst, &xmap, (first + i) * kStepBytes, tok0, bar);
+      tma_load(dst + kBox, &xmap, half + (first + i) * kStepBytes, tok0, bar);
+    }
   };
   if (tid == 0)
     for (int i = 0; i < min(kStages, count); ++i) issue(i);
@@ -270,20 +328,52 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
   float acc[kNT / 2];
 #pragma unroll
   for (int i = 0; i < kNT / 2; ++i) acc[i] = 0.f;
-  // Each step's eight MMAs go in two halves of four, each half's fragments dequantized while
-  // the other half's MMAs run: the warpgroup keeps the tensor cores busy on its own, with the
-  // registers of one step's fragments.
-  uint32_t frag[2][4][4];  // [half][fragment][register]
-  uint32_t mult[2][2];  // the multipliers of the step being dequantized [row][low, high half]
+  // Each step's MMAs go in two halves, each half's fragments dequantized while the other half's
+  // MMAs run: the warpgroup keeps the tensor cores busy on its own, with the registers of one
+  // step's fragments.
+  uint32_t frag[2][kFrags][4];  // [half][fragment][register]
+  uint32_t mult[2][2];  // W4A16: the multipliers of the step being dequantized [row][low, high half]
+  uint2 lut[2][2];      // W4A8: its groups' tables [row][low, high half]
   Raw raw[2];  // steps loaded ahead: step i in raw[i % 2]
+  int top[2];  // W4A8: E of rows g, g + 8 (see kLutTop)
+  if constexpr (kA8) {
+    // E over the share's groups of each row: lane q reads steps q, q + 4, ... (2 low and 2 high
+    // scale bytes a step), then the quad's maxima are combined.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* lo = sp[h][0] - q / 2;  // the row's scale bytes of step `first`
+      uint32_t e = 0;
+      for (int i = q; i < count; i += 4) {
+        const uint32_t a = *reinterpret_cast<const uint16_t*>(lo + 2 * i);
+        const uint32_t b = *reinterpret_cast<const uint16_t*>(lo + half / 32 + 2 * i);
+        e = max(e, max(max(a & 0xFF, a >> 8), max(b & 0xFF, b >> 8)));
+      }
+      e = max(e, __shfl_xor_sync(0xffffffffu, e, 1));
+      top[h] = max(e, __shfl_xor_sync(0xffffffffu, e, 2));
+    }
+  }
   auto multipliers = [&](const Raw& r) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      mult[h][0] = scale_bf16x2<kNV>(r.s[h][0]), mult[h][1] = scale_bf16x2<kNV>(r.s[h][1]);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        if constexpr (kA8) {
+          const int e = r.s[h][hf];
+          lut[h][hf] = luts[e == 255 ? kLutNaN : max(e - top[h] + kLutTop, 0)];
+        } else {
+          mult[h][hf] = scale_bf16x2<kNV>(r.s[h][hf]);
+        }
+      }
+  };
+  auto dequant = [&](auto H, const Raw& r) {
+    if constexpr (kA8)
+      dequant_half_e4m3<H>(r.w, lut, frag[H]);
+    else
+      dequant_half<kNV, H>(r.w, mult, frag[H]);
   };
   auto fence_half = [&](uint32_t (*f)[4]) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kFrags; ++j)
 #pragma unroll
       for (int k = 0; k < 4; ++k) fence_reg(f[j][k]);
   };
@@ -291,9 +381,10 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
     fence_half(frag[H]);
     wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int c = chunk_of(H, j);
-      wgmma<kNT>(acc, frag[H][j], desc + (((c / 4) * kBox + (c % 4) * 32) >> 4));
+    for (int j = 0; j < kFrags; ++j) {
+      // W4A8: chunk 2H + j is 32 bytes into the step's fp8 box; W4A16: `chunk_of` in the two boxes
+      const int off = kA8 ? 32 * (2 * H + j) : (chunk_of(H, j) / 4) * kBox + (chunk_of(H, j) % 4) * 32;
+      wgmma<kNT, kA8>(acc, frag[H][j], desc + (off >> 4));
     }
     wgmma_commit();
   };
@@ -303,7 +394,7 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
   if (count > 1) load_raw<kNV>(raw[1], wp, sp, 1);
   if (count > 0) {
     multipliers(raw[0]);
-    dequant_half<kNV, 0>(raw[0].w, mult, frag[0]);
+    dequant(H0(), raw[0]);
   }
 #pragma unroll
   for (int j = 0; j < kNT / 2; ++j) fence_reg(acc[j]);
@@ -320,20 +411,20 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
     }
     __syncwarp();
     mbar_wait(&full[i % kStages], (i / kStages) & 1);
-    const uint64_t desc = smem_desc(ring + (i % kStages) * 2 * kBox);
+    const uint64_t desc = smem_desc(ring + (i % kStages) * kSlot);
     mma_half(H0(), desc);
     wgmma_wait<1>();
     fence_half(frag[1]);
     __syncwarp();
     if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % kStages]);
-    dequant_half<kNV, 1>(cur.w, mult, frag[1]);
+    dequant(H1(), cur);
     mma_half(H1(), desc);
     if (i + 2 < count) load_raw<kNV>(cur, wp, sp, i + 2);
     wgmma_wait<1>();
     fence_half(frag[0]);
     if (i + 1 < count) {
       multipliers(next);
-      dequant_half<kNV, 0>(next.w, mult, frag[0]);
+      dequant(H0(), next);
     }
   };
   int i = 0;
@@ -348,6 +439,9 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
 
   // d[4j + 2h + e]: row g + 8h, token 8j + 2q + e
   const float gs = (gscale ? *gscale : 1.f) * (kNV ? kNVUnscale : 1.f);
+  float rows[2] = {gs, gs};
+  if constexpr (kA8)
+    for (int h = 0; h < 2; ++h) rows[h] = ldexpf(1.f, top[h] - 133);  // 2^(E - 127 - 6)
   float* part = partial ? partial + (int64_t)blockIdx.y * M * N : nullptr;
 #pragma unroll
   for (int j = 0; j < kNT / 8; ++j)
@@ -357,7 +451,7 @@ __global__ void __launch_bounds__(128 * kWG) fp4_wgmma_kernel(
       for (int e = 0; e < 2; ++e) {
         const int r = row0 + g + 8 * h, t = tok0 + 8 * j + 2 * q + e;
         if (r >= N || t >= M) continue;
-        const float v = acc[4 * j + 2 * h + e] * gs;
+        const float v = acc[4 * j + 2 * h + e] * (kA8 ? xs[t] * rows[h] : rows[h]);
         if (part)
           part[(int64_t)t * N + r] = v;
         else
@@ -406,22 +500,175 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-template <bool kNV, int kNT, int kWG>
-int launch(const CUtensorMap& xmap, const void* w, const void* s, const float* g, void* out, float* partial, int M,
-           int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o, int split, cudaStream_t stream) {
+template <bool kNV, bool kA8, int kNT, int kWG>
+int launch(const CUtensorMap& xmap, const void* w, const void* s, const float* g, const float* xs, void* out,
+           float* partial, int M, int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o, int split,
+           cudaStream_t stream) {
   if constexpr (kNT == 128 && kWG == 4) {  // 128 registers a thread cannot hold its accumulators
     return (int)cudaErrorInvalidValue;
   } else {
-  auto kernel = fp4_wgmma_kernel<kNV, kNT, kWG>;
-  constexpr int bytes = smem_bytes<kNT>();
+  auto kernel = fp4_wgmma_kernel<kNV, kA8, kNT, kWG>;
+  constexpr int bytes = smem_bytes<kA8, kNT>();
   static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return (int)attr;
   const int steps = half / kStepBytes;
   const int per = (steps + split - 1) / split;
   const dim3 grid((N + 64 * kWG - 1) / (64 * kWG), split, (M + kNT - 1) / kNT);
-  kernel<<<grid, 128 * kWG, bytes, stream>>>(xmap, (const uint8_t*)w, (const uint8_t*)s, g, (__nv_bfloat16*)out,
-                                             partial, M, N, half, stride_w, stride_s, stride_o, per);
+  kernel<<<grid, 128 * kWG, bytes, stream>>>(xmap, (const uint8_t*)w, (const uint8_t*)s, g, xs,
+                                             (__nv_bfloat16*)out, partial, M, N, half, stride_w, stride_s,
+                                             stride_o, per);
   return (int)cudaGetLastError();
+  }
+}
+
+// The TMA map of the activations the kernel reads: [M, K] elements of `type` (row pitch K
+// elements of `bytes`), boxes of [tokens, 128 bytes], 128-byte swizzled
+int encode_x_map(CUtensorMap* map, CUtensorMapDataType type, int bytes, void* x, int M, int K, int tokens) {
+  EncodeTiled encode = encode_tiled();
+  if (!encode) return (int)cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)M};
+  const cuuint64_t strides[1] = {(cuuint64_t)K * bytes};
+  const cuuint32_t box[2] = {(cuuint32_t)(128 / bytes), (cuuint32_t)tokens};
+  const cuuint32_t unit[2] = {1, 1};
+  if (encode(map, type, 2, x, dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return (int)cudaErrorInvalidValue;
+  return (int)cudaSuccess;
+}
+
+// launch<kNV, kA8, tokens, warpgroups>, or cudaErrorInvalidValue for a combination not built
+#define TK_WGMMA_LAUNCH(NV, A8, NT, WG)                                                                    \
+  return launch<NV, A8, NT, WG>(xmap, w, s, g, xs, out, partial, M, N, half, stride_w, stride_s, stride_o, split, \
+                                stream)
+#define TK_WGMMA_TOKENS(NV, A8, WG)               \
+  switch (tokens) {                               \
+    case 16: TK_WGMMA_LAUNCH(NV, A8, 16, WG);     \
+    case 32: TK_WGMMA_LAUNCH(NV, A8, 32, WG);     \
+    case 64: TK_WGMMA_LAUNCH(NV, A8, 64, WG);     \
+    case 128: TK_WGMMA_LAUNCH(NV, A8, 128, WG);   \
+    default: return (int)cudaErrorInvalidValue;   \
+  }
+
+template <bool kNV, bool kA8>
+int launch_config(const CUtensorMap& xmap, const void* w, const void* s, const float* g, const float* xs, void* out,
+                  float* partial, int M, int N, int half, int64_t stride_w, int64_t stride_s, int64_t stride_o,
+                  int tokens, int warpgroups, int split, cudaStream_t stream) {
+  switch (warpgroups) {
+    case 1: TK_WGMMA_TOKENS(kNV, kA8, 1);
+    case 2: TK_WGMMA_TOKENS(kNV, kA8, 2);
+    case 4: TK_WGMMA_TOKENS(kNV, kA8, 4);
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
+#undef TK_WGMMA_TOKENS
+#undef TK_WGMMA_LAUNCH
+
+// x bf16 [M, K] -> xq e4m3 [M, K] in the W4A8 fragments' K order, xs fp32 [M]: per token
+// xs = max(amax, 1e-12) * fp32(1 / 448) and xq = x / xs rounded to nearest even, bit for bit
+// trtllm_kernels.fp8's token scales as torch computes them on CUDA (it divides by a scalar as a
+// multiply by its reciprocal; a true division differs by an ulp at times, and bf16 activations
+// land on e4m3 rounding ties often enough that such an ulp flips codes). In each 128-column
+// segment s of xq, chunk c (32 columns) holds at k-slots 4q + i the columns
+// 64s + 16q + 4c + (2, 0, 3, 1)[i] of x and at 16 + 4q + i the same columns of its second half
+// (the order e2m1x4_e4m3 leaves lane q's word c in). One block of 1024 threads a token (decode
+// has a few tokens: the row is read in one round of loads, kept in L1 for the quantizing pass);
+// thread t owns the 8-column tasks t, t + 1024, ... Other outputs (Out): xq in x's own order (for a
+// library fp8 GEMM), or bf16 xq * xs in x's own order (the fp8 activations dequantized, for the
+// W4A16 kernels).
+enum class Out { kFragments, kNatural, kRounded };
+
+template <Out kOut>
+__global__ void __launch_bounds__(1024) quantize_x_e4m3_kernel(const __nv_bfloat16* __restrict__ x,
+                                                              void* __restrict__ xq, float* __restrict__ xs,
+                                                              int half, int64_t stride_x) {
+  const int m = blockIdx.x, tasks = half / 4;
+  const __nv_bfloat16* row = x + m * stride_x;
+  auto load = [&](int t, int hf) {  // 4 columns of task t: (low, high half) x (64s + 16q + 4c + 0..3)
+    const int col = 64 * (t >> 4) + 16 * (t & 3) + 4 * ((t >> 2) & 3);
+    return *reinterpret_cast<const uint2*>(row + hf * half + col);
+  };
+  float amax = 0.f;
+#pragma unroll 4
+  for (int t = threadIdx.x; t < tasks; t += blockDim.x)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const uint2 v = load(t, hf);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float2 f = __bfloat1622float2(h[j]);
+        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    }
+  const float scale = fmaxf(tk::block_max(amax), 1e-12f) * (1.f / 448.f);
+  if (threadIdx.x == 0) xs[m] = scale;
+  for (int t = threadIdx.x; t < tasks; t += blockDim.x) {
+    const int seg = t >> 4, c = (t >> 2) & 3, q = t & 3;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const uint2 v = load(t, hf);
+      const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&v);
+      const int64_t at = (int64_t)m * 2 * half + hf * half + 64 * seg + 16 * q + 4 * c;  // x's own order
+      if constexpr (kOut == Out::kRounded) {
+        __nv_bfloat16 r[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          __nv_fp8_e4m3 q8;
+          q8.__x = __nv_cvt_float_to_fp8(__bfloat162float(e[i]) / scale, __NV_SATFINITE, __NV_E4M3);
+          r[i] = __float2bfloat16_rn(float(q8) * scale);
+        }
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(xq) + at) = *reinterpret_cast<const uint2*>(r);
+      } else if constexpr (kOut == Out::kNatural) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          word |= (uint32_t)__nv_cvt_float_to_fp8(__bfloat162float(e[i]) / scale, __NV_SATFINITE, __NV_E4M3)
+                  << (8 * i);
+        *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(xq) + at) = word;
+      } else {
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float f = __bfloat162float(e[(0x1302 >> (4 * i)) & 0xF]) / scale;  // columns 2, 0, 3, 1
+          word |= (uint32_t)__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3) << (8 * i);
+        }
+        *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(xq) + (int64_t)m * 2 * half + 128 * seg + 32 * c +
+                                     16 * hf + 4 * q) = word;
+      }
+    }
+  }
+}
+
+// MXFP4 w [N, half] -> e4m3 [N, 2 half] in K's own order, the values the W4A8 GEMM multiplies (E
+// over the whole row), and rs fp32 [N] = 2^(E - 133): the operands of an fp8 GEMM with row-wise
+// scales, for prefill, where a library GEMM outruns converting in registers. One block a row;
+// 16 packed bytes a thread and step (one scale group of each half).
+__global__ void __launch_bounds__(128) w4a8_weights_kernel(const uint8_t* __restrict__ w,
+                                                          const uint8_t* __restrict__ s, uint8_t* __restrict__ out,
+                                                          float* __restrict__ rs, int half, int64_t stride_w,
+                                                          int64_t stride_s) {
+  __shared__ uint2 luts[kLutEntries];
+  if (threadIdx.x < kLutEntries) luts[threadIdx.x] = lut_entry(threadIdx.x);
+  const int64_t row = blockIdx.x;
+  const uint8_t* srow = s + row * stride_s;
+  float e = 0.f;
+  for (int j = threadIdx.x; j < half / 16; j += blockDim.x) e = fmaxf(e, srow[j]);
+  const int top = (int)tk::block_max(e);  // (its __syncthreads also publishes the tables)
+  if (threadIdx.x == 0) rs[row] = ldexpf(1.f, top - 133);
+  auto table = [&](int e) { return luts[e == 255 ? kLutNaN : max(e - top + kLutTop, 0)]; };
+  for (int j = 16 * threadIdx.x; j < half; j += 16 * blockDim.x) {
+    const uint4 v = *reinterpret_cast<const uint4*>(w + row * stride_w + j);
+    const uint2 lo = table(srow[j / 32]), hi = table(srow[(half + j) / 32]);
+    uint32_t a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // e2m1x4_e4m3 leaves bytes 2, 0, 3, 1: put them back in order
+      const uint32_t x = reinterpret_cast<const uint32_t*>(&v)[i];
+      a[i] = __byte_perm(e2m1x4_e4m3(x << 4, lo), 0, 0x2031);
+      b[i] = __byte_perm(e2m1x4_e4m3(x, hi), 0, 0x2031);
+    }
+    uint8_t* o = out + row * 2 * half + j;
+    *reinterpret_cast<uint4*>(o) = make_uint4(a[0], a[1], a[2], a[3]);
+    *reinterpret_cast<uint4*>(o + half) = make_uint4(b[0], b[1], b[2], b[3]);
   }
 }
 
@@ -442,40 +689,57 @@ extern "C" int tk_fp4_gemm_wgmma(const void* x, void* xp, const void* w, const v
   if (M < 1 || N < 1 || half < kStepBytes || half % kStepBytes || stride_x % 8 || split < 1 ||
       (split > 1 && !partial) || !xp)
     return (int)cudaErrorInvalidValue;
-  EncodeTiled encode = encode_tiled();
-  if (!encode) return (int)cudaErrorNotSupported;
   CUtensorMap xmap;
-  const cuuint64_t dims[2] = {(cuuint64_t)2 * half, (cuuint64_t)M};
-  const cuuint64_t strides[1] = {(cuuint64_t)half * 4};
-  const cuuint32_t box[2] = {64, (cuuint32_t)tokens};
-  const cuuint32_t unit[2] = {1, 1};
-  if (encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, xp, dims, strides, box, unit,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return (int)cudaErrorInvalidValue;
+  if (const int e = encode_x_map(&xmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, xp, M, 2 * half, tokens)) return e;
   const int chunks = M * (half / 8);  // 16-column chunks of x
   permute_x_kernel<<<(chunks + 255) / 256, 256, 0, stream>>>((const __nv_bfloat16*)x, (__nv_bfloat16*)xp,
                                                             2 * half, stride_x, chunks);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return (int)e;
-#define TK_WGMMA_LAUNCH(NV, NT, WG) \
-  return launch<NV, NT, WG>(xmap, w, s, g, out, partial, M, N, half, stride_w, stride_s, stride_o, split, stream)
-#define TK_WGMMA_TOKENS(NV, WG)               \
-  switch (tokens) {                           \
-    case 16: TK_WGMMA_LAUNCH(NV, 16, WG);     \
-    case 32: TK_WGMMA_LAUNCH(NV, 32, WG);     \
-    case 64: TK_WGMMA_LAUNCH(NV, 64, WG);     \
-    case 128: TK_WGMMA_LAUNCH(NV, 128, WG);   \
-    default: return (int)cudaErrorInvalidValue; \
-  }
-  switch (warpgroups * 2 + (nvfp4 ? 1 : 0)) {
-    case 3: TK_WGMMA_TOKENS(true, 1);
-    case 2: TK_WGMMA_TOKENS(false, 1);
-    case 5: TK_WGMMA_TOKENS(true, 2);
-    case 4: TK_WGMMA_TOKENS(false, 2);
-    case 9: TK_WGMMA_TOKENS(true, 4);
-    case 8: TK_WGMMA_TOKENS(false, 4);
-    default: return (int)cudaErrorInvalidValue;
-  }
-#undef TK_WGMMA_TOKENS
-#undef TK_WGMMA_LAUNCH
+  const float* xs = nullptr;
+  return nvfp4 ? launch_config<true, false>(xmap, w, s, g, xs, out, partial, M, N, half, stride_w, stride_s,
+                                            stride_o, tokens, warpgroups, split, stream)
+               : launch_config<false, false>(xmap, w, s, g, xs, out, partial, M, N, half, stride_w, stride_s,
+                                             stride_o, tokens, warpgroups, split, stream);
+}
+
+// W4A8: out = dequant(xq) @ dequant(w)^T with x quantized per token to e4m3 first (xq: uint8 [M, K]
+// scratch, 16-byte aligned; xs: fp32 [M] scratch, its scales) and MXFP4 w (s: e8m0 bytes, their
+// rows and base 2-byte aligned). The arguments of tk_fp4_gemm_wgmma's, with xp replaced by xq, xs;
+// g must be null and nvfp4 0.
+extern "C" int tk_fp4_gemm_w4a8(const void* x, void* xq, float* xs, const void* w, const void* s, const float* g,
+                                void* out, float* partial, int M, int N, int half, int64_t stride_x,
+                                int64_t stride_w, int64_t stride_s, int64_t stride_o, int nvfp4, int tokens,
+                                int warpgroups, int split, cudaStream_t stream) {
+  if (M < 1 || N < 1 || half < kStepBytes || half % kStepBytes || stride_x % 8 || stride_s % 2 || split < 1 ||
+      (split > 1 && !partial) || !xq || !xs || reinterpret_cast<uintptr_t>(s) % 2 || g || nvfp4)
+    return (int)cudaErrorInvalidValue;
+  CUtensorMap xmap;
+  if (const int e = encode_x_map(&xmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, xq, M, 2 * half, tokens)) return e;
+  quantize_x_e4m3_kernel<Out::kFragments><<<M, 1024, 0, stream>>>((const __nv_bfloat16*)x, xq, xs, half, stride_x);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return (int)e;
+  return launch_config<false, true>(xmap, w, s, nullptr, xs, out, partial, M, N, half, stride_w, stride_s,
+                                    stride_o, tokens, warpgroups, split, stream);
+}
+
+// W4A8 prefill weights: MXFP4 w (uint8 [N, half], 16-byte aligned rows), s (e8m0 [N, K / 32]) ->
+// out e4m3 [N, 2 half] (contiguous, 16-byte aligned), rs fp32 [N]; half % 64 == 0.
+extern "C" int tk_fp4_w4a8_weights(const void* w, const void* s, void* out, float* rs, int N, int half,
+                                   int64_t stride_w, int64_t stride_s, cudaStream_t stream) {
+  if (N < 1 || half < kStepBytes || half % kStepBytes || stride_w % 16) return (int)cudaErrorInvalidValue;
+  w4a8_weights_kernel<<<N, 128, 0, stream>>>((const uint8_t*)w, (const uint8_t*)s, (uint8_t*)out, rs, half,
+                                             stride_w, stride_s);
+  return (int)cudaGetLastError();
+}
+
+// x bf16 [M, K] (row stride stride_x, a multiple of 8; 16-byte aligned) -> out [M, K] (contiguous,
+// x's own order): each token quantized to e4m3 as tk_fp4_gemm_w4a8 quantizes it, out the e4m3
+// bytes, or with `rounded` bf16 xq * xs; xs fp32 [M] the scales. K % 128 == 0.
+extern "C" int tk_fp8_quantize_tokens(const void* x, void* out, float* xs, int M, int K, int64_t stride_x,
+                                      int rounded, cudaStream_t stream) {
+  if (M < 1 || K < 2 * kStepBytes || K % (2 * kStepBytes) || stride_x % 8) return (int)cudaErrorInvalidValue;
+  if (rounded)
+    quantize_x_e4m3_kernel<Out::kRounded><<<M, 1024, 0, stream>>>((const __nv_bfloat16*)x, out, xs, K / 2, stride_x);
+  else
+    quantize_x_e4m3_kernel<Out::kNatural><<<M, 1024, 0, stream>>>((const __nv_bfloat16*)x, out, xs, K / 2, stride_x);
+  return (int)cudaGetLastError();
 }

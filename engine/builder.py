@@ -27,8 +27,8 @@ from trtllm_kernels._paths import cache_root
 from .checkpoint import CheckpointError, read_checkpoint, save_tokenizer
 from .config import DTYPES, BuildConfig, ModelConfig
 from .model import LlamaModel, weight_names
-from .quantize import (FP4_FORMATS, Fp4LlamaModel, Fp8LlamaModel, extra_names, load_dtype_any,
-                       quantize_weights, quantize_weights_fp4)
+from .quantize import (FP4_FORMATS, Fp4LlamaModel, Fp4W4A8LlamaModel, Fp8LlamaModel, extra_names,
+                       load_dtype_any, quantize_weights, quantize_weights_fp4)
 
 FORMAT_VERSION = 1
 ENGINE_CONFIG = "engine_config.json"
@@ -82,8 +82,8 @@ def quantize(model_config: ModelConfig, build_config: BuildConfig,
 
 def make_model(model_config: ModelConfig, build_config: BuildConfig, weights: dict[str, torch.Tensor]) -> LlamaModel:
     """The model class that runs weights made by `quantize` for this build config."""
-    model_class = Fp8LlamaModel if build_config.quantization == "fp8" else \
-        Fp4LlamaModel if build_config.quantization in FP4_FORMATS else LlamaModel
+    model_class = {"fp8": Fp8LlamaModel, "nvfp4": Fp4LlamaModel, "mxfp4": Fp4LlamaModel,
+                   "mxfp4_w4a8": Fp4W4A8LlamaModel}.get(build_config.quantization, LlamaModel)
     return model_class(model_config, weights)
 
 

@@ -8,8 +8,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_CACHE_DTYPES = ("auto", "fp8")
-QUANTIZATIONS = (None, "fp8", "nvfp4", "mxfp4")
-IMPLEMENTED_QUANTIZATIONS = (None, "fp8", "nvfp4", "mxfp4")
+QUANTIZATIONS = (None, "fp8", "nvfp4", "mxfp4", "mxfp4_w4a8")
+IMPLEMENTED_QUANTIZATIONS = QUANTIZATIONS
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class BuildConfig:
     max_position_embeddings. max_num_tokens: tokens processed in one step (prefill chunking).
     dtype: "auto" keeps the checkpoint's precision (GGUF dequantizes to float32).
     kv_cache_dtype: "auto" (the activation dtype) or "fp8" (e4m3 with a scale per cache).
+    quantization: None, "fp8" (FP8 weights and activations), "nvfp4" / "mxfp4" (FP4 weights,
+    W4A16) or "mxfp4_w4a8" (MXFP4 weights, fp8 activations: engine/quantize.py).
     """
 
     max_batch_size: int = 256

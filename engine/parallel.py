@@ -49,7 +49,7 @@ from .config import ModelConfig
 from .model import LlamaModel
 from .quantize import FP4_FORMATS, GLOBAL_SUFFIX, SCALE_SUFFIX, Fp4LlamaModel, Fp8LlamaModel
 
-FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}  # values per scale along K
+FP4_GROUP = {"nvfp4": 16, "mxfp4": 32, "mxfp4_w4a8": 32}  # values per scale along K
 
 
 def _split(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -156,7 +156,7 @@ def shard_pieces(config: ModelConfig, plan: ShardPlan, name: str) -> tuple[int, 
 def shard_weight(config: ModelConfig, plan: ShardPlan, name: str, get: Getter,
                  quantization: str | None = None) -> torch.Tensor:
     """One rank's shard of tensor `name` (see shard_pieces), read through `get`;
-    `quantization` is the engine's (None, "fp8", "nvfp4", "mxfp4")."""
+    `quantization` is the engine's (None, "fp8", "nvfp4", "mxfp4", "mxfp4_w4a8")."""
     dim, pieces = shard_pieces(config, plan, name)
     if dim == 1 and quantization in FP4_FORMATS:
         return _shard_fp4_columns(config, plan, name, get, pieces, FP4_GROUP[quantization])
@@ -283,3 +283,9 @@ class TensorParallelFp8LlamaModel(TensorParallelLlamaModel, Fp8LlamaModel):
 class TensorParallelFp4LlamaModel(TensorParallelLlamaModel, Fp4LlamaModel):
     """One rank's shard of an FP4 (weight-only) engine: Fp4LlamaModel's linears with the
     tensor-parallel embedding, all-reduces and LM head."""
+
+
+class TensorParallelFp4W4A8LlamaModel(TensorParallelFp4LlamaModel):
+    """TensorParallelFp4LlamaModel with its projections in W4A8 (`quantization="mxfp4_w4a8"`)."""
+
+    W4A8 = True

@@ -101,7 +101,7 @@ class Fp8LlamaModel(LlamaModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# FP4 engines: `BuildConfig(quantization="nvfp4" | "mxfp4")`.
+# FP4 engines: `BuildConfig(quantization="nvfp4" | "mxfp4" | "mxfp4_w4a8")`.
 #
 # Every linear weight of the decoder layers (qkv, o, gate_up, down) is stored packed, two e2m1
 # codes a byte (uint8 [N, K/2], the layout of trtllm_kernels/fp4.py), with `<name>_scale`
@@ -109,9 +109,16 @@ class Fp8LlamaModel(LlamaModel):
 # `<name>_global_scale` (fp32 [1]). Embeddings, norms and the LM head stay in the build dtype.
 # Weight-only: activations stay in the activation dtype and every projection is one
 # `fp4_linear` (W4A16, dequantized in registers); the MLP is gate_up GEMM, SiLU-and-mul, down GEMM.
+# "mxfp4_w4a8" stores the same MXFP4 weights and runs every projection as `fp4_linear_w4a8`
+# instead: its input quantized per token to fp8, the weights converted to e4m3 (W4A8).
 
-FP4_FORMATS = ("nvfp4", "mxfp4")
+FP4_FORMATS = ("nvfp4", "mxfp4", "mxfp4_w4a8")
 GLOBAL_SUFFIX = "_global_scale"
+
+
+def fp4_weight_format(quantization: str) -> str:
+    """The FP4 weight format ("nvfp4" or "mxfp4") an FP4 engine stores."""
+    return "mxfp4" if quantization == "mxfp4_w4a8" else quantization
 
 
 def fp4_scale_names(config: ModelConfig, fmt: str) -> list[str]:
@@ -137,7 +144,7 @@ def quantize_weights_fp4(config: ModelConfig, weights: dict[str, torch.Tensor], 
     for i in range(config.num_hidden_layers):
         for w in LINEAR_WEIGHTS:
             name = f"layers.{i}.{w}"
-            packed, scale, global_scale = tk.quantize_fp4(weights[name], fmt)
+            packed, scale, global_scale = tk.quantize_fp4(weights[name], fp4_weight_format(fmt))
             out[name], out[name + SCALE_SUFFIX] = packed.contiguous(), scale.contiguous()
             if global_scale is not None:
                 out[name + GLOBAL_SUFFIX] = global_scale.contiguous()
@@ -156,6 +163,8 @@ class Fp4LlamaModel(LlamaModel):
     """LlamaModel with FP4 weight-only linear layers (NVFP4 or MXFP4, from the stored scales'
     dtype); same forward contract."""
 
+    W4A8 = False  # W4A16; Fp4W4A8LlamaModel: fp8 activations
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
         super().__init__(config, weights)
         for i, layer in enumerate(self.layers):
@@ -167,6 +176,8 @@ class Fp4LlamaModel(LlamaModel):
                 layer[w + GLOBAL_SUFFIX] = weights.get(name + GLOBAL_SUFFIX)
 
     def _linear(self, layer, w, x):
+        if self.W4A8:
+            return tk.fp4_linear_w4a8(x, layer[w], layer[w + SCALE_SUFFIX])
         return tk.fp4_linear(x, layer[w], layer[w + SCALE_SUFFIX], layer[w + GLOBAL_SUFFIX])
 
     def _mlp(self, layer, x):
@@ -176,3 +187,9 @@ class Fp4LlamaModel(LlamaModel):
         qkv = self._linear(layer, "qkv", x)
         out = self._attend(qkv, positions, meta, k_cache, v_cache, kv_scales)
         return self.reduce(self._linear(layer, "o", out))
+
+
+class Fp4W4A8LlamaModel(Fp4LlamaModel):
+    """Fp4LlamaModel on MXFP4 weights with its projections in W4A8 (`quantization="mxfp4_w4a8"`)."""
+
+    W4A8 = True

@@ -322,7 +322,7 @@ def add_parsers(sub) -> None:
                        help="read each step's tokens before launching the next (overlap scheduling off)")
         p.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="split the model over N GPUs (N processes; rank r on cuda:r)")
-        p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4", "mxfp4"],
+        p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4", "mxfp4", "mxfp4_w4a8"],
                        help="with --shape: quantize the random weights (as BuildConfig.quantization)")
         p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="with --shape")
         p.add_argument("--page-size", type=int, default=BuildConfig.page_size,

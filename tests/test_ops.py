@@ -199,6 +199,7 @@ def _fp4_opcheck_cases():
         (OPS.fp4_quantize_mxfp4, (w,)),
         (OPS.fp4_dequantize, (pm, sm, None, torch.bfloat16)),
         (OPS.fp4_gemm, (torch.randn(3, 64), pn, sn, gn), fp8_in),
+        (OPS.fp4_gemm_w4a8, (torch.randn(3, 64, dtype=torch.bfloat16), pm, sm)),
     ]
 
 

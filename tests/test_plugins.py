@@ -128,11 +128,12 @@ def case(spec, dtypes):
         ins = [_rand((2, 3, 32), dt), _rand((48, 32), dt) * 0.2, _rand((32, 24), dt) * 0.2]
         return ins, [fused_mlp(*ins)]
     if isinstance(spec, S.Fp4GemmSpec):
-        from trtllm_kernels.fp4 import fp4_gemm, quantize_fp4
+        from trtllm_kernels.fp4 import fp4_gemm, fp4_gemm_w4a8, quantize_fp4
 
-        w, scale, glob = quantize_fp4(torch.randn(24, 128), spec.fp4_format)
+        w4a8 = spec.fp4_format == "mxfp4_w4a8"
+        w, scale, glob = quantize_fp4(torch.randn(24, 128), "mxfp4" if w4a8 else spec.fp4_format)
         x = _rand((5, 128), dtypes[0])
-        ref = fp4_gemm(x, w, scale, glob)
+        ref = fp4_gemm_w4a8(x, w, scale) if w4a8 else fp4_gemm(x, w, scale, glob)
         # the same bytes as the container dtype the rules allow (int8 for TensorRT's parser)
         ins = [x, w.view(torch_dtype(dtypes[1])), scale.view(torch_dtype(dtypes[2]))]
         return ins + ([glob.float().reshape(1)] if glob is not None else []), [ref]

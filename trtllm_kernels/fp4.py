@@ -46,6 +46,16 @@ multiple of 2 * G (32 for NVFP4, 64 for MXFP4) so no group straddles the two hal
 
 Ops (each with a plain-PyTorch reference as its CPU kernel and a Triton CUDA kernel):
 `fp4_dequantize` and `fp4_gemm` (y = x @ dequant(w)^T in x's dtype, fp32 accumulation).
+
+W4A8 (`fp4_gemm_w4a8`, MXFP4 only): the activations are quantized per token to e4m3 (the
+scales of `trtllm_kernels.fp8.quantize_fp8_per_token`) and the weights converted to e4m3 in
+registers, for Hopper's fp8 tensor cores (twice the bf16 rate). A power-of-two scale folds into
+e4m3 without rounding: a group with scale byte e is multiplied as e2m1 * 2^(e - E + 6) in e4m3
+(at most 384), E the largest scale byte of its row, and the row's fp32 accumulators by
+2^(E - 133) after. That is exact for groups within 14 binades of the row's largest (e4m3's
+subnormals reach 0.5 * 2^-8); smaller groups round to nearest even in e4m3 (the CUDA kernel
+takes E over each K share it splits the row into). NVFP4's e4m3 scales times e2m1 codes need
+up to 5 significant bits, e4m3 has 4: it stays W4A16.
 Quantization runs once per weight at build time as vectorized PyTorch on any device
 (`quantize_nvfp4` / `quantize_mxfp4`), checked bit for bit against `*_reference`, literal
 per-element implementations of the definitions above.
@@ -380,6 +390,47 @@ def fp4_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     return _fp4_gemm(x, w, scale, global_scale)
 
 
+def _w4a8_weight_ref(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Packed MXFP4 w -> float32 [N, K], the values the W4A8 GEMM multiplies (module docstring)."""
+    n = w.shape[0]
+    e = scale.to(torch.int32)
+    top = e.amax(dim=1, keepdim=True)
+    codes = e2m1_decode(unpack_fp4(w)).reshape(n, -1, MXFP4_GROUP)
+    rel = torch.ldexp(codes, (e - top + 6)[..., None].float()).to(FP8).float()
+    out = rel * torch.ldexp(torch.ones_like(top, dtype=torch.float32), (top - E8M0_BIAS - 6).float())[..., None]
+    return out.masked_fill((e == E8M0_NAN)[..., None], float("nan")).reshape(n, -1)
+
+
+def _fp4_gemm_w4a8_ref(x, w, scale):
+    from .fp8 import _quantize_per_token_ref
+
+    xq, xs = _quantize_per_token_ref(x, 0)
+    return ((xq.float() * xs) @ _w4a8_weight_ref(w, scale).t()).to(x.dtype)
+
+
+_fp4_gemm_w4a8 = define_op(
+    "fp4_gemm_w4a8(Tensor x, Tensor w, Tensor scale) -> Tensor",
+    _fp4_gemm_w4a8_ref,
+    lambda x, w, scale: x.new_empty(x.shape[0], w.shape[0]),
+)
+
+
+def fp4_gemm_w4a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W4A8: y = fp8(x) @ dequant(w)^T, [M, N] of x's dtype: x quantized per token to e4m3, MXFP4
+    w (scale uint8 [N, K/32]) multiplied as e4m3 (module docstring), fp32 accumulation. On
+    Hopper with bf16 x: the fp8 variant of csrc/fp4_wgmma.cu, an fp8 GEMM from 256 tokens, and at
+    1-16 tokens the W4A16 kernel on the fp8 activations dequantized to bf16 (kernels.triton_fp4.
+    fp4_gemm_w4a8_cuda says why); elsewhere the reference math."""
+    if group_size_of(scale) != MXFP4_GROUP:
+        raise ValueError("W4A8 takes MXFP4 weights (uint8 e8m0 scales); NVFP4 stays W4A16 (fp4_gemm)")
+    _check_packed(w, scale, None)
+    if x.dim() != 2 or x.shape[1] != 2 * w.shape[1]:
+        raise ValueError(f"x must be [M, {2 * w.shape[1]}] for weight {tuple(w.shape)}, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
+    return _fp4_gemm_w4a8(x, w, scale)
+
+
 def fp4_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`fp4_gemm` over activations x [..., K] -> [..., N]."""
@@ -388,8 +439,14 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def fp4_linear_w4a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`fp4_gemm_w4a8` over activations x [..., K] -> [..., N]."""
+    out = fp4_gemm_w4a8(x.reshape(-1, x.shape[-1]), w, scale)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
 __all__ = [
-    "E2M1_VALUES", "MXFP4_GROUP", "NVFP4_GROUP", "dequantize_fp4", "e2m1_decode", "fp4_gemm", "fp4_linear",
-    "mxfp4_quantize_reference", "nvfp4_quantize_reference", "pack_fp4", "quantize_fp4", "quantize_mxfp4",
-    "quantize_nvfp4", "unpack_fp4",
+    "E2M1_VALUES", "MXFP4_GROUP", "NVFP4_GROUP", "dequantize_fp4", "e2m1_decode", "fp4_gemm", "fp4_gemm_w4a8",
+    "fp4_linear", "fp4_linear_w4a8", "mxfp4_quantize_reference", "nvfp4_quantize_reference", "pack_fp4",
+    "quantize_fp4", "quantize_mxfp4", "quantize_nvfp4", "unpack_fp4",
 ]

@@ -582,16 +582,19 @@ def fp8_cases(dtype: torch.dtype) -> list[KernelCase]:
 
 
 # ---------------------------------------------------------------------------------------------
-# FP4 weight-only GEMM (trtllm_kernels/fp4.py, issue 5): ours (packed e2m1 weights, W4A16) beside
-# bf16 torch.matmul on a bf16 weight of the same shape, and beside int4 tinygemm
-# (torch._weight_int4pack_mm, group size 128, its own packed weight of the same shape).
+# FP4 weight-only GEMM (trtllm_kernels/fp4.py, issue 5): ours (packed e2m1 weights, W4A16; fmt
+# "mxfp4_w4a8": MXFP4 weights against fp8 activations, fp4_gemm_w4a8) beside bf16 torch.matmul on a
+# bf16 weight of the same shape, and beside int4 tinygemm (torch._weight_int4pack_mm, group size
+# 128, its own packed weight of the same shape).
 
 
 def fp4_gemm_case(label: str, m: int, n: int, k: int, dtype: torch.dtype, fmt: str = "nvfp4",
                   baseline: str = "bf16") -> KernelCase:
+    w4a8 = fmt == "mxfp4_w4a8"
+
     def make(device, dt):
         w = torch.randn(n, k, device=device) * k ** -0.5
-        p, s, g = tk.quantize_fp4(w, fmt)
+        p, s, g = tk.quantize_fp4(w, "mxfp4" if w4a8 else fmt)
         i = {"x": torch.randn(m, k, device=device, dtype=dt), "p": p, "s": s, "g": g}
         if baseline == "bf16":
             i["w"] = w.to(dt)
@@ -606,23 +609,22 @@ def fp4_gemm_case(label: str, m: int, n: int, k: int, dtype: torch.dtype, fmt: s
         return i
 
     def ours(i):
+        if w4a8:
+            return tk.fp4_gemm_w4a8(i["x"], i["p"], i["s"])
         return tk.fp4_gemm(i["x"], i["p"], i["s"], i["g"])
+
+    def outputs(i):  # against the fp32 GEMM of what ours multiplies
+        from ..fp4 import _fp4_gemm_w4a8_ref, dequantize_fp4
+
+        if w4a8:
+            return ours(i), _fp4_gemm_w4a8_ref(i["x"].float(), i["p"], i["s"]).to(dtype)
+        return ours(i), (i["x"].float() @ dequantize_fp4(i["p"], i["s"], i["g"]).t()).to(dtype)
 
     if baseline == "bf16":
         base, name = (lambda i: torch.matmul(i["x"], i["w"].t())), "torch.matmul (bf16)"
-
-        def outputs(i):  # against the fp32 GEMM of the dequantized weight
-            from ..fp4 import dequantize_fp4
-
-            return ours(i), (i["x"].float() @ dequantize_fp4(i["p"], i["s"], i["g"]).t()).to(dtype)
     else:
         base, name = (lambda i: torch._weight_int4pack_mm(i["x"], i["wq"], 128, i["sz"])), \
             "torch._weight_int4pack_mm (tinygemm int4, g128)"
-
-        def outputs(i):
-            from ..fp4 import dequantize_fp4
-
-            return ours(i), (i["x"].float() @ dequantize_fp4(i["p"], i["s"], i["g"]).t()).to(dtype)
     group = 16 if fmt == "nvfp4" else 32
     nbytes = n * k // 2 + n * (k // group) + m * k * _es(dtype) + m * n * _es(dtype)
     return KernelCase(
@@ -639,6 +641,7 @@ def fp4_cases(dtype: torch.dtype) -> list[KernelCase]:
             cases.append(fp4_gemm_case(label, m, n, k, dtype, "nvfp4", "bf16"))
             cases.append(fp4_gemm_case(label, m, n, k, dtype, "nvfp4", "tinygemm"))
             cases.append(fp4_gemm_case(label, m, n, k, dtype, "mxfp4", "bf16"))
+            cases.append(fp4_gemm_case(label, m, n, k, dtype, "mxfp4_w4a8", "bf16"))
     return cases
 
 

@@ -117,6 +117,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tk_fp4_gemm_small_m.restype = i32
     lib.tk_fp4_gemm_wgmma.argtypes = [p] * 7 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
     lib.tk_fp4_gemm_wgmma.restype = i32
+    lib.tk_fp4_gemm_w4a8.argtypes = [p] * 8 + [i32] * 3 + [i64] * 4 + [i32] * 4 + [p]
+    lib.tk_fp4_gemm_w4a8.restype = i32
+    lib.tk_fp4_w4a8_weights.argtypes = [p] * 4 + [i32] * 2 + [i64] * 2 + [p]
+    lib.tk_fp4_w4a8_weights.restype = i32
+    lib.tk_fp8_quantize_tokens.argtypes = [p, p, p, i32, i32, i64, i32, p]
+    lib.tk_fp8_quantize_tokens.restype = i32
 
 
 def _ptr(t: torch.Tensor | None):
@@ -442,6 +448,52 @@ def fp4_gemm_wgmma_cuda(x, w, scale, global_scale, config=None):
     config = config or fp4_wgmma_config(x.shape[0], w.shape[0], w.shape[1], num_sms(x.device))
     xp = torch.empty(x.shape[0], 2 * w.shape[1], dtype=x.dtype, device=x.device)  # x in the kernel's K order
     return _fp4_launch("tk_fp4_gemm_wgmma", x, w, scale, global_scale, config, xp)
+
+
+def fp4_w4a8_supported(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the W4A8 variant of csrc/fp4_wgmma.cu takes these inputs: as `fp4_wgmma_supported`,
+    with MXFP4 scales (uint8) whose rows and base are 2-byte aligned."""
+    return (scale.dtype == torch.uint8 and scale.data_ptr() % 2 == 0 and scale.stride(0) % 2 == 0
+            and fp4_wgmma_supported(x, w, scale))
+
+
+def fp4_gemm_w4a8_cuda(x, w, scale, config=None):
+    """out = fp8(x) @ dequant(w)^T through the W4A8 variant of csrc/fp4_wgmma.cu (check
+    `fp4_w4a8_supported` first): x quantized per token to e4m3 (as trtllm_kernels.fp8's token
+    scales), MXFP4 w converted to e4m3 in registers, fp8 wgmma. config: as `fp4_wgmma_config`."""
+    from .triton_tiles import num_sms
+
+    m, k = x.shape[0], 2 * w.shape[1]
+    config = config or fp4_wgmma_config(m, w.shape[0], w.shape[1], num_sms(x.device))
+    xq = torch.empty(m, k, dtype=torch.uint8, device=x.device)  # x in fp8, in the kernel's K order
+    xs = torch.empty(m, dtype=torch.float32, device=x.device)
+    return _fp4_launch("tk_fp4_gemm_w4a8", x, w, scale, None, config, xq, xs)
+
+
+def fp8_quantize_tokens_cuda(x: torch.Tensor, rounded: bool = False):
+    """bf16 x [M, K] (unit last stride, 16-byte aligned rows, K % 128 == 0), each token quantized
+    to e4m3 as the W4A8 kernel quantizes it -> (e4m3 [M, K], fp32 scales [M, 1]) for an fp8 GEMM;
+    rounded: -> bf16 [M, K], those values dequantized (W4A8's activations for a W4A16 kernel)."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=x.dtype if rounded else _FP8, device=x.device)
+    xs = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    code = library().tk_fp8_quantize_tokens(_ptr(x), _ptr(out), _ptr(xs), m, k, x.stride(0), int(rounded),
+                                            _stream(x.device))
+    _check(code, "tk_fp8_quantize_tokens")
+    return out if rounded else (out, xs)
+
+
+def fp4_w4a8_weights_cuda(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 w [N, K/2] (16-byte aligned rows, K % 128 == 0) -> (e4m3 [N, K], fp32 [N]): the
+    weights the W4A8 GEMM multiplies, in K's order, and the row scales 2^(E - 133) that go with
+    them (trtllm_kernels.fp4's W4A8 notes), for an fp8 GEMM with row-wise scales."""
+    n, half = w.shape
+    out = torch.empty(n, 2 * half, dtype=_FP8, device=w.device)
+    rs = torch.empty(n, dtype=torch.float32, device=w.device)
+    code = library().tk_fp4_w4a8_weights(_ptr(w), _ptr(scale), _ptr(out), _ptr(rs), n, half, w.stride(0),
+                                         scale.stride(0), _stream(w.device))
+    _check(code, "tk_fp4_w4a8_weights")
+    return out, rs
 
 
 def register() -> None:

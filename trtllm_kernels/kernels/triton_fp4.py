@@ -285,6 +285,7 @@ CONFIG_OVERRIDE: dict | None = None
 USE_ASM = True
 # token count from which the op dequantizes to the activation dtype and calls cuBLAS
 DEQUANT_MATMUL_MIN_M = 256
+W4A8_ROUNDED_MAX_M = 16  # fp4_gemm_w4a8 up to here: the W4A16 decode kernel on fp8-rounded activations
 # bf16 batches below DEQUANT_MATMUL_MIN_M through the csrc kernels where they build (False: Triton)
 USE_CSRC = True
 
@@ -362,11 +363,46 @@ def fp4_gemm_cuda(x, w, scale, global_scale):
     return _launch(x, w, scale, global_scale, gemm_config(m, w.shape[0], w.shape[1]))
 
 
+def fp4_gemm_w4a8_cuda(x, w, scale):
+    """W4A8 on CUDA, on Hopper with bf16 x:
+    - 1-16 tokens: the activations quantized to fp8 and dequantized to bf16 (each within 2^-9 of
+      xq * xs), then the mma.sync W4A16 kernel (csrc/fp4_gemm.cu): decode is bound by streaming
+      the weights, which that kernel does faster than the W4A8 one's 16-token tiles (H200, gate_up
+      at 1 token: 26 against 34 us);
+    - 17-255 tokens: the W4A8 kernel of csrc/fp4_wgmma.cu (weights converted in registers);
+    - from DEQUANT_MATMUL_MIN_M, where N and K are multiples of 16: the weights converted to e4m3
+      once per call (csrc w4a8_weights_kernel), the activations quantized as the kernel quantizes
+      them, and torch._scaled_mm with row-wise scales (the kernel's 128-token tiles took 1.2-1.3x
+      bf16 cuBLAS's time at 4096 tokens on H200).
+    Elsewhere the op's reference math, on the GPU."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    scale = scale if scale.stride(1) == 1 else scale.contiguous()
+    if USE_CSRC and not _interpreting():
+        from . import csrc
+
+        if csrc.fp4_w4a8_supported(x, w, scale) and csrc.available():
+            if x.shape[0] <= W4A8_ROUNDED_MAX_M and csrc.fp4_small_m_supported(x, w, scale):
+                return csrc.fp4_gemm_small_m_cuda(csrc.fp8_quantize_tokens_cuda(x, rounded=True), w, scale, None)
+            if x.shape[0] >= DEQUANT_MATMUL_MIN_M and w.shape[0] % 16 == 0 and x.shape[1] % 16 == 0:
+                wq, rs = csrc.fp4_w4a8_weights_cuda(w, scale)
+                xq, xs = csrc.fp8_quantize_tokens_cuda(x)  # as the kernel's: one model, same activations
+                return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=rs[None, :], out_dtype=x.dtype)
+            return csrc.fp4_gemm_w4a8_cuda(x, w, scale)
+    from ..fp4 import _fp4_gemm_w4a8_ref
+
+    return _fp4_gemm_w4a8_ref(x, w, scale)
+
+
 def register() -> None:
     from .._library import register_cuda_kernel
 
     register_cuda_kernel("fp4_gemm", fp4_gemm_cuda)
+    register_cuda_kernel("fp4_gemm_w4a8", fp4_gemm_w4a8_cuda)
     register_cuda_kernel("fp4_dequantize", fp4_dequantize_cuda)
 
 
-__all__ = ["MXFP4_GROUP", "NVFP4_GROUP", "fp4_dequantize_cuda", "fp4_gemm_cuda", "gemm_config", "register"]
+__all__ = [
+    "MXFP4_GROUP", "NVFP4_GROUP", "fp4_dequantize_cuda", "fp4_gemm_cuda", "fp4_gemm_w4a8_cuda", "gemm_config",
+    "register",
+]

@@ -81,8 +81,9 @@ class LlamaGraphBuilder:
                  max_position: int | None = None, eps: float | None = None):
         if mode not in ("prefill", "decode"):
             raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
-        if quantization not in (None, "fp8", "nvfp4", "mxfp4"):
-            raise ValueError(f"quantization must be None, 'fp8', 'nvfp4' or 'mxfp4', got {quantization!r}")
+        if quantization not in (None, "fp8", "nvfp4", "mxfp4", "mxfp4_w4a8"):
+            raise ValueError("quantization must be None, 'fp8', 'nvfp4', 'mxfp4' or 'mxfp4_w4a8', "
+                             f"got {quantization!r}")
         if fused_mlp and quantization is not None:
             raise ValueError("fused_mlp is the bf16/fp16 MLP plugin; FP8 has its own, FP4 uses FP4 GEMMs")
         if kv_cache_dtype not in ("auto", "fp8"):
@@ -118,9 +119,10 @@ class LlamaGraphBuilder:
         """Packed FP4 weight, its group scales and (NVFP4) the fp32 global scale. Bytes are stored
         as int8: TensorRT's ONNX parser converts UINT8 initializers to INT32 values, and
         TensorRT-RTX refuses INT8 and FP8 tensors in one fused graph (so no FP8 scales either)."""
+        from trtllm_kernels.engine.quantize import fp4_weight_format
         from trtllm_kernels.fp4 import quantize_fp4
 
-        packed, scale, glob = quantize_fp4(self.weights[name].float(), self.quantization)
+        packed, scale, glob = quantize_fp4(self.weights[name].float(), fp4_weight_format(self.quantization))
         out = [self.g.const(name + ".fp4", packed, "int8"),
                self.g.const(name + ".scale", scale, "int8")]  # e4m3 (NVFP4) or e8m0 (MXFP4) bytes
         if glob is not None:
@@ -128,8 +130,8 @@ class LlamaGraphBuilder:
         return out
 
     def _linear(self, x, name):
-        """x @ W^T: a MatMul, or the FP4 GEMM plugin for FP4 engines (W4A16)."""
-        if self.quantization in ("nvfp4", "mxfp4"):
+        """x @ W^T: a MatMul, or the FP4 GEMM plugin for FP4 engines (W4A16, or W4A8)."""
+        if self.quantization in ("nvfp4", "mxfp4", "mxfp4_w4a8"):
             return self.g.plugin(Fp4GemmSpec(fp4_format=self.quantization), [x] + self._fp4_weight(name))
         return self._matmul(x, name)
 

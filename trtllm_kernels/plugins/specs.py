@@ -9,7 +9,7 @@
 | TrtllmFusedMlpFp8            | fused_mlp_fp8                              |
 | TrtllmFusedMlp               | fused_mlp (bf16 / fp16)                    |
 | TrtllmRmsNorm                | rms_norm / fused_add_rms_norm / rms_norm_quant_fp8 |
-| TrtllmFp4Gemm                | fp4_gemm (W4A16, NVFP4 or MXFP4 weights)   |
+| TrtllmFp4Gemm                | fp4_gemm (W4A16, NVFP4 / MXFP4), W4A8      |
 
 A new plugin is a PluginSpec subclass added to SPECS: the IPluginV3 class, creator, ONNX node
 and tests follow from it.
@@ -391,8 +391,9 @@ class RmsNormSpec(PluginSpec):
 class Fp4GemmSpec(PluginSpec):
     name = "TrtllmFp4Gemm"
     doc = ("W4A16: y = x @ dequant(w)^T on packed FP4 weights, NVFP4 (e4m3 scale per 16, fp32 global) "
-           "or MXFP4 (e8m0 scale per 32), dequantized in registers (trtllm_kernels.fp4.fp4_gemm).")
-    fields = (FieldSpec("fp4_format", "str", "nvfp4", ("nvfp4", "mxfp4")),)
+           "or MXFP4 (e8m0 scale per 32), dequantized in registers (trtllm_kernels.fp4.fp4_gemm); "
+           "mxfp4_w4a8: MXFP4 weights against x quantized per token to fp8 (fp4_gemm_w4a8).")
+    fields = (FieldSpec("fp4_format", "str", "nvfp4", ("nvfp4", "mxfp4", "mxfp4_w4a8")),)
 
     @property
     def group(self) -> int:
@@ -436,11 +437,14 @@ class Fp4GemmSpec(PluginSpec):
             raise ValueError(f"{self.name}: global_scale must have one element, got {tuple(shapes[3])}")
 
     def run(self, inputs, outputs):
-        from trtllm_kernels.fp4 import fp4_gemm
+        from trtllm_kernels.fp4 import fp4_gemm, fp4_gemm_w4a8
 
         import torch
 
         x, w, scale = (t.view(torch.uint8) if t.dtype == torch.int8 else t for t in inputs[:3])
+        if self.fp4_format == "mxfp4_w4a8":
+            _write(outputs[0], fp4_gemm_w4a8(x, w, scale))
+            return
         if self.fp4_format == "nvfp4" and scale.dtype == torch.uint8:
             scale = scale.view(torch.float8_e4m3fn)
         g = inputs[3].reshape(1) if self.fp4_format == "nvfp4" else None
