@@ -38,6 +38,12 @@
 // ~310 (ptxas, NVFP4) and 13-19% less time at gate_up, 7-9% at down (H200, 32-128 tokens,
 // benchmarks/results/h200-2026-11-28-fp4); the warps still wait half of the cycles, on loads,
 // on the MMAs and on dependent arithmetic (Nsight Compute stall reasons, same folder).
+//
+// W4A8 (kA8, MXFP4 only; the section "W4A8" below): the same kernel on fp8 wgmma, x quantized per
+// token to e4m3 by quantize_x_e4m3_kernel (in the fragments' K order) and each group's codes
+// turned into e4m3 bytes by a table lookup with its power of two folded in: four MMAs a step and
+// ~260 instructions (ptxas, 64 tokens x 4 warpgroups) against MXFP4 W4A16's ~347; H200 gate_up
+// at 64 / 128 tokens 1.13x / 1.11x faster (benchmarks/results/h200-2026-11-29-w4a8).
 #include <cuda.h>
 
 #include <type_traits>
