@@ -47,9 +47,9 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .model import LlamaModel
-from .quantize import FP4_FORMATS, GLOBAL_SUFFIX, SCALE_SUFFIX, Fp4LlamaModel, Fp8LlamaModel
+from .quantize import FP4_FORMATS, GLOBAL_SUFFIX, SCALE_SUFFIX, Fp4LlamaModel, Fp8LlamaModel, fp4_weight_format
 
-FP4_GROUP = {"nvfp4": 16, "mxfp4": 32, "mxfp4_w4a8": 32}  # values per scale along K
+FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}  # values per scale along K, by weight format
 
 
 def _split(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -159,7 +159,7 @@ def shard_weight(config: ModelConfig, plan: ShardPlan, name: str, get: Getter,
     `quantization` is the engine's (None, "fp8", "nvfp4", "mxfp4", "mxfp4_w4a8")."""
     dim, pieces = shard_pieces(config, plan, name)
     if dim == 1 and quantization in FP4_FORMATS:
-        return _shard_fp4_columns(config, plan, name, get, pieces, FP4_GROUP[quantization])
+        return _shard_fp4_columns(config, plan, name, get, pieces, FP4_GROUP[fp4_weight_format(quantization)])
     if dim == 1 and name.endswith(SCALE_SUFFIX):  # FP8 per-output-channel scales [N, 1]: all N
         dim = -1
     if dim < 0:
@@ -180,7 +180,7 @@ def check_fp4_split(config: ModelConfig, size: int, fmt: str) -> None:
     for rank in range(size):
         plan = shard_plan(config, rank, size)
         for name in ("layers.0.o", "layers.0.down"):
-            _fp4_pieces(name, shard_pieces(config, plan, name)[1], FP4_GROUP[fmt])
+            _fp4_pieces(name, shard_pieces(config, plan, name)[1], FP4_GROUP[fp4_weight_format(fmt)])
 
 
 def _fp4_pieces(name: str, pieces: list[tuple[int, int]], group: int) -> list[tuple[int, int]]:

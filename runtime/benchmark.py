@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from trtllm_kernels.engine.config import BuildConfig
+from trtllm_kernels.engine.config import QUANTIZATIONS, BuildConfig
 
 from .kv_sizing import FREE_GPU_MEMORY_FRACTION, fraction_arg
 from .llm import LLM
@@ -322,7 +322,7 @@ def add_parsers(sub) -> None:
                        help="read each step's tokens before launching the next (overlap scheduling off)")
         p.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="split the model over N GPUs (N processes; rank r on cuda:r)")
-        p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4", "mxfp4", "mxfp4_w4a8"],
+        p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q],
                        help="with --shape: quantize the random weights (as BuildConfig.quantization)")
         p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="with --shape")
         p.add_argument("--page-size", type=int, default=BuildConfig.page_size,

@@ -285,7 +285,6 @@ CONFIG_OVERRIDE: dict | None = None
 USE_ASM = True
 # token count from which the op dequantizes to the activation dtype and calls cuBLAS
 DEQUANT_MATMUL_MIN_M = 256
-W4A8_ROUNDED_MAX_M = 16  # fp4_gemm_w4a8 up to here: the W4A16 decode kernel on fp8-rounded activations
 # bf16 batches below DEQUANT_MATMUL_MIN_M through the csrc kernels where they build (False: Triton)
 USE_CSRC = True
 
@@ -382,7 +381,7 @@ def fp4_gemm_w4a8_cuda(x, w, scale):
         from . import csrc
 
         if csrc.fp4_w4a8_supported(x, w, scale) and csrc.available():
-            if x.shape[0] <= W4A8_ROUNDED_MAX_M and csrc.fp4_small_m_supported(x, w, scale):
+            if x.shape[0] < csrc.FP4_WGMMA_MIN_M and csrc.fp4_small_m_supported(x, w, scale):
                 return csrc.fp4_gemm_small_m_cuda(csrc.fp8_quantize_tokens_cuda(x, rounded=True), w, scale, None)
             if x.shape[0] >= DEQUANT_MATMUL_MIN_M and w.shape[0] % 16 == 0 and x.shape[1] % 16 == 0:
                 wq, rs = csrc.fp4_w4a8_weights_cuda(w, scale)
