@@ -9,7 +9,6 @@ Loading is a memory map plus a copy to the device: no dequantization, no renamin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -21,8 +20,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-
-from trtllm_kernels._paths import cache_root
 
 from .checkpoint import CheckpointError, read_checkpoint, save_tokenizer
 from .config import DTYPES, BuildConfig, ModelConfig
@@ -182,24 +179,3 @@ def resolve_dtype(dtype: str, device: torch.device, built: str = "auto") -> torc
     if device.type == "cpu":
         return torch.float32
     return torch.float16 if built == "float16" else torch.bfloat16
-
-
-def cached_engine(checkpoint: str | os.PathLike, build_config: BuildConfig | None = None, progress: bool = True) -> Path:
-    """The engine directory for a checkpoint, built once into the cache and reused after.
-
-    The key covers the checkpoint's path, size and modification time, the build config and the
-    engine format, so a changed checkpoint or config builds anew.
-    """
-    checkpoint = Path(checkpoint).resolve()
-    if not checkpoint.exists():
-        raise CheckpointError(f"model path {checkpoint} does not exist")
-    build_config = build_config or BuildConfig()
-    stat = checkpoint.stat()
-    key = json.dumps([str(checkpoint), stat.st_size, stat.st_mtime_ns, build_config.to_dict(), FORMAT_VERSION])
-    name = f"{checkpoint.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    engine_dir = cache_root() / "engines" / name
-    if not (engine_dir / ENGINE_CONFIG).is_file():
-        if progress:
-            print(f"Building engine for {checkpoint} into {engine_dir} (once)")
-        build_engine(checkpoint, engine_dir, build_config, progress=progress)
-    return engine_dir

@@ -127,7 +127,8 @@ def test_request_that_can_never_fit_is_rejected():
 
 def test_unknown_and_corrupt_models(tmp_path):
     from trtllm_kernels.engine import EngineError
-    from trtllm_kernels.engine.builder import WEIGHTS_FILE, cached_engine
+    from trtllm_kernels.engine import cached_engine
+    from trtllm_kernels.engine.builder import WEIGHTS_FILE
     from trtllm_kernels.engine.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist"):
